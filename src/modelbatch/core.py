@@ -1,0 +1,465 @@
+"""The batched-model engine: N structurally identical models as one vectorised ``nn.Module``.
+
+Shapes used throughout: ``N`` = number of models in the batch, ``B`` = samples per step.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from modelbatch._structure import check_same_structure
+
+if TYPE_CHECKING:
+    from modelbatch.optim.base import BatchOptimizer
+
+__all__ = ["ModelBatch"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    module_path, _, attr = name.rpartition(".")
+    return module_path, attr
+
+
+class ModelBatch(nn.Module):
+    """N structurally identical models trained as one vectorised module.
+
+    Every parameter and buffer of the N models is stacked along a new leading dimension
+    and registered on this module (under ``stacked.<original name>``), so the usual
+    ``nn.Module`` machinery (``.parameters()``, ``.to()``, ``.train()``, ``state_dict()``)
+    works. The forward pass runs all models at once with :func:`torch.func.vmap` over
+    :func:`torch.func.functional_call`.
+
+    Args:
+        models: the N models. They must have the same module tree, parameter names,
+            shapes, dtypes and devices. Their weights are copied; the originals are not
+            modified or referenced afterwards.
+        lr: optional per-model learning rates (a float or a length-N list). Together with
+            ``optimizer_cls`` this is the one-line construction of the design doc: it
+            builds ``self.optimizer`` with :class:`modelbatch.OptimizerFactory`.
+        optimizer_cls: optimizer class for the one-line construction, e.g.
+            ``torch.optim.Adam`` or ``modelbatch.optim.AdamW``.
+        optimizer_kwargs: further hyper-parameters (scalars or length-N lists).
+        model_ids: stable names for the models (default ``0..N-1``). They stay attached
+            to each model when models are dropped from the batch.
+        randomness: vmap randomness mode for random ops such as dropout. ``"different"``
+            (default) draws an independent mask per model; ``"same"`` shares one.
+
+    Example:
+        >>> models = [nn.Linear(4, 2) for _ in range(8)]
+        >>> batch = ModelBatch(models)
+        >>> batch(torch.randn(16, 4)).shape          # shared input [B, ...]
+        torch.Size([8, 16, 2])
+    """
+
+    stacked: nn.Module
+
+    def __init__(
+        self,
+        models: Sequence[nn.Module],
+        lr: float | Sequence[float] | None = None,
+        optimizer_cls: type[torch.optim.Optimizer] | None = None,
+        optimizer_kwargs: Mapping[str, Any] | None = None,
+        *,
+        model_ids: Sequence[int | str] | None = None,
+        randomness: str = "different",
+    ) -> None:
+        super().__init__()
+        models = list(models)
+        check_same_structure(models)
+        if randomness not in ("different", "same"):
+            raise ValueError(f"randomness must be 'different' or 'same', got {randomness!r}")
+        n = len(models)
+        if model_ids is None:
+            model_ids = list(range(n))
+        model_ids = list(model_ids)
+        if len(model_ids) != n:
+            raise ValueError(f"model_ids has {len(model_ids)} entries for {n} models")
+        if len(set(model_ids)) != n:
+            raise ValueError(f"model_ids must be unique, got {model_ids}")
+        for mid in model_ids:
+            if not isinstance(mid, (int, str)):
+                raise TypeError(f"model ids must be int or str, got {type(mid).__name__}")
+
+        self.randomness = randomness
+        self._model_ids: list[int | str] = model_ids
+        # A pristine copy of one model: extract() clones it and fills in model i's tensors.
+        template = copy.deepcopy(models[0])
+        object.__setattr__(self, "_template", template)
+
+        # The mirror module holds the stacked tensors under the original names. Its forward
+        # is only ever called through functional_call, with one model's slice of each tensor.
+        mirror = copy.deepcopy(models[0])
+        self._stack_into(mirror, models)
+        self.stacked = mirror
+        self.stacked.train(models[0].training)
+        self.training = models[0].training
+
+        self.register_buffer("active", torch.ones(n, dtype=torch.bool, device=self._device()))
+        self.latest_losses: Tensor | None = None
+        self._extra_metrics: dict[str, Tensor] = {}
+        self._optimizers: list[weakref.ref[BatchOptimizer]] = []
+
+        self.optimizer: torch.optim.Optimizer | None = None
+        if optimizer_cls is not None or lr is not None:
+            from modelbatch.optim.factory import OptimizerFactory
+
+            kwargs = dict(optimizer_kwargs or {})
+            if lr is not None:
+                kwargs["lr"] = lr
+            self.optimizer = OptimizerFactory(optimizer_cls or torch.optim.SGD, **kwargs).build(
+                self
+            )
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def _stack_into(mirror: nn.Module, models: Sequence[nn.Module]) -> None:
+        """Replace every parameter and buffer of ``mirror`` by the stack over ``models``.
+
+        Tied parameters (the same tensor reachable under two names) stay tied.
+        """
+        per_model_modules = [dict(m.named_modules()) for m in models]
+        replaced: dict[int, Tensor] = {}
+        for mod_name, module in mirror.named_modules():
+            for kind in ("_parameters", "_buffers"):
+                store: dict[str, Tensor | None] = getattr(module, kind)
+                for attr, value in list(store.items()):
+                    if value is None:
+                        continue
+                    key = id(value)
+                    if key not in replaced:
+                        tensors = [getattr(mods[mod_name], attr) for mods in per_model_modules]
+                        with torch.no_grad():
+                            data = torch.stack([t.detach() for t in tensors]).contiguous()
+                        if kind == "_parameters":
+                            replaced[key] = nn.Parameter(data, requires_grad=value.requires_grad)
+                        else:
+                            replaced[key] = data
+                    store[attr] = replaced[key]
+
+    # ------------------------------------------------------------------ basic properties
+    def __len__(self) -> int:
+        return len(self._model_ids)
+
+    @property
+    def num_models(self) -> int:
+        """N, the number of models currently in the batch."""
+        return len(self._model_ids)
+
+    @property
+    def model_ids(self) -> list[int | str]:
+        """Stable ids of the models, in their current positions (a copy)."""
+        return list(self._model_ids)
+
+    def index_of(self, model_id: int | str) -> int:
+        """Current position of the model with id ``model_id``."""
+        try:
+            return self._model_ids.index(model_id)
+        except ValueError:
+            raise KeyError(
+                f"no model with id {model_id!r} in this batch; ids are {self._model_ids}"
+            ) from None
+
+    def _device(self) -> torch.device:
+        for t in self.stacked.parameters():
+            return t.device
+        for t in self.stacked.buffers():
+            return t.device
+        return torch.device("cpu")
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the stacked tensors."""
+        return self._device()
+
+    def stacked_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(name, [N, ...] parameter)`` pairs, named as in a single model."""
+        return self.stacked.named_parameters()
+
+    def stacked_buffers(self) -> Iterator[tuple[str, Tensor]]:
+        """``(name, [N, ...] buffer)`` pairs, named as in a single model."""
+        return self.stacked.named_buffers()
+
+    def _check_index(self, i: int) -> int:
+        n = len(self)
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise TypeError(f"model index must be an int, got {type(i).__name__}")
+        if not -n <= i < n:
+            raise IndexError(f"model index {i} out of range for a batch of {n} models")
+        return i % n
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, *inputs: Any, per_model: bool = False, **kwargs: Any) -> Any:
+        """Run all N models.
+
+        Args:
+            *inputs: with ``per_model=False`` (default), shared inputs ``[B, ...]`` that every
+                model sees (no copy is made per model). With ``per_model=True``, per-model
+                inputs ``[N, B, ...]``: model i sees ``inputs[k][i]``.
+            per_model: whether tensor inputs carry a leading model dimension.
+            **kwargs: further keyword arguments passed unchanged to every model.
+
+        Returns:
+            The models' outputs stacked along a leading dimension: ``[N, B, ...]`` for a model
+            returning ``[B, ...]`` (tuples and dicts of tensors are stacked leaf-wise).
+        """
+        n = len(self)
+        if per_model:
+            for k, x in enumerate(inputs):
+                if isinstance(x, Tensor) and (x.dim() == 0 or x.shape[0] != n):
+                    raise ValueError(
+                        f"per_model=True expects input {k} to have a leading dimension of "
+                        f"N={n} models, got shape {tuple(x.shape)}"
+                    )
+        params = dict(self.stacked.named_parameters())
+        buffers = dict(self.stacked.named_buffers())
+        stacked = self.stacked
+
+        def one_model(p: dict[str, Tensor], b: dict[str, Tensor], *xs: Any) -> Any:
+            return functional_call(stacked, (p, b), xs, kwargs)
+
+        x_dims = tuple(0 if per_model and isinstance(x, Tensor) else None for x in inputs)
+        return vmap(one_model, in_dims=(0, 0, *x_dims), randomness=self.randomness)(
+            params, buffers, *inputs
+        )
+
+    # ------------------------------------------------------------------ loss & metrics
+    def compute_loss(
+        self,
+        outputs: Tensor,
+        targets: Tensor,
+        loss_fn: LossFn,
+        mask: Tensor | None = None,
+        *,
+        per_model_targets: bool | None = None,
+    ) -> Tensor:
+        """Per-model losses, combined so that each model gets its training-alone gradient.
+
+        The returned scalar is the **sum** of the N per-model losses, not their mean. The
+        models share no parameters, so d(sum)/d(theta_i) = dL_i/d(theta_i): exactly the
+        gradient model i would get training alone. A mean would divide every gradient by N
+        (and so change each model's effective learning rate, and Adam's epsilon balance).
+
+        Args:
+            outputs: ``[N, B, ...]`` model outputs (what ``batch(x)`` returned).
+            targets: ``[B, ...]`` shared targets, or ``[N, B, ...]`` per-model targets.
+            loss_fn: an ordinary single-model loss ``loss_fn(output [B, ...], target [B, ...])
+                -> scalar`` with mean reduction, e.g. ``F.cross_entropy``.
+            mask: optional ``[N, B]`` (or ``[B]``) sample weights, bool or float. Model i's
+                loss becomes ``sum_b w_ib * l_ib / sum_b w_ib`` where ``l_ib`` is ``loss_fn``
+                on sample b alone: the same as training model i on the selected (or, with
+                integer counts, resampled) samples. Models with an all-zero mask get loss 0.
+            per_model_targets: whether ``targets`` has the leading N dimension. By default,
+                inferred only when unambiguous: targets with ``outputs.dim()`` dimensions
+                and a leading size of N are per-model. Pass it explicitly when in doubt.
+
+        Returns:
+            A scalar tensor to call ``.backward()`` on. The detached ``[N]`` per-model losses
+            are stored in :attr:`latest_losses`.
+        """
+        n = len(self)
+        if outputs.dim() == 0 or outputs.shape[0] != n:
+            raise ValueError(
+                f"outputs must have a leading dimension of N={n} models, "
+                f"got shape {tuple(outputs.shape)}"
+            )
+        if per_model_targets is None:
+            per_model_targets = targets.dim() == outputs.dim() and targets.shape[0] == n and (
+                targets.dtype.is_floating_point == outputs.dtype.is_floating_point
+            )
+        if per_model_targets and (targets.dim() == 0 or targets.shape[0] != n):
+            raise ValueError(
+                f"per-model targets must have a leading dimension of N={n}, "
+                f"got shape {tuple(targets.shape)}"
+            )
+        t_dim = 0 if per_model_targets else None
+        if mask is None:
+            losses = vmap(loss_fn, in_dims=(0, t_dim))(outputs, targets)
+        else:
+            losses = self._masked_losses(outputs, targets, t_dim, loss_fn, mask)
+        if losses.shape != (n,):
+            raise ValueError(
+                f"loss_fn must return a scalar per model; got per-model shape "
+                f"{tuple(losses.shape[1:])}. Use a reduction such as 'mean'."
+            )
+        self.latest_losses = losses.detach()
+        return losses.sum()
+
+    def _masked_losses(
+        self, outputs: Tensor, targets: Tensor, t_dim: int | None, loss_fn: LossFn, mask: Tensor
+    ) -> Tensor:
+        n, b = outputs.shape[0], outputs.shape[1]
+        if mask.dim() == 1:
+            mask = mask.unsqueeze(0).expand(n, -1)
+        if mask.shape != (n, b):
+            raise ValueError(
+                f"mask must have shape [N, B] = [{n}, {b}] (or [B]), got {tuple(mask.shape)}"
+            )
+        weights = mask.to(outputs.dtype)
+
+        def per_sample(o: Tensor, t: Tensor) -> Tensor:
+            return loss_fn(o.unsqueeze(0), t.unsqueeze(0))
+
+        per_sample_over_b = vmap(per_sample, in_dims=(0, 0))
+        sample_losses = vmap(per_sample_over_b, in_dims=(0, t_dim))(outputs, targets)  # [N, B]
+        denom = weights.sum(dim=1)
+        return (sample_losses * weights).sum(dim=1) / denom.clamp_min(torch.finfo(denom.dtype).tiny)
+
+    def log_metric(self, name: str, values: Tensor | Sequence[float]) -> None:
+        """Record a per-model metric (``[N]`` values) to be reported by :meth:`metrics`."""
+        t = torch.as_tensor(values).detach()
+        if t.shape != (len(self),):
+            raise ValueError(
+                f"metric {name!r} needs one value per model, shape [{len(self)}], "
+                f"got {tuple(t.shape)}"
+            )
+        self._extra_metrics[name] = t
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """One dict per model: its id, position, whether it is active, its latest loss and
+        every metric recorded with :meth:`log_metric`. Values are Python numbers."""
+        columns: dict[str, list[Any]] = {}
+        if self.latest_losses is not None:
+            columns["loss"] = self.latest_losses.float().cpu().tolist()
+        for name, values in self._extra_metrics.items():
+            columns[name] = values.cpu().tolist()
+        active = self.active.cpu().tolist()
+        out = []
+        for i, mid in enumerate(self._model_ids):
+            row: dict[str, Any] = {"model_id": mid, "index": i, "active": bool(active[i])}
+            for name, col in columns.items():
+                row[name] = col[i]
+            out.append(row)
+        return out
+
+    # ------------------------------------------------------------------ extract / insert
+    def extract(self, i: int) -> nn.Module:
+        """A standalone copy of model ``i`` (position, not id) with its current weights and
+        buffers, on the batch's device and in the batch's train/eval mode."""
+        i = self._check_index(i)
+        template: nn.Module = self._template  # type: ignore[has-type]
+        module = copy.deepcopy(template)
+        stacked = dict(self.stacked.named_parameters())
+        stacked_b = dict(self.stacked.named_buffers())
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                mod_path, attr = _split_name(name)
+                sub = module.get_submodule(mod_path)
+                sub._parameters[attr] = nn.Parameter(
+                    stacked[name][i].detach().clone(), requires_grad=p.requires_grad
+                )
+            for name, _ in module.named_buffers():
+                mod_path, attr = _split_name(name)
+                sub = module.get_submodule(mod_path)
+                sub._buffers[attr] = stacked_b[name][i].detach().clone()
+        module.train(self.training)
+        return module
+
+    def extract_all(self) -> list[nn.Module]:
+        """Standalone copies of all N models, in position order."""
+        return [self.extract(i) for i in range(len(self))]
+
+    def insert(self, i: int, module: nn.Module) -> None:
+        """Write ``module``'s weights and buffers into slot ``i`` (position).
+
+        The module must have the batch's architecture; optimizer state is left unchanged.
+        """
+        i = self._check_index(i)
+        template: nn.Module = self._template  # type: ignore[has-type]
+        try:
+            check_same_structure([template, module])
+        except ValueError as e:
+            raise type(e)(f"cannot insert into slot {i}: {e}".replace("model 1", "the module"))
+        src = dict(module.named_parameters())
+        src_b = dict(module.named_buffers())
+        with torch.no_grad():
+            for name, p in self.stacked.named_parameters():
+                p[i].copy_(src[name])
+            for name, b in self.stacked.named_buffers():
+                b[i].copy_(src_b[name])
+
+    # ------------------------------------------------------------------ optimizers & shrinking
+    def _register_optimizer(self, optimizer: BatchOptimizer) -> None:
+        self._optimizers = [r for r in self._optimizers if r() is not None]
+        self._optimizers.append(weakref.ref(optimizer))
+
+    def _live_optimizers(self) -> list[BatchOptimizer]:
+        return [o for o in (r() for r in self._optimizers) if o is not None]
+
+    def quarantine(self, ids: int | str | Iterable[int | str]) -> None:
+        """Freeze the models with these ids: from now on their parameters, buffers and
+        optimizer state stop changing. Other models are not affected."""
+        ids_list = [ids] if isinstance(ids, (int, str)) else list(ids)
+        for mid in ids_list:
+            self.active[self.index_of(mid)] = False
+
+    def unquarantine(self, ids: int | str | Iterable[int | str]) -> None:
+        """Let quarantined models train again."""
+        ids_list = [ids] if isinstance(ids, (int, str)) else list(ids)
+        for mid in ids_list:
+            self.active[self.index_of(mid)] = True
+
+    @property
+    def all_active(self) -> bool:
+        """True when no model is quarantined (reads the ``[N]`` mask: one device sync)."""
+        return bool(self.active.all())
+
+    def drop(self, ids: int | str | Iterable[int | str]) -> None:
+        """Remove models (by id) from the batch, so later steps cost less.
+
+        Stacked parameters, buffers, the ``active`` mask and the state and param groups of
+        every vectorised optimizer built on this batch shrink accordingly. Model ids are
+        stable; positions of the remaining models may change. Gradients are discarded.
+        """
+        ids_list = [ids] if isinstance(ids, (int, str)) else list(ids)
+        drop_pos = {self.index_of(mid) for mid in ids_list}
+        if len(drop_pos) == len(self):
+            raise ValueError("cannot drop every model from the batch")
+        keep = [i for i in range(len(self)) if i not in drop_pos]
+        self.keep_positions(keep)
+
+    def keep_positions(self, keep: Sequence[int]) -> None:
+        """Keep only the models at positions ``keep`` (in that order)."""
+        n = len(self)
+        keep = [self._check_index(i) for i in keep]
+        if not keep:
+            raise ValueError("cannot drop every model from the batch")
+        index = torch.tensor(keep, device=self.device, dtype=torch.long)
+        replaced: dict[int, Tensor] = {}
+        with torch.no_grad():
+            for _, module in self.stacked.named_modules():
+                for kind in ("_parameters", "_buffers"):
+                    store = getattr(module, kind)
+                    for attr, value in list(store.items()):
+                        if value is None:
+                            continue
+                        if id(value) not in replaced:
+                            data = value.detach().index_select(0, index.to(value.device))
+                            if kind == "_parameters":
+                                replaced[id(value)] = nn.Parameter(
+                                    data, requires_grad=value.requires_grad
+                                )
+                            else:
+                                replaced[id(value)] = data
+                        store[attr] = replaced[id(value)]
+            self.active = self.active.index_select(0, index)
+        if self.latest_losses is not None and self.latest_losses.shape[0] == n:
+            self.latest_losses = self.latest_losses.index_select(
+                0, index.to(self.latest_losses.device)
+            )
+        self._extra_metrics = {
+            k: v.index_select(0, index.to(v.device))
+            for k, v in self._extra_metrics.items()
+            if v.shape[0] == n
+        }
+        self._model_ids = [self._model_ids[i] for i in keep]
+        for opt in self._live_optimizers():
+            opt._keep_positions(keep)

@@ -1,0 +1,168 @@
+"""The slow but general path: any ``torch.optim.Optimizer`` over per-model views.
+
+Each model's parameters are exposed as leaf tensors that *view* the stacked ``[N, ...]``
+storage, one param group per model, and the wrapped optimizer updates them in place, so
+the stacked tensors see every update. It is correct for any optimizer but loops over the
+N models in Python inside the optimizer's ``step``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from modelbatch.optim.base import expand_hyperparameter
+
+if TYPE_CHECKING:
+    from modelbatch.core import ModelBatch
+
+__all__ = ["PerModelOptimizer"]
+
+
+class PerModelOptimizer(torch.optim.Optimizer):
+    """Wrap any ``torch.optim.Optimizer`` class so it trains each model of a batch alone.
+
+    ``param_groups[i]`` is model i's group of the wrapped optimizer (with ``"model_id"``
+    added), so LR schedulers work unchanged. Quarantined models are skipped (their views
+    get no gradient, which every torch optimizer treats as "do not update").
+
+    Args:
+        batch: the ModelBatch.
+        optimizer_cls: any ``torch.optim.Optimizer`` subclass.
+        hyperparams: the optimizer's keyword arguments, each a scalar or a length-N list.
+    """
+
+    def __init__(
+        self,
+        batch: ModelBatch,
+        optimizer_cls: type[torch.optim.Optimizer],
+        **hyperparams: Any,
+    ) -> None:
+        n = len(batch)
+        self.batch = batch
+        self.optimizer_cls = optimizer_cls
+        per_model = {k: expand_hyperparameter(k, v, n) for k, v in hyperparams.items()}
+        self._names = [name for name, p in batch.stacked_parameters() if p.requires_grad]
+        self._views: list[list[nn.Parameter]] = [[] for _ in range(n)]
+        self._bind_views()
+        groups = []
+        for i, mid in enumerate(batch.model_ids):
+            group: dict[str, Any] = {"params": self._views[i]}
+            group.update({k: v[i] for k, v in per_model.items()})
+            groups.append(group)
+        try:
+            self.inner = optimizer_cls(groups)  # type: ignore[call-arg]
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"building {optimizer_cls.__name__} for each model failed: {e}") from e
+        for g, mid in zip(self.inner.param_groups, batch.model_ids):
+            g["model_id"] = mid
+        # Share the wrapped optimizer's containers, so schedulers, hooks and users that
+        # read or edit ``param_groups`` / ``state`` see the real thing.
+        self.defaults = self.inner.defaults
+        self.param_groups = self.inner.param_groups
+        self.state = self.inner.state
+        self._optimizer_step_pre_hooks = self.inner._optimizer_step_pre_hooks
+        self._optimizer_step_post_hooks = self.inner._optimizer_step_post_hooks
+        self._optimizer_state_dict_pre_hooks = self.inner._optimizer_state_dict_pre_hooks
+        self._optimizer_state_dict_post_hooks = self.inner._optimizer_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks = self.inner._optimizer_load_state_dict_pre_hooks
+        self._optimizer_load_state_dict_post_hooks = (
+            self.inner._optimizer_load_state_dict_post_hooks
+        )
+        self._zero_grad_profile_name = "Optimizer.zero_grad#PerModelOptimizer.zero_grad"
+        batch._register_optimizer(self)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ views
+    def _bind_views(self) -> None:
+        """(Re)point model i's view parameters at slice i of the stacked tensors.
+
+        Called on construction and whenever the stacked storage moved (``.to()``, a load).
+        The view objects keep their identity, so the wrapped optimizer's state survives.
+        """
+        stacked = dict(self.batch.stacked_parameters())
+        for i in range(len(self.batch)):
+            views = self._views[i]
+            for k, name in enumerate(self._names):
+                data = stacked[name].data[i]
+                if k < len(views):
+                    views[k].data = data
+                else:
+                    views.append(nn.Parameter(data))
+
+    def _views_stale(self) -> bool:
+        stacked = dict(self.batch.stacked_parameters())
+        first = stacked[self._names[0]] if self._names else None
+        return first is not None and (
+            self._views[0][0].data_ptr() != first.data[0].data_ptr()
+            or self._views[0][0].device != first.device
+        )
+
+    # ------------------------------------------------------------------ optimizer API
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Give every active model's views its gradient slice, then step the wrapped
+        optimizer (one Python loop over models inside it)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._views_stale():
+            self._bind_views()
+        stacked = dict(self.batch.stacked_parameters())
+        active = self.batch.active.tolist()
+        for i, views in enumerate(self._views):
+            for view, name in zip(views, self._names):
+                g = stacked[name].grad
+                view.grad = g[i] if (g is not None and active[i]) else None
+        self.inner.step()
+        for views in self._views:
+            for view in views:
+                view.grad = None
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for _, p in self.batch.stacked_parameters():
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.zero_()
+        self.inner.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        sd = self.inner.state_dict()
+        sd["model_ids"] = list(self.batch.model_ids)
+        return sd
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+        ids = list(state_dict.get("model_ids", []))
+        if ids != list(self.batch.model_ids):
+            raise ValueError(
+                f"optimizer state is for models {ids}, but the batch holds {self.batch.model_ids}"
+            )
+        sd = {k: v for k, v in state_dict.items() if k != "model_ids"}
+        if self._views_stale():
+            self._bind_views()
+        self.inner.load_state_dict(sd)
+        self.param_groups = self.inner.param_groups
+
+    def _keep_positions(self, keep: Sequence[int]) -> None:
+        old_views = self._views
+        new_views = [old_views[i] for i in keep]
+        new_state: dict[Tensor, Any] = {}
+        for views in new_views:
+            for v in views:
+                if v in self.inner.state:
+                    new_state[v] = self.inner.state[v]
+        self.inner.state.clear()
+        self.inner.state.update(new_state)
+        self.inner.param_groups[:] = [self.inner.param_groups[i] for i in keep]
+        self._views = new_views
+        self._bind_views()
+
+    def __repr__(self) -> str:
+        return f"PerModelOptimizer({self.optimizer_cls.__name__}, N={len(self.param_groups)})"
