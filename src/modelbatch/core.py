@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from modelbatch._structure import check_same_structure
+from modelbatch.layers import substitute_layers
 
 if TYPE_CHECKING:
     from modelbatch.optim.base import BatchOptimizer
@@ -99,6 +100,7 @@ class ModelBatch(nn.Module):
         # is only ever called through functional_call, with one model's slice of each tensor.
         mirror = copy.deepcopy(models[0])
         self._stack_into(mirror, models)
+        substitute_layers(mirror, {"num_models": n})
         self.stacked = mirror
         self.stacked.train(models[0].training)
         self.training = models[0].training

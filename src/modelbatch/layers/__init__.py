@@ -1,0 +1,46 @@
+"""Vectorisation-aware replacements for layers whose plain ``vmap`` behaviour needs help.
+
+When a :class:`~modelbatch.ModelBatch` is built, each submodule of its stacked mirror whose
+class has a registered substitution is replaced by a module that computes the same function
+for one model (it still runs under ``vmap``), but avoids a missing or broken batching rule,
+or adds per-model behaviour. Replacements must keep the original's parameter and buffer
+names, so checkpoints and ``extract`` see the same names; they may add buffers of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+__all__ = ["register_substitution", "substitute_layers"]
+
+# Called as fn(module, context) -> replacement module (or the same module to keep it).
+Substitution = Callable[[nn.Module, dict[str, object]], nn.Module]
+_SUBSTITUTIONS: dict[type[nn.Module], Substitution] = {}
+
+
+def register_substitution(cls: type[nn.Module], fn: Substitution) -> None:
+    """Register ``fn`` to replace exact instances of ``cls`` (subclasses are not matched)."""
+    _SUBSTITUTIONS[cls] = fn
+
+
+def _load_builtin_substitutions() -> None:
+    # Each module registers its substitutions on import.
+    from modelbatch.layers import batchnorm, dropout  # noqa: F401
+
+
+def substitute_layers(mirror: nn.Module, context: dict[str, object]) -> None:
+    """Replace, in place, every submodule of ``mirror`` that has a registered substitution.
+
+    ``context`` carries batch-wide facts (``num_models``, ``seeds``, ...).
+    """
+    _load_builtin_substitutions()
+    for name, module in list(mirror.named_modules()):
+        fn = _SUBSTITUTIONS.get(type(module))
+        if fn is None or not name:
+            continue
+        new = fn(module, context)
+        if new is not module:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(mirror.get_submodule(parent_name), attr, new)

@@ -1,0 +1,1 @@
+"""BatchNorm under vmap (placeholder: no substitution registered yet)."""

@@ -1,0 +1,1 @@
+"""Dropout under vmap (placeholder: no substitution registered yet)."""
