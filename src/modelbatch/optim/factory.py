@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -66,12 +67,11 @@ class OptimizerFactory:
         if vectorised is not None:
             for k in _IMPLEMENTATION_KWARGS:
                 hp.pop(k, None)
-            try:
+            accepted = inspect.signature(vectorised).parameters
+            unsupported = sorted(set(hp) - set(accepted))
+            if not unsupported:
                 return vectorised(batch, **hp)
-            except TypeError as e:
-                if "unknown hyper-parameters" not in str(e):
-                    raise
-                reason = str(e)
+            reason = f"the vectorised {cls.__name__} does not support {unsupported}"
         else:
             reason = f"no vectorised version of {cls.__name__}"
         if cls not in _warned:
