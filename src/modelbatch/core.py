@@ -30,6 +30,25 @@ def _split_name(name: str) -> tuple[str, str]:
     return module_path, attr
 
 
+def _vmapped_forward(
+    stacked: nn.Module,
+    randomness: str,
+    x_dims: tuple[int | None, ...],
+    kwargs: dict[str, Any],
+    params: dict[str, Tensor],
+    buffers: dict[str, Tensor],
+    *inputs: Any,
+) -> Any:
+    """vmap of ``functional_call(stacked, ...)`` over the stacked ``[N, ...]`` tensors."""
+
+    def one_model(p: dict[str, Tensor], b: dict[str, Tensor], *xs: Any) -> Any:
+        return functional_call(stacked, (p, b), xs, kwargs)
+
+    return vmap(one_model, in_dims=(0, 0, *x_dims), randomness=randomness)(
+        params, buffers, *inputs
+    )
+
+
 class ModelBatch(nn.Module):
     """N structurally identical models trained as one vectorised module.
 
@@ -53,6 +72,11 @@ class ModelBatch(nn.Module):
             to each model when models are dropped from the batch.
         randomness: vmap randomness mode for random ops such as dropout. ``"different"``
             (default) draws an independent mask per model; ``"same"`` shares one.
+        seeds: optional per-model seeds (non-negative ints, one per model). With seeds, the
+            dropout layers draw model i's masks from ``seeds[i]`` and its own call counter
+            only, so they do not depend on N or on the other models (see
+            :mod:`modelbatch.layers.dropout`); build the models with
+            :func:`modelbatch.seeded_models` for N-independent initialisation too.
 
     Example:
         >>> models = [nn.Linear(4, 2) for _ in range(8)]
@@ -62,6 +86,7 @@ class ModelBatch(nn.Module):
     """
 
     stacked: nn.Module
+    _compiled_forward: Callable[..., Any] | None = None
 
     def __init__(
         self,
@@ -72,6 +97,7 @@ class ModelBatch(nn.Module):
         *,
         model_ids: Sequence[int | str] | None = None,
         randomness: str = "different",
+        seeds: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         models = list(models)
@@ -100,7 +126,13 @@ class ModelBatch(nn.Module):
         # is only ever called through functional_call, with one model's slice of each tensor.
         mirror = copy.deepcopy(models[0])
         self._stack_into(mirror, models)
-        substitute_layers(mirror, {"num_models": n})
+        if seeds is not None:
+            from modelbatch.seeding import check_seeds
+
+            seeds = check_seeds(seeds, n)
+        self.seeds: list[int] | None = seeds
+        device = next(iter([*mirror.parameters(), *mirror.buffers()]), torch.empty(0)).device
+        substitute_layers(mirror, {"num_models": n, "seeds": seeds, "device": device})
         self.stacked = mirror
         self.stacked.train(models[0].training)
         self.training = models[0].training
@@ -223,15 +255,51 @@ class ModelBatch(nn.Module):
                     )
         params = dict(self.stacked.named_parameters())
         buffers = dict(self.stacked.named_buffers())
-        stacked = self.stacked
-
-        def one_model(p: dict[str, Tensor], b: dict[str, Tensor], *xs: Any) -> Any:
-            return functional_call(stacked, (p, b), xs, kwargs)
-
         x_dims = tuple(0 if per_model and isinstance(x, Tensor) else None for x in inputs)
-        return vmap(one_model, in_dims=(0, 0, *x_dims), randomness=self.randomness)(
-            params, buffers, *inputs
-        )
+        run = self._compiled_forward if self._compiled_forward is not None else _vmapped_forward
+        # Quarantined models' buffers (BatchNorm running statistics) must not change in a
+        # training forward: run on copies and keep the old values of inactive models.
+        # Skipped (no copy, no device sync) while every model is active.
+        frozen = self.training and bool(buffers) and not self.all_active
+        call_buffers = {k: v.clone() for k, v in buffers.items()} if frozen else buffers
+        out = run(self.stacked, self.randomness, x_dims, kwargs, params, call_buffers, *inputs)
+        if frozen:
+            with torch.no_grad():
+                for k, old in buffers.items():
+                    keep = self.active.view(-1, *([1] * (old.dim() - 1)))
+                    old.copy_(torch.where(keep.to(old.device), call_buffers[k], old))
+        return out
+
+    # ------------------------------------------------------------------ speed-up toggles
+    def enable_compile(self, **compile_kwargs: Any) -> ModelBatch:
+        """Run the vectorised forward through ``torch.compile`` from now on (returns self).
+
+        ``compile_kwargs`` go to :func:`torch.compile` (e.g. ``mode="max-autotune"``). The
+        first call per input shape compiles (seconds to minutes). See :mod:`modelbatch.speed`,
+        which can also compile the optimizer update.
+        """
+        from modelbatch.speed import compile_forward
+
+        self._compiled_forward = compile_forward(**compile_kwargs)
+        return self
+
+    def capture_cuda_graph(
+        self,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: LossFn,
+        example_inputs: Tensor | Sequence[Tensor],
+        example_targets: Tensor,
+        **options: Any,
+    ) -> Callable[..., Tensor]:
+        """Capture forward, backward and ``optimizer.step()`` in one CUDA graph.
+
+        Returns a callable ``step(inputs, targets) -> loss`` that copies the batch into
+        static buffers and replays the graph; the shapes must stay those of the examples.
+        See :class:`modelbatch.speed.CudaGraphStep` for the options and the rules.
+        """
+        from modelbatch.speed import CudaGraphStep
+
+        return CudaGraphStep(self, optimizer, loss_fn, example_inputs, example_targets, **options)
 
     # ------------------------------------------------------------------ loss & metrics
     def compute_loss(
@@ -386,7 +454,8 @@ class ModelBatch(nn.Module):
             for name, p in self.stacked.named_parameters():
                 p[i].copy_(src[name])
             for name, b in self.stacked.named_buffers():
-                b[i].copy_(src_b[name])
+                if name in src_b:  # batch-only buffers (e.g. dropout counters) stay
+                    b[i].copy_(src_b[name])
 
     # ------------------------------------------------------------------ optimizers & shrinking
     def _register_optimizer(self, optimizer: BatchOptimizer) -> None:
@@ -411,29 +480,53 @@ class ModelBatch(nn.Module):
 
     @property
     def all_active(self) -> bool:
-        """True when no model is quarantined (reads the ``[N]`` mask: one device sync)."""
-        return bool(self.active.all())
+        """True when no model is quarantined.
 
-    def drop(self, ids: int | str | Iterable[int | str]) -> None:
+        Reads the ``[N]`` mask (one device sync) only when it changed since the last call:
+        the answer is cached against the mask tensor and its in-place version counter.
+        """
+        active = self.active
+        try:
+            version = active._version
+        except RuntimeError:  # inference tensors have no version counter
+            return bool(active.all())
+        cache = self.__dict__.get("_all_active_cache")
+        if cache is not None and cache[0] is active and cache[1] == version:
+            return bool(cache[2])
+        value = bool(active.all())
+        self.__dict__["_all_active_cache"] = (active, version, value)
+        return value
+
+    def drop(
+        self, ids: int | str | Iterable[int | str], *, schedulers: Iterable[Any] = ()
+    ) -> None:
         """Remove models (by id) from the batch, so later steps cost less.
 
         Stacked parameters, buffers, the ``active`` mask and the state and param groups of
         every vectorised optimizer built on this batch shrink accordingly. Model ids are
         stable; positions of the remaining models may change. Gradients are discarded.
+
+        LR schedulers keep per-model lists (``base_lrs``, ``LambdaLR.lr_lambdas``, ...) that
+        are not reachable from the optimizer: pass them as ``schedulers`` so they shrink too
+        (see :func:`modelbatch.isolation.shrink_scheduler`); otherwise a later
+        ``scheduler.step()`` would give the remaining models other models' learning rates.
         """
         ids_list = [ids] if isinstance(ids, (int, str)) else list(ids)
         drop_pos = {self.index_of(mid) for mid in ids_list}
         if len(drop_pos) == len(self):
             raise ValueError("cannot drop every model from the batch")
         keep = [i for i in range(len(self)) if i not in drop_pos]
-        self.keep_positions(keep)
+        self.keep_positions(keep, schedulers=schedulers)
 
-    def keep_positions(self, keep: Sequence[int]) -> None:
-        """Keep only the models at positions ``keep`` (in that order)."""
+    def keep_positions(self, keep: Sequence[int], *, schedulers: Iterable[Any] = ()) -> None:
+        """Keep only the models at positions ``keep`` (in that order); ``schedulers`` are LR
+        schedulers of this batch's optimizers whose per-model lists shrink alike."""
         n = len(self)
         keep = [self._check_index(i) for i in keep]
         if not keep:
             raise ValueError("cannot drop every model from the batch")
+        if len(set(keep)) != len(keep):
+            raise ValueError(f"keep_positions got repeated positions: {list(keep)}")
         index = torch.tensor(keep, device=self.device, dtype=torch.long)
         replaced: dict[int, Tensor] = {}
         with torch.no_grad():
@@ -463,5 +556,12 @@ class ModelBatch(nn.Module):
             if v.shape[0] == n
         }
         self._model_ids = [self._model_ids[i] for i in keep]
+        if self.seeds is not None:
+            self.seeds = [self.seeds[i] for i in keep]
         for opt in self._live_optimizers():
             opt._keep_positions(keep)
+        if schedulers:
+            from modelbatch.isolation import shrink_scheduler
+
+            for sched in schedulers:
+                shrink_scheduler(sched, keep, n)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from modelbatch.core import ModelBatch
+from modelbatch.data import DataRouter, skip_models_without_samples
 
 __all__ = ["train_one_epoch", "evaluate"]
 
@@ -29,6 +30,7 @@ def train_one_epoch(
     *,
     per_model: bool = False,
     scheduler: Any | None = None,
+    router: DataRouter | None = None,
 ) -> Tensor:
     """Train every model of ``batch`` for one pass over ``loader``.
 
@@ -43,31 +45,46 @@ def train_one_epoch(
         loss_fn: a single-model loss, e.g. ``torch.nn.functional.cross_entropy``.
         per_model: whether ``x`` carries a leading model dimension.
         scheduler: optional LR scheduler stepped after every optimizer step.
+        router: optional :class:`modelbatch.data.DataRouter`. The loader then yields
+            ``(x, y, index)`` and model i's loss uses its ``[N, B]`` weights
+            ``router.train_mask(index)``; a model with no sample in a batch skips that step.
 
     Returns:
         ``[N]`` tensor (on the CPU) of each model's mean training loss over the epoch,
-        weighted by batch size.
+        weighted by batch size (by each model's sample weights with a router).
     """
     batch.train()
     device = batch.device
     total = torch.zeros(len(batch), dtype=torch.float64, device=device)
-    count = 0
-    for x, y in loader:
+    count: Tensor | int = 0
+    if router is not None:
+        router.check_batch(batch)
+    for item in loader:
+        mask = None
+        if router is None:
+            x, y = item
+        else:
+            x, y, idx = item
+            mask = router.train_mask(idx)
         x, y = _to_device(x, device), _to_device(y, device)
         outputs = batch(x, per_model=per_model)
-        loss = batch.compute_loss(outputs, y, loss_fn)
+        loss = batch.compute_loss(outputs, y, loss_fn, mask=mask)
         optimizer.zero_grad()
         loss.backward()
-        optimizer.step()
+        if mask is None:
+            optimizer.step()
+        else:
+            with skip_models_without_samples(batch, mask):
+                optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        b = outputs.shape[1]
+        b = outputs.shape[1] if mask is None else mask.double().sum(dim=1).to(device)
         assert batch.latest_losses is not None
         total += batch.latest_losses.double() * b
-        count += b
-    if count == 0:
+        count = count + b
+    if isinstance(count, int) and count == 0:
         raise ValueError("the loader yielded no batches")
-    return (total / count).cpu()
+    return (total / torch.as_tensor(count, device=device).clamp_min(1e-300)).cpu()
 
 
 @torch.no_grad()
@@ -95,8 +112,8 @@ def evaluate(
         for x, y in loader:
             x, y = _to_device(x, device), _to_device(y, device)
             out = batch(x, per_model=per_model)
-            target = y if y.dim() == out.dim() - 1 and y.shape[0] == len(batch) and per_model else y
-            correct += (out.argmax(dim=-1) == target).double().sum(dim=1)
+            # y is [B] (shared) or [N, B] (per model): both broadcast against [N, B].
+            correct += (out.argmax(dim=-1) == y).double().sum(dim=1)
             if loss_fn is not None:
                 batch.compute_loss(out, y, loss_fn)
                 assert batch.latest_losses is not None

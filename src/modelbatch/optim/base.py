@@ -119,6 +119,10 @@ class BatchOptimizer(torch.optim.Optimizer):
         defaults = {k: groups[0][k] for k in per_model}
         self._hp_cache: dict[tuple[str, torch.device, torch.dtype], tuple[tuple[Any, ...], Tensor]]
         self._hp_cache = {}
+        # Static mode (CUDA graphs, torch.compile): see set_static_hparams().
+        self._static_hparams = False
+        self._static_masked: bool | None = None
+        self._branch_log: dict[tuple[str, Callable[[Any], bool]], bool] = {}
         super().__init__(groups, defaults)
         self.state: dict[str, dict[str, Any]] = {}  # type: ignore[assignment]
         batch._register_optimizer(self)
@@ -146,6 +150,10 @@ class BatchOptimizer(torch.optim.Optimizer):
         """
         dtype = torch.bool if name in self._bool_hparams else _hp_dtype(like.device)
         key = (name if index is None else f"{name}[{index}]", like.device, dtype)
+        if self._static_hparams and key in self._hp_cache:
+            # Static mode: the tensor's address must not change; refresh_hparams() keeps
+            # its values current (and no host-side value is read while tracing/capturing).
+            return self._hp_cache[key][1]
         if index is None:
             values = tuple(g[name] for g in self.param_groups)
         else:
@@ -159,7 +167,54 @@ class BatchOptimizer(torch.optim.Optimizer):
 
     def any_hparam(self, name: str, predicate: Callable[[Any], bool] = bool) -> bool:
         """Whether ``predicate`` holds for the hyper-parameter of any model (host-side)."""
-        return any(predicate(g[name]) for g in self.param_groups)
+        result = any(predicate(g[name]) for g in self.param_groups)
+        if self._static_hparams:
+            self._branch_log[(name, predicate)] = result
+        return result
+
+    # ---------------------------------------------------------------- static mode
+    def set_static_hparams(self, enabled: bool, masked: bool | None = None) -> None:
+        """Switch static mode on or off (used by :mod:`modelbatch.speed`).
+
+        In static mode, as a CUDA graph or a compiled step needs:
+
+        * :meth:`hparam` returns the same ``[N]`` tensor for a hyper-parameter every time;
+          :meth:`refresh_hparams` copies new values (e.g. from an LR scheduler) into it in
+          place, so a captured graph reads them on its next replay;
+        * :meth:`step` writes optimizer state back into the same tensors instead of
+          rebinding them, and takes ``masked`` (whether to run the quarantine-aware
+          update) from here instead of reading ``batch.active`` on the host (a sync).
+          ``masked=None`` reads it as usual.
+        """
+        self._static_hparams = bool(enabled)
+        self._static_masked = masked if enabled else None
+        self._branch_log = {}
+
+    def refresh_hparams(self) -> None:
+        """Copy the current ``param_groups`` values into the cached ``[N]`` tensors, in place.
+
+        Raises a RuntimeError when a change would flip a host-side branch taken while the
+        step was captured (e.g. weight decay from 0 to non-zero for every model): such a
+        step has to be captured again.
+        """
+        for key, (old_values, t) in list(self._hp_cache.items()):
+            label = key[0]
+            name, _, idx = label.partition("[")
+            if idx:
+                k = int(idx.rstrip("]"))
+                values = tuple(g[name][k] for g in self.param_groups)
+            else:
+                values = tuple(g[name] for g in self.param_groups)
+            if values != old_values:
+                t.copy_(torch.tensor(values, dtype=t.dtype), non_blocking=False)
+                self._hp_cache[key] = (values, t)
+        for (name, predicate), result in self._branch_log.items():
+            if any(predicate(g[name]) for g in self.param_groups) != result:
+                raise RuntimeError(
+                    f"{type(self).__name__}: hyper-parameter {name!r} changed in a way that "
+                    f"changes the update's code path (captured with any-model {name} = "
+                    f"{result}); capture the step again"
+                )
 
     # ---------------------------------------------------------------- step
     @torch.no_grad()
@@ -170,7 +225,22 @@ class BatchOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        masked = not self.batch.all_active
+        if self._static_hparams and not _capturing():
+            self.refresh_hparams()
+        if self._static_hparams and self._static_masked is not None:
+            masked = self._static_masked
+        else:
+            masked = not self.batch.all_active
+        self._apply_updates(masked)
+        return loss
+
+    def _apply_updates(self, masked: bool) -> None:
+        """Update every parameter that has a gradient (the tensor part of :meth:`step`;
+        :func:`modelbatch.speed.compile_optimizer` compiles this method).
+
+        ``masked``: run the quarantine-aware update (inactive models keep their values).
+        """
+        static = self._static_hparams
         active = self.batch.active
         for name, p in self.batch.stacked_parameters():
             if p.grad is None:
@@ -180,7 +250,24 @@ class BatchOptimizer(torch.optim.Optimizer):
             state = self.state.setdefault(name, {})
             if not state:
                 self._init_state(p, state)
-            if masked:
+            if static:
+                # Keep every state tensor at its address: copy rebound values back in place.
+                before = {k: v for k, v in state.items() if isinstance(v, Tensor)}
+                if masked:
+                    old_p = p.detach().clone()
+                    snapshot = {k: v.clone() for k, v in before.items()}
+                self._update_param(name, p, p.grad, state)
+                if masked:
+                    p.copy_(torch.where(active.view(-1, *([1] * (p.dim() - 1))), p, old_p))
+                for k, new in list(state.items()):
+                    old = before.get(k)
+                    if masked and k in snapshot:
+                        keep = active.view(-1, *([1] * (new.dim() - 1)))
+                        new = torch.where(keep, new, snapshot[k])
+                    if old is not None and new is not old:
+                        old.copy_(new)
+                        state[k] = old
+            elif masked:
                 snapshot = {k: v.clone() for k, v in state.items() if isinstance(v, Tensor)}
                 old_p = p.detach().clone()
                 self._update_param(name, p, p.grad, state)
@@ -191,7 +278,13 @@ class BatchOptimizer(torch.optim.Optimizer):
                     state[k] = torch.where(active.view(-1, *([1] * (old.dim() - 1))), new, old)
             else:
                 self._update_param(name, p, p.grad, state)
-        return loss
+
+    def init_state(self) -> None:
+        """Create the optimizer state of every parameter now instead of at the first step."""
+        for name, p in self.batch.stacked_parameters():
+            state = self.state.setdefault(name, {})
+            if not state:
+                self._init_state(p, state)
 
     def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
         state["step"] = torch.zeros(p.shape[0], dtype=_hp_dtype(p.device), device=p.device)
@@ -266,6 +359,11 @@ class BatchOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         hp = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items())
         return f"{type(self).__name__}(N={len(self.param_groups)}, {hp}, per-model overrides in param_groups)"
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (False without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _hp_dtype(device: torch.device) -> torch.dtype:

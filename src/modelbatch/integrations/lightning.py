@@ -1,0 +1,321 @@
+"""PyTorch Lightning integration: a ready ``LightningModule`` that trains a whole ModelBatch.
+
+``BatchLightningModule(batch, loss_fn, optimizer=...)`` runs the N models' forward and backward
+passes as one vectorised step, logs every model's metrics under its own name
+(``train/loss/model_7``, ``val/acc/model_7``), returns the vectorised optimizer and stock LR
+schedulers from ``configure_optimizers`` and clips gradients per model. The ModelBatch is a
+submodule, so Lightning checkpoints hold every model and the optimizer state of all of them.
+
+Needs ``lightning`` (or the older ``pytorch_lightning``): ``pip install 'modelbatch[lightning]'``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from modelbatch.core import ModelBatch
+from modelbatch.integrations import require
+from modelbatch.integrations._common import (
+    MetricFn,
+    clip_grad_norm_per_model,
+    clip_grad_value_per_model,
+    per_model_metrics,
+)
+from modelbatch.optim.factory import OptimizerFactory
+
+__all__ = ["BatchLightningModule"]
+
+
+def _import_lightning() -> ModuleType:
+    try:
+        return require("lightning.pytorch", "lightning")
+    except ImportError as err:
+        try:
+            return importlib.import_module("pytorch_lightning")
+        except ImportError:
+            raise err from None
+
+
+pl = _import_lightning()
+
+OptimizerSpec = (
+    torch.optim.Optimizer
+    | OptimizerFactory
+    | type[torch.optim.Optimizer]
+    | Callable[[ModelBatch], torch.optim.Optimizer]
+)
+SchedulerSpec = Callable[[torch.optim.Optimizer], Any]
+
+
+def _infer_per_model_targets(outputs: Tensor, targets: Tensor) -> bool:
+    """The rule of :meth:`ModelBatch.compute_loss`: per-model only when unambiguous."""
+    n = outputs.shape[0]
+    return (
+        targets.dim() == outputs.dim()
+        and targets.shape[0] == n
+        and targets.dtype.is_floating_point == outputs.dtype.is_floating_point
+    )
+
+
+class BatchLightningModule(pl.LightningModule):  # type: ignore[misc,name-defined]
+    """A ``LightningModule`` that trains every model of a :class:`~modelbatch.ModelBatch` at once.
+
+    Each data batch ``(x, y)`` or ``(x, y, mask)`` is shared by all N models (``x`` is
+    ``[B, ...]``; with ``per_model=True`` it is ``[N, B, ...]``). The training step returns the
+    sum of the per-model losses, so every model gets exactly the gradient it would get training
+    alone; Lightning's automatic optimization then steps the vectorised optimizer.
+
+    Logged per model (``<id>`` is the model id, stable when models are dropped):
+    ``train/loss/model_<id>`` (epoch mean; also per step with ``log_per_model_on_step``),
+    ``val/loss/model_<id>``, ``val/<metric>/model_<id>`` (and ``test/...``), plus the mean over
+    models as ``train/loss``, ``val/loss``, ``val/<metric>``.
+
+    Args:
+        batch: the ModelBatch to train.
+        loss_fn: a single-model loss ``loss_fn(output [B, ...], target [B, ...]) -> scalar``,
+            e.g. ``torch.nn.functional.cross_entropy``.
+        optimizer: a ``modelbatch.optim`` optimizer built on ``batch``, an
+            :class:`~modelbatch.OptimizerFactory`, an optimizer class (``torch.optim.Adam`` maps
+            to the vectorised :class:`modelbatch.optim.Adam` with default hyper-parameters), or a
+            callable ``batch -> optimizer`` such as
+            ``functools.partial(modelbatch.optim.SGD, lr=[0.1, 0.01])``. Default: the optimizer
+            the batch was built with (``ModelBatch(models, lr=..., optimizer_cls=...)``).
+        scheduler: optional callable ``optimizer -> scheduler`` returning a stock
+            ``torch.optim.lr_scheduler`` scheduler (it drives each model's own learning rate,
+            since ``param_groups[i]`` is model i) or a full Lightning ``lr_scheduler`` dict.
+        metrics: name -> single-model metric ``fn(output [B, ...], target [B, ...]) -> scalar``,
+            computed for every model in validation and test.
+        per_model: whether inputs carry a leading model dimension ``[N, B, ...]``.
+        per_model_targets: whether targets carry a leading model dimension; ``None`` infers it
+            as :meth:`ModelBatch.compute_loss` does.
+        scheduler_interval: ``"epoch"`` or ``"step"``: when Lightning steps the scheduler.
+        log_per_model_on_step: also log every model's training loss at every step (N scalars
+            per step; off by default, the per-model epoch means are always logged).
+
+    Gradient clipping (``Trainer(gradient_clip_val=...)``) is applied per model: each model's
+    gradients are clipped by its own norm, as if it were trained alone. ``precision="16-mixed"``
+    on a GPU is refused: its ``GradScaler`` cannot see the stacked parameters and would skip the
+    step of all N models when one overflows; use ``"bf16-mixed"`` or ``"32-true"``.
+    """
+
+    def __init__(
+        self,
+        batch: ModelBatch,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        optimizer: OptimizerSpec | None = None,
+        scheduler: SchedulerSpec | None = None,
+        *,
+        metrics: Mapping[str, MetricFn] | None = None,
+        per_model: bool = False,
+        per_model_targets: bool | None = None,
+        scheduler_interval: str = "epoch",
+        log_per_model_on_step: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(batch, ModelBatch):
+            raise TypeError(f"batch must be a ModelBatch, got {type(batch).__name__}")
+        if optimizer is None and batch.optimizer is None:
+            raise ValueError(
+                "no optimizer: pass optimizer= (e.g. functools.partial(modelbatch.optim.Adam, "
+                "lr=1e-3)) or build the batch with ModelBatch(models, lr=..., optimizer_cls=...)"
+            )
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError(
+                f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}"
+            )
+        self.model_batch = batch
+        self.loss_fn = loss_fn
+        self.optimizer_spec = optimizer
+        self.scheduler_spec = scheduler
+        self.metric_fns: dict[str, MetricFn] = dict(metrics or {})
+        self.per_model = per_model
+        self.per_model_targets = per_model_targets
+        self.scheduler_interval = scheduler_interval
+        self.log_per_model_on_step = log_per_model_on_step
+        self.last_grad_norms: Tensor | None = None
+
+    # ------------------------------------------------------------------ forward & steps
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        """Run all N models: ``[B, ...] -> [N, B, ...]`` (see :meth:`ModelBatch.forward`)."""
+        kwargs.setdefault("per_model", self.per_model)
+        return self.model_batch(*inputs, **kwargs)
+
+    def _unpack(self, data: Any) -> tuple[tuple[Any, ...], Tensor, Tensor | None]:
+        if isinstance(data, Mapping):
+            x, y, mask = data["x"], data["y"], data.get("mask")
+        elif isinstance(data, (tuple, list)) and len(data) in (2, 3):
+            x, y = data[0], data[1]
+            mask = data[2] if len(data) == 3 else None
+        else:
+            raise ValueError(
+                "BatchLightningModule expects each data batch to be (x, y), (x, y, mask) or a "
+                f"dict with keys 'x', 'y' (and 'mask'), got {type(data).__name__}"
+            )
+        inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+        return inputs, y, mask
+
+    def _losses(self, outputs: Tensor, y: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        total = self.model_batch.compute_loss(
+            outputs, y, self.loss_fn, mask, per_model_targets=self.per_model_targets
+        )
+        assert self.model_batch.latest_losses is not None
+        return total, self.model_batch.latest_losses
+
+    def _log_per_model(
+        self, stage: str, values: Mapping[str, Tensor], batch_size: int, on_step: bool
+    ) -> None:
+        ids = self.model_batch.model_ids
+        logs: dict[str, Tensor] = {}
+        for name, per_model in values.items():
+            for i, mid in enumerate(ids):
+                logs[f"{stage}/{name}/model_{mid}"] = per_model[i]
+        self.log_dict(logs, on_step=on_step, on_epoch=True, batch_size=batch_size)
+        means = {f"{stage}/{name}": v.float().mean() for name, v in values.items()}
+        self.log_dict(
+            means, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=batch_size
+        )
+
+    def training_step(self, data: Any, batch_idx: int) -> Tensor:
+        """Forward all models, return the summed per-model loss, log each model's loss."""
+        inputs, y, mask = self._unpack(data)
+        outputs = self.model_batch(*inputs, per_model=self.per_model)
+        total, losses = self._losses(outputs, y, mask)
+        self._log_per_model("train", {"loss": losses}, outputs.shape[1], self.log_per_model_on_step)
+        return total
+
+    def _eval_step(self, stage: str, data: Any) -> Tensor:
+        inputs, y, mask = self._unpack(data)
+        outputs = self.model_batch(*inputs, per_model=self.per_model)
+        previous = self.model_batch.latest_losses  # keep the training losses for metrics()
+        total, losses = self._losses(outputs, y, mask)
+        self.model_batch.latest_losses = previous
+        values = {"loss": losses}
+        if self.metric_fns:
+            pmt = self.per_model_targets
+            if pmt is None:
+                pmt = _infer_per_model_targets(outputs, y)
+            values.update(per_model_metrics(outputs, y, self.metric_fns, per_model_targets=pmt))
+        self._log_per_model(stage, values, outputs.shape[1], on_step=False)
+        return total
+
+    def validation_step(self, data: Any, batch_idx: int) -> Tensor:
+        """Per-model loss and metrics on a validation batch (logged as epoch means)."""
+        return self._eval_step("val", data)
+
+    def test_step(self, data: Any, batch_idx: int) -> Tensor:
+        """Per-model loss and metrics on a test batch (logged as epoch means)."""
+        return self._eval_step("test", data)
+
+    def predict_step(self, data: Any, batch_idx: int) -> Tensor:
+        """``[N, B, ...]`` outputs of all models (``data`` is ``x`` or ``(x, ...)``)."""
+        x = data[0] if isinstance(data, (tuple, list)) else data
+        return self.model_batch(x, per_model=self.per_model)
+
+    # ------------------------------------------------------------------ optimization
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        spec = self.optimizer_spec
+        if spec is None:
+            assert self.model_batch.optimizer is not None
+            return self.model_batch.optimizer
+        if isinstance(spec, torch.optim.Optimizer):
+            return spec
+        if isinstance(spec, OptimizerFactory):
+            return spec.build(self.model_batch)
+        if isinstance(spec, type) and issubclass(spec, torch.optim.Optimizer):
+            return OptimizerFactory(spec).build(self.model_batch)
+        if callable(spec):
+            opt = spec(self.model_batch)
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise TypeError(
+                    f"the optimizer callable returned {type(opt).__name__}, not an optimizer"
+                )
+            return opt
+        raise TypeError(f"cannot build an optimizer from {spec!r}")
+
+    def configure_optimizers(self) -> Any:
+        """The vectorised optimizer and, if given, the LR scheduler built on it."""
+        optimizer = self._build_optimizer()
+        if self.scheduler_spec is None:
+            return optimizer
+        scheduler = self.scheduler_spec(optimizer)
+        config = (
+            dict(scheduler)
+            if isinstance(scheduler, Mapping)
+            else {"scheduler": scheduler, "interval": self.scheduler_interval}
+        )
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def clip_gradients(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip each model's gradients by its own norm (or value), never by a global norm.
+
+        Called by Lightning for ``Trainer(gradient_clip_val=..., gradient_clip_algorithm=...)``;
+        may also be called by hand. The pre-clip ``[N]`` norms are kept in
+        :attr:`last_grad_norms`.
+        """
+        trainer = self._trainer
+        if gradient_clip_val is None:
+            gradient_clip_val = (trainer.gradient_clip_val if trainer is not None else None) or 0.0
+        algo: Any = gradient_clip_algorithm
+        if algo is None:
+            algo = (trainer.gradient_clip_algorithm if trainer is not None else None) or "norm"
+        algo = str(getattr(algo, "value", algo)).lower()
+        if algo not in ("norm", "value"):
+            raise ValueError(f"gradient_clip_algorithm must be 'norm' or 'value', got {algo!r}")
+        if gradient_clip_val <= 0:
+            return
+        if algo == "norm":
+            norms = clip_grad_norm_per_model(self.model_batch, float(gradient_clip_val))
+            self.last_grad_norms = norms
+        else:
+            clip_grad_value_per_model(self.model_batch, float(gradient_clip_val))
+
+    def on_fit_start(self) -> None:
+        """Refuse set-ups that would silently couple the models."""
+        plugin = getattr(self.trainer, "precision_plugin", None)
+        if getattr(plugin, "scaler", None) is not None:
+            raise RuntimeError(
+                "BatchLightningModule cannot train with a gradient scaler (precision='16-mixed' "
+                "on a GPU): torch's GradScaler finds no parameters in the vectorised optimizer's "
+                "per-model param_groups, and would skip the step of all N models whenever one "
+                "model's gradients overflow. Use precision='bf16-mixed' or '32-true'."
+            )
+        if self.automatic_optimization and len(self.trainer.optimizers) > 1:
+            raise RuntimeError("BatchLightningModule supports exactly one optimizer")
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the model ids next to the weights (the stacked order of the models)."""
+        checkpoint["modelbatch"] = {"model_ids": list(self.model_batch.model_ids)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check that the checkpoint holds the same models, in the same order."""
+        saved = checkpoint.get("modelbatch", {}).get("model_ids")
+        if saved is not None and list(saved) != self.model_batch.model_ids:
+            raise ValueError(
+                f"the checkpoint holds models {list(saved)}, but this module's batch holds "
+                f"{self.model_batch.model_ids}"
+            )
+
+    def per_model_logged(self, stage: str, name: str) -> dict[int | str, float]:
+        """``{model_id: value}`` of ``<stage>/<name>/model_<id>`` from the trainer's latest
+        logged metrics (e.g. ``per_model_logged("val", "acc")`` after ``trainer.validate``)."""
+        metrics = self.trainer.callback_metrics
+        out: dict[int | str, float] = {}
+        for mid in self.model_batch.model_ids:
+            key = f"{stage}/{name}/model_{mid}"
+            if key not in metrics:
+                raise KeyError(f"{key!r} was not logged; logged keys: {sorted(metrics)}")
+            out[mid] = float(metrics[key])
+        return out
+

@@ -1,0 +1,29 @@
+"""Tiny data and models shared by the sweep, Optuna and Ray Tune tests.
+
+Module-level (importable) so that Ray workers can unpickle ``make_mlp`` by reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def make_loader(n: int = 96, batch_size: int = 32, seed: int = 0) -> DataLoader:
+    """A 3-class problem on 4 features, labels from a random linear teacher."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = (x @ torch.randn(4, 3, generator=g)).argmax(dim=1)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def make_mlp(config: Mapping[str, Any]) -> nn.Module:
+    """A 4-h-3 MLP, seeded by ``config["seed"]`` (default 0)."""
+    torch.manual_seed(int(config.get("seed", 0)))
+    hidden = int(config.get("hidden", 8))
+    model = nn.Sequential(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, 3))
+    return model.to(config.get("dtype", torch.float32))
