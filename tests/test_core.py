@@ -165,12 +165,14 @@ def test_compute_loss_errors() -> None:
         batch.compute_loss(out[:2], torch.zeros(4, dtype=torch.long), F.cross_entropy)
     with pytest.raises(ValueError, match="scalar per model"):
         batch.compute_loss(
-            out, torch.zeros(4, dtype=torch.long),
+            out,
+            torch.zeros(4, dtype=torch.long),
             lambda o, t: F.cross_entropy(o, t, reduction="none"),
         )
     with pytest.raises(ValueError, match=r"mask must have shape \[N, B\] = \[3, 4\]"):
-        batch.compute_loss(out, torch.zeros(4, dtype=torch.long), F.cross_entropy,
-                           mask=torch.ones(2, 4))
+        batch.compute_loss(
+            out, torch.zeros(4, dtype=torch.long), F.cross_entropy, mask=torch.ones(2, 4)
+        )
 
 
 def test_metrics_one_dict_per_model() -> None:
@@ -226,18 +228,26 @@ def test_empty_list() -> None:
 def test_different_architectures_name_model_and_parameter() -> None:
     ms = models(3)
     ms[2] = mlp(hidden=8).double()
-    with pytest.raises(ArchitectureMismatchError, match=r"model 2, parameter '0.weight': shape \(8, 5\)"):
+    with pytest.raises(
+        ArchitectureMismatchError, match=r"model 2, parameter '0.weight': shape \(8, 5\)"
+    ):
         ModelBatch(ms)
     ms = models(3)
-    ms[1] = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.ReLU(), nn.Dropout(), nn.Linear(7, 3))
-    with pytest.raises(ArchitectureMismatchError, match="model 1 differs from model 0 in its module tree"):
+    ms[1] = nn.Sequential(
+        nn.Linear(5, 7), nn.LayerNorm(7), nn.ReLU(), nn.Dropout(), nn.Linear(7, 3)
+    )
+    with pytest.raises(
+        ArchitectureMismatchError, match="model 1 differs from model 0 in its module tree"
+    ):
         ModelBatch(ms)
 
 
 def test_different_dtypes_and_devices() -> None:
     ms = models(2)
     ms[1] = ms[1].float()
-    with pytest.raises(ArchitectureMismatchError, match=r"model 1, parameter '0.weight'.*dtype torch.float32"):
+    with pytest.raises(
+        ArchitectureMismatchError, match=r"model 1, parameter '0.weight'.*dtype torch.float32"
+    ):
         ModelBatch(ms)
     ms = models(2)
     ms[1] = ms[1].to("meta")
@@ -273,7 +283,11 @@ def test_model_ids_validation() -> None:
 
 def test_public_api_is_pinned() -> None:
     assert set(modelbatch.__all__) >= {
-        "ModelBatch", "OptimizerFactory", "train_one_epoch", "evaluate", "optim",
+        "ModelBatch",
+        "OptimizerFactory",
+        "train_one_epoch",
+        "evaluate",
+        "optim",
         "ArchitectureMismatchError",
     }
     for name in modelbatch.__all__:

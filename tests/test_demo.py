@@ -13,8 +13,12 @@ from modelbatch.demo import run_demo
 
 def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     result = run_demo(
-        lrs=[1e-3, 1e-2], weight_decays=[0.0, 1e-3], seeds=[0, 1], epochs=2,
-        out_dir=tmp_path, progress=False,
+        lrs=[1e-3, 1e-2],
+        weight_decays=[0.0, 1e-3],
+        seeds=[0, 1],
+        epochs=2,
+        out_dir=tmp_path,
+        progress=False,
     )
     out = capsys.readouterr().out
     assert "Leaderboard: 8 MLPs" in out
@@ -28,10 +32,23 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_demo_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = cli_main([
-        "demo", "--lrs", "2", "--wds", "1", "--seeds", "1", "--epochs", "1", "--no-progress",
-        "--no-sequential", "--out", str(tmp_path),
-    ])
+    code = cli_main(
+        [
+            "demo",
+            "--lrs",
+            "2",
+            "--wds",
+            "1",
+            "--seeds",
+            "1",
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--no-sequential",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     assert "Leaderboard: 2 MLPs" in capsys.readouterr().out
     assert (tmp_path / "demo_sweep.png").exists()

@@ -17,7 +17,9 @@ from tests.helpers import assert_close_models, train_alone
 def _setup(n: int = 3) -> tuple[list[nn.Module], DataLoader]:
     torch.manual_seed(0)
     models = [
-        nn.Sequential(nn.Linear(4, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).double()
+        nn.Sequential(
+            nn.Linear(4, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)
+        ).double()
         for _ in range(n)
     ]
     x = torch.randn(40, 4, dtype=torch.float64)

@@ -42,7 +42,7 @@ def check_same_structure(models: Sequence[nn.Module]) -> None:
             )
         modules = [(n, type(m)) for n, m in model.named_modules()]
         if modules != ref_modules:
-            for (n0, t0), (n1, t1) in zip(ref_modules, modules):
+            for (n0, t0), (n1, t1) in zip(ref_modules, modules, strict=False):
                 if (n0, t0) != (n1, t1):
                     raise ArchitectureMismatchError(
                         f"model {i} differs from model 0 in its module tree: submodule "
@@ -67,8 +67,7 @@ def check_same_structure(models: Sequence[nn.Module]) -> None:
                 t = tensors[name]
                 if (t.shape, t.dtype, t.device) != (t0.shape, t0.dtype, t0.device):
                     raise ArchitectureMismatchError(
-                        f"model {i}, {kind} {name!r}: {_describe(t)}; "
-                        f"model 0 has {_describe(t0)}"
+                        f"model {i}, {kind} {name!r}: {_describe(t)}; model 0 has {_describe(t0)}"
                     )
                 if t.requires_grad != t0.requires_grad:
                     raise ArchitectureMismatchError(

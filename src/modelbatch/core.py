@@ -6,6 +6,7 @@ Shapes used throughout: ``N`` = number of models in the batch, ``B`` = samples p
 from __future__ import annotations
 
 import copy
+import os
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -44,9 +45,7 @@ def _vmapped_forward(
     def one_model(p: dict[str, Tensor], b: dict[str, Tensor], *xs: Any) -> Any:
         return functional_call(stacked, (p, b), xs, kwargs)
 
-    return vmap(one_model, in_dims=(0, 0, *x_dims), randomness=randomness)(
-        params, buffers, *inputs
-    )
+    return vmap(one_model, in_dims=(0, 0, *x_dims), randomness=randomness)(params, buffers, *inputs)
 
 
 class ModelBatch(nn.Module):
@@ -310,6 +309,7 @@ class ModelBatch(nn.Module):
         mask: Tensor | None = None,
         *,
         per_model_targets: bool | None = None,
+        reduction: str = "sum",
     ) -> Tensor:
         """Per-model losses, combined so that each model gets its training-alone gradient.
 
@@ -330,10 +330,13 @@ class ModelBatch(nn.Module):
             per_model_targets: whether ``targets`` has the leading N dimension. By default,
                 inferred only when unambiguous: targets with ``outputs.dim()`` dimensions
                 and a leading size of N are per-model. Pass it explicitly when in doubt.
+            reduction: ``"sum"`` (default) returns the scalar sum; ``"none"`` returns the
+                differentiable ``[N]`` per-model losses (what
+                :meth:`modelbatch.BatchGradScaler.scale` takes).
 
         Returns:
-            A scalar tensor to call ``.backward()`` on. The detached ``[N]`` per-model losses
-            are stored in :attr:`latest_losses`.
+            A scalar tensor to call ``.backward()`` on (``[N]`` with ``reduction="none"``).
+            The detached ``[N]`` per-model losses are stored in :attr:`latest_losses`.
         """
         n = len(self)
         if outputs.dim() == 0 or outputs.shape[0] != n:
@@ -342,8 +345,10 @@ class ModelBatch(nn.Module):
                 f"got shape {tuple(outputs.shape)}"
             )
         if per_model_targets is None:
-            per_model_targets = targets.dim() == outputs.dim() and targets.shape[0] == n and (
-                targets.dtype.is_floating_point == outputs.dtype.is_floating_point
+            per_model_targets = (
+                targets.dim() == outputs.dim()
+                and targets.shape[0] == n
+                and (targets.dtype.is_floating_point == outputs.dtype.is_floating_point)
             )
         if per_model_targets and (targets.dim() == 0 or targets.shape[0] != n):
             raise ValueError(
@@ -361,6 +366,10 @@ class ModelBatch(nn.Module):
                 f"{tuple(losses.shape[1:])}. Use a reduction such as 'mean'."
             )
         self.latest_losses = losses.detach()
+        if reduction == "none":  # the [N] per-model losses (e.g. for BatchGradScaler.scale)
+            return losses
+        if reduction != "sum":
+            raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
         return losses.sum()
 
     def _masked_losses(
@@ -417,19 +426,26 @@ class ModelBatch(nn.Module):
         i = self._check_index(i)
         template: nn.Module = self._template  # type: ignore[has-type]
         module = copy.deepcopy(template)
-        stacked = dict(self.stacked.named_parameters())
-        stacked_b = dict(self.stacked.named_buffers())
+        stacked = dict(self.stacked.named_parameters(remove_duplicate=False))
+        stacked_b = dict(self.stacked.named_buffers(remove_duplicate=False))
+        # Tied tensors (one tensor under two names, e.g. embeddings and LM head) stay tied.
+        params: dict[int, nn.Parameter] = {}
+        buffers: dict[int, Tensor] = {}
         with torch.no_grad():
-            for name, p in module.named_parameters():
+            for name, p in module.named_parameters(remove_duplicate=False):
                 mod_path, attr = _split_name(name)
                 sub = module.get_submodule(mod_path)
-                sub._parameters[attr] = nn.Parameter(
-                    stacked[name][i].detach().clone(), requires_grad=p.requires_grad
-                )
-            for name, _ in module.named_buffers():
+                if id(p) not in params:
+                    params[id(p)] = nn.Parameter(
+                        stacked[name][i].detach().clone(), requires_grad=p.requires_grad
+                    )
+                sub._parameters[attr] = params[id(p)]
+            for name, b in module.named_buffers(remove_duplicate=False):
                 mod_path, attr = _split_name(name)
                 sub = module.get_submodule(mod_path)
-                sub._buffers[attr] = stacked_b[name][i].detach().clone()
+                if id(b) not in buffers:
+                    buffers[id(b)] = stacked_b[name][i].detach().clone()
+                sub._buffers[attr] = buffers[id(b)]
         module.train(self.training)
         return module
 
@@ -447,7 +463,8 @@ class ModelBatch(nn.Module):
         try:
             check_same_structure([template, module])
         except ValueError as e:
-            raise type(e)(f"cannot insert into slot {i}: {e}".replace("model 1", "the module"))
+            message = str(e).replace("model 1", "the module")
+            raise type(e)(f"cannot insert into slot {i}: {message}") from None
         src = dict(module.named_parameters())
         src_b = dict(module.named_buffers())
         with torch.no_grad():
@@ -456,6 +473,25 @@ class ModelBatch(nn.Module):
             for name, b in self.stacked.named_buffers():
                 if name in src_b:  # batch-only buffers (e.g. dropout counters) stay
                     b[i].copy_(src_b[name])
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_all(
+        self, directory: str | os.PathLike[str], optimizer: Any = None, **kwargs: Any
+    ) -> Any:
+        """Save every model (one folder per id), atomically: see
+        :func:`modelbatch.checkpoint.save_all` (``scheduler=``, ``step=``, ``extra=``)."""
+        from modelbatch.checkpoint import save_all
+
+        return save_all(self, directory, optimizer=optimizer, **kwargs)
+
+    def load_all(
+        self, directory: str | os.PathLike[str], optimizer: Any = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        """Load a checkpoint into this batch, checking it first: see
+        :func:`modelbatch.checkpoint.load_all` (``scheduler=``, ``model_ids=``, ...)."""
+        from modelbatch.checkpoint import load_all
+
+        return load_all(self, directory, optimizer=optimizer, **kwargs)
 
     # ------------------------------------------------------------------ optimizers & shrinking
     def _register_optimizer(self, optimizer: BatchOptimizer) -> None:
@@ -497,9 +533,7 @@ class ModelBatch(nn.Module):
         self.__dict__["_all_active_cache"] = (active, version, value)
         return value
 
-    def drop(
-        self, ids: int | str | Iterable[int | str], *, schedulers: Iterable[Any] = ()
-    ) -> None:
+    def drop(self, ids: int | str | Iterable[int | str], *, schedulers: Iterable[Any] = ()) -> None:
         """Remove models (by id) from the batch, so later steps cost less.
 
         Stacked parameters, buffers, the ``active`` mask and the state and param groups of

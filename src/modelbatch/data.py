@@ -79,9 +79,7 @@ def bootstrap_counts(n_models: int, dataset_size: int, seed: int = 0) -> Tensor:
     return torch.stack(rows)
 
 
-def kfold_assignments(
-    k: int, dataset_size: int, *, shuffle: bool = True, seed: int = 0
-) -> Tensor:
+def kfold_assignments(k: int, dataset_size: int, *, shuffle: bool = True, seed: int = 0) -> Tensor:
     """``[D]`` int64 fold of each sample, for k-fold cross-validation.
 
     Fold sizes follow scikit-learn's ``KFold``: the first ``D % k`` folds have one sample
@@ -149,9 +147,7 @@ class DataRouter:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def kfold(
-        cls, k: int, dataset_size: int, *, shuffle: bool = True, seed: int = 0
-    ) -> DataRouter:
+    def kfold(cls, k: int, dataset_size: int, *, shuffle: bool = True, seed: int = 0) -> DataRouter:
         """k models for k-fold cross-validation: model f trains on every fold but f and is
         evaluated on fold f. ``router.folds`` holds the ``[D]`` fold of each sample."""
         folds = kfold_assignments(k, dataset_size, shuffle=shuffle, seed=seed)

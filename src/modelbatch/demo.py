@@ -35,7 +35,8 @@ def _require_demo_extra() -> None:
             missing.append(mod)
     if missing:
         raise ImportError(
-            f"the demo needs {', '.join(missing)}; install them with: pip install 'modelbatch[demo]'"
+            f"the demo needs {', '.join(missing)}; "
+            "install them with: pip install 'modelbatch[demo]'"
         )
 
 
@@ -53,7 +54,10 @@ def make_mlp(seed: int, d_in: int = 64, hidden: int = 64, classes: int = 10) -> 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return nn.Sequential(
-            nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(d_in, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
             nn.Linear(hidden, classes),
         )
 
@@ -74,7 +78,10 @@ def load_digits_split(device: torch.device) -> tuple[Tensor, Tensor, Tensor, Ten
     mean, std = x[:n_train].mean(0), x[:n_train].std(0).clamp_min(1e-3)
     x = (x - mean) / std
     return (
-        x[:n_train].to(device), y[:n_train].to(device), x[n_train:].to(device), y[n_train:].to(device)
+        x[:n_train].to(device),
+        y[:n_train].to(device),
+        x[n_train:].to(device),
+        y[n_train:].to(device),
     )
 
 
@@ -150,7 +157,9 @@ def run_demo(
         seq_models = []
         for i in tqdm(range(n), desc="plain PyTorch, one by one", disable=not progress):
             m = copy.deepcopy(initial[i])
-            o = torch.optim.AdamW(m.parameters(), lr=points[i].lr, weight_decay=points[i].weight_decay)
+            o = torch.optim.AdamW(
+                m.parameters(), lr=points[i].lr, weight_decay=points[i].weight_decay
+            )
             for epoch in range(epochs):
                 for idx in _batches(len(x_tr), batch_size, epoch):
                     o.zero_grad()
@@ -160,13 +169,15 @@ def run_demo(
         _sync(dev)
         t_seq = time.perf_counter() - t0
         with torch.no_grad():
-            rel_diffs = torch.tensor([
-                max(
-                    float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-                    for a, b in zip(ma.parameters(), mb.parameters())
-                )
-                for ma, mb in zip(batched_models, seq_models)
-            ])
+            rel_diffs = torch.tensor(
+                [
+                    max(
+                        float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+                        for a, b in zip(ma.parameters(), mb.parameters(), strict=False)
+                    )
+                    for ma, mb in zip(batched_models, seq_models, strict=False)
+                ]
+            )
         max_diff = float(rel_diffs.max())
 
     # ------------------------------------------------ report
@@ -174,7 +185,10 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     order = torch.argsort(val_acc, descending=True).tolist()
     print(f"\nLeaderboard: {n} MLPs on digits, {epochs} epochs, AdamW (validation accuracy)")
-    print(f"{'rank':>4}  {'model':>5}  {'lr':>9}  {'weight_decay':>12}  {'seed':>4}  {'val_acc':>7}  {'train_loss':>10}")
+    print(
+        f"{'rank':>4}  {'model':>5}  {'lr':>9}  {'weight_decay':>12}  {'seed':>4}  "
+        f"{'val_acc':>7}  {'train_loss':>10}"
+    )
     shown = order[:10] + (order[-3:] if n > 13 else [])
     for rank, i in enumerate(order):
         if i not in shown:
@@ -199,10 +213,14 @@ def run_demo(
         )
         if not bool(agree.all()):
             print(
-                f"  For the other {int((~agree).sum())}, {dtype_name} rounding differences (the size of "
-                "those between two runs on different hardware) grew during training, fastest at "
-                "high learning rates."
-                + (" Run with --dtype float64 to see them shrink." if dtype != torch.float64 else "")
+                f"  For the other {int((~agree).sum())}, {dtype_name} rounding differences "
+                "(the size of those between two runs on different hardware) grew during "
+                "training, fastest at high learning rates."
+                + (
+                    " Run with --dtype float64 to see them shrink."
+                    if dtype != torch.float64
+                    else ""
+                )
             )
     return {
         "val_acc": val_acc,
@@ -232,8 +250,12 @@ def _plot(points: list[SweepPoint], val_acc: Tensor, loss_curves: Tensor, path: 
         for j, s in enumerate(seeds):
             idx = [i for i, p in enumerate(points) if p.weight_decay == wd and p.seed == s]
             ax1.plot(
-                [points[i].lr for i in idx], [val_acc[i].item() for i in idx], marker="o",
-                color=color, alpha=0.9, linestyle="-" if j == 0 else "--",
+                [points[i].lr for i in idx],
+                [val_acc[i].item() for i in idx],
+                marker="o",
+                color=color,
+                alpha=0.9,
+                linestyle="-" if j == 0 else "--",
                 label=f"wd={wd:.1g}" if j == 0 else None,
             )
     ax1.set_xscale("log")
@@ -258,8 +280,12 @@ def _plot(points: list[SweepPoint], val_acc: Tensor, loss_curves: Tensor, path: 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point of ``modelbatch demo``."""
     parser = argparse.ArgumentParser(prog="modelbatch demo", description=__doc__)
-    parser.add_argument("--lrs", type=int, default=8, help="number of learning rates (log grid 1e-4..3e-1)")
-    parser.add_argument("--wds", type=int, default=4, help="number of weight decays (0 and a log grid)")
+    parser.add_argument(
+        "--lrs", type=int, default=8, help="number of learning rates (log grid 1e-4..3e-1)"
+    )
+    parser.add_argument(
+        "--wds", type=int, default=4, help="number of weight decays (0 and a log grid)"
+    )
     parser.add_argument("--seeds", type=int, default=2, help="number of seeds")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -270,10 +296,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     args = parser.parse_args(argv)
     lrs = torch.logspace(-4, math.log10(0.3), args.lrs).tolist() if args.lrs > 1 else [1e-2]
-    wds = [0.0] + torch.logspace(-4, -1, args.wds - 1).tolist() if args.wds > 1 else [0.0]
+    wds = [0.0, *torch.logspace(-4, -1, args.wds - 1).tolist()] if args.wds > 1 else [0.0]
     run_demo(
-        lrs, wds, list(range(args.seeds)), epochs=args.epochs, batch_size=args.batch_size,
-        out_dir=args.out, device=args.device, sequential=not args.no_sequential,
-        progress=not args.no_progress, dtype=getattr(torch, args.dtype),
+        lrs,
+        wds,
+        list(range(args.seeds)),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        out_dir=args.out,
+        device=args.device,
+        sequential=not args.no_sequential,
+        progress=not args.no_progress,
+        dtype=getattr(torch, args.dtype),
     )
     return 0

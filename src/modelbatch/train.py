@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -11,7 +11,10 @@ from torch import Tensor
 from modelbatch.core import ModelBatch
 from modelbatch.data import DataRouter, skip_models_without_samples
 
-__all__ = ["train_one_epoch", "evaluate"]
+if TYPE_CHECKING:
+    from modelbatch.callbacks import CallbackPack
+
+__all__ = ["evaluate", "train_one_epoch"]
 
 
 def _to_device(x: Any, device: torch.device) -> Any:
@@ -31,6 +34,7 @@ def train_one_epoch(
     per_model: bool = False,
     scheduler: Any | None = None,
     router: DataRouter | None = None,
+    callbacks: CallbackPack | None = None,
 ) -> Tensor:
     """Train every model of ``batch`` for one pass over ``loader``.
 
@@ -48,6 +52,9 @@ def train_one_epoch(
         router: optional :class:`modelbatch.data.DataRouter`. The loader then yields
             ``(x, y, index)`` and model i's loss uses its ``[N, B]`` weights
             ``router.train_mask(index)``; a model with no sample in a batch skips that step.
+        callbacks: optional :class:`modelbatch.CallbackPack`; its ``on_step_begin``,
+            ``on_before_optimizer_step``, ``on_step_end`` and ``on_epoch_end`` hooks are
+            called (e.g. a :class:`modelbatch.NaNGuard` quarantines non-finite models).
 
     Returns:
         ``[N]`` tensor (on the CPU) of each model's mean training loss over the epoch,
@@ -65,12 +72,16 @@ def train_one_epoch(
             x, y = item
         else:
             x, y, idx = item
-            mask = router.train_mask(idx)
+            mask = router.train_mask(idx).to(device, non_blocking=True)
         x, y = _to_device(x, device), _to_device(y, device)
+        if callbacks is not None:
+            callbacks.on_step_begin()
         outputs = batch(x, per_model=per_model)
         loss = batch.compute_loss(outputs, y, loss_fn, mask=mask)
         optimizer.zero_grad()
         loss.backward()
+        if callbacks is not None:
+            callbacks.on_before_optimizer_step()
         if mask is None:
             optimizer.step()
         else:
@@ -78,10 +89,14 @@ def train_one_epoch(
                 optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if callbacks is not None:
+            callbacks.on_step_end()
         b = outputs.shape[1] if mask is None else mask.double().sum(dim=1).to(device)
         assert batch.latest_losses is not None
         total += batch.latest_losses.double() * b
         count = count + b
+    if callbacks is not None:
+        callbacks.on_epoch_end()
     if isinstance(count, int) and count == 0:
         raise ValueError("the loader yielded no batches")
     return (total / torch.as_tensor(count, device=device).clamp_min(1e-300)).cpu()

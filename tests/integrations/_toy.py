@@ -13,12 +13,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 
-def make_loader(n: int = 96, batch_size: int = 32, seed: int = 0) -> DataLoader:
+def make_loader(
+    n: int = 96, batch_size: int = 32, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> DataLoader:
     """A 3-class problem on 4 features, labels from a random linear teacher."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, generator=g)
-    y = (x @ torch.randn(4, 3, generator=g)).argmax(dim=1)
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+    x = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    y = (x @ torch.randn(4, 3, generator=g, dtype=torch.float64)).argmax(dim=1)
+    return DataLoader(TensorDataset(x.to(dtype), y), batch_size=batch_size)
 
 
 def make_mlp(config: Mapping[str, Any]) -> nn.Module:
@@ -27,3 +29,8 @@ def make_mlp(config: Mapping[str, Any]) -> nn.Module:
     hidden = int(config.get("hidden", 8))
     model = nn.Sequential(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, 3))
     return model.to(config.get("dtype", torch.float32))
+
+
+def make_mlp64(config: Mapping[str, Any]) -> nn.Module:
+    """:func:`make_mlp` in float64."""
+    return make_mlp({**config, "dtype": torch.float64})

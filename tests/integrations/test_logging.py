@@ -12,6 +12,7 @@ import math
 import runpy
 import struct
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,8 @@ def test_csv_logger_long_format_survives_a_dropped_model(tmp_path):
         if k in ("loss", "acc", "active")
     }
     assert got == expected
-    assert (2, 7, "loss") not in got and (2, 9, "loss") in got
+    assert (2, 7, "loss") not in got
+    assert (2, 9, "loss") in got
 
 
 def test_csv_logger_append_keeps_one_header(tmp_path):
@@ -112,7 +114,8 @@ def test_jsonl_logger_writes_one_strict_json_object_per_model_and_step(tmp_path)
     metrics = batch.metrics()
     assert [r["model_id"] for r in records] == [0, 1]
     assert all(r["step"] == 4 and r["active"] is True for r in records)
-    assert records[0]["acc"] is None and records[1]["acc"] == 0.5
+    assert records[0]["acc"] is None
+    assert records[1]["acc"] == 0.5
     assert [r["loss"] for r in records] == [m["loss"] for m in metrics]
     assert "index" not in records[0]
 
@@ -174,12 +177,25 @@ def read_wandb_file(path: Path) -> list[Any]:
     return records
 
 
+def _finished_wandb_records(path: Path, timeout: float = 30.0) -> list[Any]:
+    """Records of a finished offline run. wandb's service process writes the file
+    asynchronously, after ``run.finish()`` returns: wait for the run's ``exit`` record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_wandb_file(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} has no exit record after {timeout} s")
+        time.sleep(0.05)
+
+
 def _wandb_runs(root: Path) -> dict[str, dict[str, Any]]:
     """{display name: {"group", "config", "history": [{key: value}]}} of offline runs."""
     runs = {}
     for path in sorted(root.glob("wandb/offline-run-*/run-*.wandb")):
         info: dict[str, Any] = {"history": [], "config": {}}
-        for rec in read_wandb_file(path):
+        for rec in _finished_wandb_records(path):
             kind = rec.WhichOneof("record_type")
             if kind == "run":
                 info["name"] = rec.run.display_name
@@ -245,8 +261,8 @@ def test_wandb_logger_one_run_per_model_in_a_group(wandb_env):
     for mid, n_steps in ((5, 3), (7, 2), (9, 3)):
         history = runs[f"sweep-model_{mid}"]["history"]
         assert len(history) == n_steps
-        losses = [next(r["loss"] for r in step_rows if r["model_id"] == mid) for step_rows in rows]
-        assert [h["loss"] for h in history] == pytest.approx(losses[:n_steps])
+        losses = [r["loss"] for step_rows in rows for r in step_rows if r["model_id"] == mid]
+        assert [h["loss"] for h in history] == pytest.approx(losses)
         assert "loss/model_5" not in history[0]
 
 
@@ -278,3 +294,14 @@ def test_wandb_example_runs(wandb_env, monkeypatch):
     assert len(runs) == 1
     (run,) = runs.values()
     assert any("train_loss/model_0" in h for h in run["history"])
+
+
+def test_csv_example_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["csv_example.py", str(tmp_path)])
+    runpy.run_path(str(EXAMPLES / "csv_example.py"), run_name="__main__")
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    steps_of = {m: {int(r["step"]) for r in rows if r["model_id"] == m} for m in "abcd"}
+    assert steps_of == {"a": {0}, "b": {0, 1, 2}, "c": {0, 1, 2}, "d": {0, 1, 2}}
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4 + 3 * 2  # 4 models at step 0, then 3

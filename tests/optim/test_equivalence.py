@@ -126,14 +126,24 @@ OPTIMIZERS: dict[str, tuple[Callable[..., Any], Callable[[int, nn.Module], Any]]
             b, lr=LRS, momentum=0.9, nesterov=[True, False, True], weight_decay=WDS
         ),
         lambda i, m: torch.optim.SGD(
-            m.parameters(), lr=LRS[i], momentum=0.9, nesterov=[True, False, True][i],
+            m.parameters(),
+            lr=LRS[i],
+            momentum=0.9,
+            nesterov=[True, False, True][i],
             weight_decay=WDS[i],
         ),
     ),
     "adam": (
-        lambda b: modelbatch.optim.Adam(b, lr=[1e-2, 3e-3, 1e-3], betas=[(0.9, 0.999), (0.8, 0.99), (0.5, 0.9)], eps=[1e-8, 1e-6, 1e-4]),
+        lambda b: modelbatch.optim.Adam(
+            b,
+            lr=[1e-2, 3e-3, 1e-3],
+            betas=[(0.9, 0.999), (0.8, 0.99), (0.5, 0.9)],
+            eps=[1e-8, 1e-6, 1e-4],
+        ),
         lambda i, m: torch.optim.Adam(
-            m.parameters(), lr=[1e-2, 3e-3, 1e-3][i], betas=[(0.9, 0.999), (0.8, 0.99), (0.5, 0.9)][i],
+            m.parameters(),
+            lr=[1e-2, 3e-3, 1e-3][i],
+            betas=[(0.9, 0.999), (0.8, 0.99), (0.5, 0.9)][i],
             eps=[1e-8, 1e-6, 1e-4][i],
         ),
     ),
@@ -169,8 +179,10 @@ def test_batch_equals_models_trained_alone(opt_name: str, arch: str, dtype: torc
     expected = train_alone(models, make_alone, data, F.cross_entropy)
     assert_close_models(got, expected, dtype, f"{opt_name}/{arch}")
     # Training really changed the weights (the test cannot pass by doing nothing).
-    assert not torch.equal(got[0].state_dict()["fc.weight" if arch in ("conv", "embed") else "3.weight"],
-                           models[0].state_dict()["fc.weight" if arch in ("conv", "embed") else "3.weight"])
+    assert not torch.equal(
+        got[0].state_dict()["fc.weight" if arch in ("conv", "embed") else "3.weight"],
+        models[0].state_dict()["fc.weight" if arch in ("conv", "embed") else "3.weight"],
+    )
 
 
 SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer], Any]] = {
@@ -227,7 +239,9 @@ def test_editing_one_param_group_changes_only_that_model() -> None:
 
     got = train_batched(models, make, data)
     expected = train_alone(
-        models, lambda i, m: torch.optim.SGD(m.parameters(), lr=[0.1, 0.5, 0.1][i]), data,
+        models,
+        lambda i, m: torch.optim.SGD(m.parameters(), lr=[0.1, 0.5, 0.1][i]),
+        data,
         F.cross_entropy,
     )
     assert_close_models(got, expected, dtype)
@@ -239,12 +253,15 @@ def test_generic_path_any_torch_optimizer(opt_cls: type, dtype: torch.dtype) -> 
     models = make_models("conv", dtype)
     data = make_data("conv", dtype)
     lrs = [1e-2, 3e-3, 1e-3]
+    factory = modelbatch.OptimizerFactory(opt_cls, lr=lrs, weight_decay=0.01)
+    modelbatch.optim.factory._warned.discard(opt_cls)
     with pytest.warns(SlowOptimizerWarning, match="generic per-model path"):
-        factory = modelbatch.OptimizerFactory(opt_cls, lr=lrs, weight_decay=0.01)
-        modelbatch.optim.factory._warned.discard(opt_cls)
-        got = train_batched(models, factory.build, data)
+        factory.build(modelbatch.ModelBatch(models))
+    got = train_batched(models, factory.build, data)
     expected = train_alone(
-        models, lambda i, m: opt_cls(m.parameters(), lr=lrs[i], weight_decay=0.01), data,
+        models,
+        lambda i, m: opt_cls(m.parameters(), lr=lrs[i], weight_decay=0.01),
+        data,
         F.cross_entropy,
     )
     assert_close_models(got, expected, dtype, opt_cls.__name__)
@@ -325,8 +342,8 @@ def test_optimizer_state_dict_round_trip_resumes_exactly() -> None:
         return batch.extract_all()
 
     straight, resumed = run(False), run(True)
-    for a, b in zip(straight, resumed):
-        for (name, t1), t2 in zip(a.state_dict().items(), b.state_dict().values()):
+    for a, b in zip(straight, resumed, strict=False):
+        for (name, t1), t2 in zip(a.state_dict().items(), b.state_dict().values(), strict=False):
             assert torch.equal(t1, t2), name
 
 

@@ -18,7 +18,12 @@ from torch.func import vmap
 if TYPE_CHECKING:
     from modelbatch.core import ModelBatch
 
-__all__ = ["clip_grad_norm_per_model", "clip_grad_value_per_model", "per_model_metrics"]
+__all__ = [
+    "clip_grad_norm_per_model",
+    "clip_grad_value_per_model",
+    "per_model_grad_norms",
+    "per_model_metrics",
+]
 
 MetricFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -28,9 +33,25 @@ def _stacked_grads(batch: ModelBatch) -> list[Tensor]:
 
 
 @torch.no_grad()
-def clip_grad_norm_per_model(
-    batch: ModelBatch, max_norm: float, norm_type: float = 2.0
-) -> Tensor:
+def per_model_grad_norms(batch: ModelBatch, norm_type: float = 2.0) -> Tensor:
+    """``[N]`` total gradient norm of each model (over all its parameters), as
+    :func:`torch.nn.utils.clip_grad_norm_` computes it for one model; zeros without gradients."""
+    grads = _stacked_grads(batch)
+    n = len(batch)
+    if not grads:
+        return torch.zeros(n, device=batch.device)
+    norm_type = float(norm_type)
+    dtype = grads[0].dtype
+    for g in grads[1:]:
+        dtype = torch.promote_types(dtype, g.dtype)
+    per_param = torch.stack(
+        [torch.linalg.vector_norm(g.reshape(n, -1), norm_type, dim=1).to(dtype) for g in grads]
+    )  # [P, N]
+    return torch.linalg.vector_norm(per_param, norm_type, dim=0)
+
+
+@torch.no_grad()
+def clip_grad_norm_per_model(batch: ModelBatch, max_norm: float, norm_type: float = 2.0) -> Tensor:
     """Clip each model's gradients to its own total norm ``max_norm``, in place.
 
     Model i's gradients are scaled by ``min(1, max_norm / (norm_i + 1e-6))`` where ``norm_i``
@@ -43,22 +64,11 @@ def clip_grad_norm_per_model(
         norm_type: the p of the p-norm (``float("inf")`` for the max norm).
 
     Returns:
-        ``[N]`` tensor of each model's gradient norm before clipping (zeros without gradients).
+        ``[N]`` tensor of each model's gradient norm before clipping.
     """
-    grads = _stacked_grads(batch)
-    n = len(batch)
-    if not grads:
-        return torch.zeros(n, device=batch.device)
-    norm_type = float(norm_type)
-    dtype = grads[0].dtype
-    for g in grads[1:]:
-        dtype = torch.promote_types(dtype, g.dtype)
-    per_param = torch.stack(
-        [torch.linalg.vector_norm(g.reshape(n, -1), norm_type, dim=1).to(dtype) for g in grads]
-    )  # [P, N]
-    norms = torch.linalg.vector_norm(per_param, norm_type, dim=0)  # [N]
+    norms = per_model_grad_norms(batch, norm_type)
     coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    for g in grads:
+    for g in _stacked_grads(batch):
         g.mul_(coef.to(g.dtype).view(-1, *([1] * (g.dim() - 1))))
     return norms
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -230,7 +230,7 @@ class BatchLightningModule(pl.LightningModule):  # type: ignore[misc,name-define
         if isinstance(spec, type) and issubclass(spec, torch.optim.Optimizer):
             return OptimizerFactory(spec).build(self.model_batch)
         if callable(spec):
-            opt = spec(self.model_batch)
+            opt = cast(Callable[[ModelBatch], Any], spec)(self.model_batch)
             if not isinstance(opt, torch.optim.Optimizer):
                 raise TypeError(
                     f"the optimizer callable returned {type(opt).__name__}, not an optimizer"
@@ -318,4 +318,3 @@ class BatchLightningModule(pl.LightningModule):  # type: ignore[misc,name-define
                 raise KeyError(f"{key!r} was not logged; logged keys: {sorted(metrics)}")
             out[mid] = float(metrics[key])
         return out
-

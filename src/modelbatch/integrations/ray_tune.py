@@ -106,9 +106,10 @@ def run_bundle(
                 metrics[f"{metric}/config_{mid}"] = res.value
                 if math.isfinite(res.value):
                     finite.append(res.value)
-        if finite:
-            metrics[f"mean_{metric}"] = sum(finite) / len(finite)
-            metrics[f"best_{metric}"] = min(finite) if mode == "min" else max(finite)
+        # Always present (nan when every model diverged): Tune checks its metric is reported.
+        metrics[f"mean_{metric}"] = sum(finite) / len(finite) if finite else math.nan
+        best = (min(finite) if mode == "min" else max(finite)) if finite else math.nan
+        metrics[f"best_{metric}"] = best
         payload = {
             str(mid): {
                 **res.to_dict(),
@@ -193,13 +194,13 @@ def tune_bundles(
     require("ray", "ray")
     tune = require("ray.tune", "ray")
     mode = _default_mode(metric, mode)
-    configs = [dict(c) for c in configs]
-    if not configs:
+    cfgs = [dict(c) for c in configs]
+    if not cfgs:
         raise ValueError("tune_bundles needs at least one config")
-    bundles = make_bundles(configs, make_model, models_per_trial)
+    bundles = make_bundles(cfgs, make_model, models_per_trial)
     trainable = tune.with_parameters(
         run_bundle,
-        configs=configs,
+        configs=cfgs,
         bundles=bundles,
         make_model=make_model,
         train_loader=train_loader,
@@ -236,13 +237,13 @@ def tune_bundles(
         for key, data in payload.items():
             i = int(key)
             out[i] = ConfigResult(
-                config=configs[i],
+                config=cfgs[i],
                 value=_float(data["value"]),
                 history=[_float(v) for v in data["history"]],
                 train_loss=[_float(v) for v in data["train_loss"]],
                 status=str(data["status"]),
             )
-    missing = [i for i in range(len(configs)) if i not in out]
+    missing = [i for i in range(len(cfgs)) if i not in out]
     if missing:
         raise RuntimeError(f"no results came back for configs {missing}")
-    return {i: out[i] for i in range(len(configs))}
+    return {i: out[i] for i in range(len(cfgs))}

@@ -354,6 +354,9 @@ def sweep(
         key: key the results by ``config[key]`` (e.g. ``"name"``) instead of the config's
             index in ``configs``.
 
+    With a ``logger``, each ModelBatch logs its epochs as steps ``0..epochs-1`` under the
+    config indices as model ids (so several batches reuse the same steps).
+
     Returns:
         ``{index or config[key]: ConfigResult}`` in the order of ``configs``.
 

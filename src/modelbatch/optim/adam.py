@@ -92,7 +92,9 @@ class Adam(BatchOptimizer):
         beta2 = self.hparam("betas", p, 1)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         exp_avg.lerp_(grad, per_model_view(1 - beta1, p))
-        exp_avg_sq.mul_(per_model_view(beta2, p)).addcmul_(grad * per_model_view(1 - beta2, p), grad)
+        exp_avg_sq.mul_(per_model_view(beta2, p)).addcmul_(
+            grad * per_model_view(1 - beta2, p), grad
+        )
 
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
@@ -131,6 +133,4 @@ class AdamW(Adam):
         *,
         maximize: bool | Sequence[bool] = False,
     ) -> None:
-        super().__init__(
-            batch, lr, betas, eps, weight_decay, amsgrad, maximize=maximize
-        )
+        super().__init__(batch, lr, betas, eps, weight_decay, amsgrad, maximize=maximize)

@@ -48,7 +48,9 @@ def expand_hyperparameter(name: str, value: Any, n: int) -> list[Any]:
         out = []
         for i, v in enumerate(values):
             if not (isinstance(v, (tuple, list)) and len(v) == 2):
-                raise ValueError(f"hyper-parameter {name!r} for model {i} must be a pair, got {v!r}")
+                raise ValueError(
+                    f"hyper-parameter {name!r} for model {i} must be a pair, got {v!r}"
+                )
             out.append(tuple(float(x) for x in v))
         return out
     if isinstance(value, Tensor):
@@ -131,9 +133,7 @@ class BatchOptimizer(torch.optim.Optimizer):
     def _validate(self, group: Mapping[str, Any], i: int) -> None:
         raise NotImplementedError
 
-    def _update_param(
-        self, name: str, p: Tensor, grad: Tensor, state: dict[str, Any]
-    ) -> None:
+    def _update_param(self, name: str, p: Tensor, grad: Tensor, state: dict[str, Any]) -> None:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- hyper-parameters
@@ -246,7 +246,9 @@ class BatchOptimizer(torch.optim.Optimizer):
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({name})")
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients ({name})"
+                )
             state = self.state.setdefault(name, {})
             if not state:
                 self._init_state(p, state)
@@ -330,7 +332,8 @@ class BatchOptimizer(torch.optim.Optimizer):
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups):
             raise ValueError(
-                f"optimizer state has {len(groups)} param groups for {len(self.param_groups)} models"
+                f"optimizer state has {len(groups)} param groups for "
+                f"{len(self.param_groups)} models"
             )
         params = dict(self.batch.stacked_parameters())
         new_state: dict[str, dict[str, Any]] = {}
@@ -350,7 +353,7 @@ class BatchOptimizer(torch.optim.Optimizer):
                     v = v.to(device=p.device, dtype=dtype if v.is_floating_point() else v.dtype)
                 restored[k] = v.clone() if isinstance(v, Tensor) else v
             new_state[name] = restored
-        for g, saved in zip(self.param_groups, groups):
+        for g, saved in zip(self.param_groups, groups, strict=False):
             for k, v in saved.items():
                 g[k] = tuple(v) if k in _PAIR_HPARAMS else v
         self.state = new_state
@@ -358,7 +361,8 @@ class BatchOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         hp = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items())
-        return f"{type(self).__name__}(N={len(self.param_groups)}, {hp}, per-model overrides in param_groups)"
+        n = len(self.param_groups)
+        return f"{type(self).__name__}(N={n}, {hp}; per-model values in param_groups)"
 
 
 def _capturing() -> bool:
@@ -377,8 +381,15 @@ def per_model_view(values: Tensor, like: Tensor) -> Tensor:
     return values.to(dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
-def check_range(opt: BatchOptimizer, group: Mapping[str, Any], i: int, name: str,
-                low: float = 0.0, high: float = math.inf, high_inclusive: bool = True) -> None:
+def check_range(
+    opt: BatchOptimizer,
+    group: Mapping[str, Any],
+    i: int,
+    name: str,
+    low: float = 0.0,
+    high: float = math.inf,
+    high_inclusive: bool = True,
+) -> None:
     """Raise a ValueError naming model ``i`` unless ``low <= group[name] <(=) high``."""
     v = group[name]
     ok = low <= v and (v <= high if high_inclusive else v < high)

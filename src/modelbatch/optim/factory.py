@@ -50,7 +50,9 @@ class OptimizerFactory:
     """
 
     def __init__(self, optimizer_cls: type[torch.optim.Optimizer], **hyperparams: Any) -> None:
-        if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
+        if not (
+            isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)
+        ):
             raise TypeError(
                 f"optimizer_cls must be a torch.optim.Optimizer subclass, got {optimizer_cls!r}"
             )

@@ -49,7 +49,7 @@ class PerModelOptimizer(torch.optim.Optimizer):
         self._views: list[list[nn.Parameter]] = [[] for _ in range(n)]
         self._bind_views()
         groups = []
-        for i, mid in enumerate(batch.model_ids):
+        for i in range(n):
             group: dict[str, Any] = {"params": self._views[i]}
             group.update({k: v[i] for k, v in per_model.items()})
             groups.append(group)
@@ -57,7 +57,7 @@ class PerModelOptimizer(torch.optim.Optimizer):
             self.inner = optimizer_cls(groups)  # type: ignore[call-arg]
         except (TypeError, ValueError) as e:
             raise type(e)(f"building {optimizer_cls.__name__} for each model failed: {e}") from e
-        for g, mid in zip(self.inner.param_groups, batch.model_ids):
+        for g, mid in zip(self.inner.param_groups, batch.model_ids, strict=False):
             g["model_id"] = mid
         # Share the wrapped optimizer's containers, so schedulers, hooks and users that
         # read or edit ``param_groups`` / ``state`` see the real thing.
@@ -114,7 +114,7 @@ class PerModelOptimizer(torch.optim.Optimizer):
         stacked = dict(self.batch.stacked_parameters())
         active = self.batch.active.tolist()
         for i, views in enumerate(self._views):
-            for view, name in zip(views, self._names):
+            for view, name in zip(views, self._names, strict=False):
                 g = stacked[name].grad
                 view.grad = g[i] if (g is not None and active[i]) else None
         self.inner.step()

@@ -1,0 +1,225 @@
+"""Timing, memory, GPU utilisation and the device's own ceilings, measured the same way for
+every method.
+
+Timing: warm-up steps first (compilation, cuDNN autotuning, allocator growth stay out), then
+``repeats`` windows of ``steps`` steps each, timed with CUDA events on a GPU (host clock
+after ``synchronize`` on the CPU); the reported step time is the median over windows.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = [
+    "Ceilings",
+    "Timing",
+    "UtilSampler",
+    "measure_ceilings",
+    "memory_allocated",
+    "peak_memory",
+    "reset_peak_memory",
+    "synchronize",
+    "time_steps",
+]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for all queued work on ``device`` (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window (CUDA only)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> int | None:
+    """Peak bytes allocated by PyTorch since the last reset (None on the CPU)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
+
+
+def memory_allocated(device: torch.device) -> int | None:
+    """Bytes currently allocated by PyTorch (None on the CPU)."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return None
+
+
+@dataclass
+class Timing:
+    """Result of :func:`time_steps`: median milliseconds per step and every window's value."""
+
+    step_ms: float
+    windows_ms: list[float] = field(default_factory=list)
+    steps: int = 0
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median over the windows: the noise of this measurement."""
+        if len(self.windows_ms) < 2 or self.step_ms <= 0:
+            return 0.0
+        return (max(self.windows_ms) - min(self.windows_ms)) / self.step_ms
+
+
+def time_steps(
+    step: Callable[[int], Any],
+    device: torch.device,
+    *,
+    warmup: int = 3,
+    steps: int = 20,
+    repeats: int = 3,
+    target_seconds: float | None = None,
+) -> Timing:
+    """Time ``step(k)`` (k = running step index, to rotate input batches).
+
+    With ``target_seconds``, the number of steps per window is lowered so that one window
+    lasts about that long (at least 2 steps), judged from the last warm-up step.
+    """
+    k = 0
+    last = 0.0
+    for _ in range(max(warmup, 1)):
+        synchronize(device)
+        t0 = time.perf_counter()
+        step(k)
+        synchronize(device)
+        last = time.perf_counter() - t0
+        k += 1
+    if target_seconds is not None and last > 0:
+        steps = max(2, min(steps, int(target_seconds / last)))
+    windows = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                step(k)
+                k += 1
+            end.record()
+            end.synchronize()
+            windows.append(start.elapsed_time(end) / steps)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step(k)
+                k += 1
+            windows.append((time.perf_counter() - t0) * 1e3 / steps)
+    return Timing(statistics.median(windows), windows, steps)
+
+
+class UtilSampler:
+    """Samples NVML GPU utilisation in a background thread (``with`` block).
+
+    ``mean`` is the average of the samples in percent, or None when NVML (the
+    ``nvidia-ml-py`` package) or a GPU is unavailable.
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.02) -> None:
+        self.device = device
+        self.interval = interval
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._handle: Any = None
+        self._nvml: Any = None
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml  # provided by nvidia-ml-py
+
+            pynvml.nvmlInit()
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self._nvml = pynvml
+        except Exception:  # NVML missing or not working: no utilisation column
+            self._handle = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                rates = self._nvml.nvmlDeviceGetUtilizationRates(self._handle)
+                self.samples.append(float(rates.gpu))
+            except Exception:
+                return
+            time.sleep(self.interval)
+
+    def __enter__(self) -> UtilSampler:
+        if self._handle is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.samples) if self.samples else None
+
+
+@dataclass
+class Ceilings:
+    """What the device reaches in the same run: a large matmul and a large copy."""
+
+    matmul_flops: float
+    matmul_dtype: str
+    copy_bytes_per_s: float
+    matmul_size: int
+    copy_bytes: int
+
+
+def _best_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            s = torch.cuda.Event(enable_timing=True)
+            e = torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype) -> Ceilings:
+    """Measure the matmul FLOP/s (in ``dtype``, random data) and the device-to-device copy
+    bytes/s (bytes read + written) on ``device``: the best of several runs."""
+    gpu = device.type == "cuda"
+    n = 8192 if gpu else 1024
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    t_mm = _best_time(lambda: torch.mm(a, b), device, 10 if gpu else 5)
+    del a, b
+    nbytes = (1 << 30) if gpu else (64 << 20)
+    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    t_cp = _best_time(lambda: dst.copy_(src), device, 10 if gpu else 5)
+    del src, dst
+    return Ceilings(
+        matmul_flops=2.0 * n**3 / t_mm,
+        matmul_dtype=str(dtype).replace("torch.", ""),
+        copy_bytes_per_s=2.0 * nbytes / t_cp,
+        matmul_size=n,
+        copy_bytes=nbytes,
+    )

@@ -1,0 +1,421 @@
+"""The training methods the benchmark compares, each timed on the same device and data.
+
+* ``sequential``: one model alone, plain eager PyTorch with ``torch.optim.Adam`` (a sweep
+  run one model after another costs N times this).
+* ``recipe``: the torch.func recipe of the PyTorch "model ensembling" tutorial:
+  ``stack_module_state`` + ``functional_call`` + ``vmap`` and one ``torch.optim.Adam`` over
+  the stacked tensors, loss = N x mean cross-entropy over all models.
+* ``recipe-bf16params``: the same with every parameter and input in bfloat16 (what a user
+  does when autocast fails); bf16 runs only.
+* ``processes``: K processes on one GPU, each training one model (a fractional-GPU sweep
+  in Ray Tune); GPU only.
+* ``eager``, ``compile``, ``cudagraph``, ``compile-cudagraph``: ModelBatch with
+  ``modelbatch.optim.Adam``, eager / ``enable_compile()`` + ``compile_optimizer()`` /
+  ``capture_cuda_graph()`` / both.
+
+Every method uses Adam (lr 1e-3), cross-entropy, one shared input batch per step, and bf16
+autocast with float32 master weights when the precision is ``bf16``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from modelbatch.bench.measure import (
+    Timing,
+    UtilSampler,
+    memory_allocated,
+    peak_memory,
+    reset_peak_memory,
+    synchronize,
+    time_steps,
+)
+from modelbatch.bench.workloads import Workload, get_workload, make_batches
+
+__all__ = ["ALL_METHODS", "BenchContext", "MethodResult", "run_method"]
+
+ALL_METHODS = (
+    "sequential",
+    "recipe",
+    "recipe-bf16params",
+    "processes",
+    "eager",
+    "compile",
+    "cudagraph",
+    "compile-cudagraph",
+)
+
+
+@dataclass
+class BenchContext:
+    """Everything a method needs: workload, device, precision, data and timing settings."""
+
+    workload: Workload
+    device: torch.device
+    precision: str
+    batches: list[tuple[Tensor, Tensor]]
+    warmup: int = 3
+    steps: int = 20
+    repeats: int = 3
+    target_seconds: float | None = 1.0
+    lr: float = 1e-3
+    seed: int = 0
+    max_procs: int = 16
+    channels_last: bool = False
+    data_dir: str | None = None
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return torch.bfloat16 if self.precision == "bf16" else None
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """``torch.autocast`` for bf16 runs, else a no-op context."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def batch(self, k: int) -> tuple[Tensor, Tensor]:
+        """The k-th input batch (rotating among the prepared ones)."""
+        return self.batches[k % len(self.batches)]
+
+
+@dataclass
+class MethodResult:
+    """One cell of the benchmark: a method at one number of models."""
+
+    method: str
+    n_models: int
+    status: str = "ok"  # ok | error | skipped
+    step_ms: float | None = None
+    peak_bytes: int | None = None
+    base_bytes: int | None = None
+    gpu_util: float | None = None
+    opt_ms: float | None = None
+    spread: float | None = None
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _make_models(ctx: BenchContext, n: int) -> list[nn.Module]:
+    torch.manual_seed(ctx.seed)
+    return [ctx.workload.make_model().to(ctx.device) for _ in range(n)]
+
+
+def _prepared_batches(ctx: BenchContext, dtype: torch.dtype | None = None) -> list[Any]:
+    out = []
+    for x, y in ctx.batches:
+        if dtype is not None:
+            x = x.to(dtype)
+        if ctx.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out.append((x, y))
+    return out
+
+
+def _timed(
+    ctx: BenchContext, step: Callable[[int], Any], result: MethodResult, n: int
+) -> Timing:
+    with UtilSampler(ctx.device) as util:
+        timing = time_steps(
+            step,
+            ctx.device,
+            warmup=ctx.warmup,
+            steps=ctx.steps,
+            repeats=ctx.repeats,
+            target_seconds=ctx.target_seconds,
+        )
+    result.step_ms = timing.step_ms
+    result.spread = timing.spread
+    result.gpu_util = util.mean
+    result.peak_bytes = peak_memory(ctx.device)
+    return timing
+
+
+def _time_optimizer(ctx: BenchContext, opt: torch.optim.Optimizer, repeats: int = 5) -> float:
+    """Median ms of ``opt.step()`` alone (gradients left from the last training step)."""
+    opt.step()
+    times = []
+    for _ in range(repeats):
+        synchronize(ctx.device)
+        t0 = time.perf_counter()
+        opt.step()
+        synchronize(ctx.device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+# ---------------------------------------------------------------------------- methods
+def _sequential(ctx: BenchContext, n: int, result: MethodResult) -> None:
+    model = _make_models(ctx, 1)[0]
+    opt = torch.optim.Adam(model.parameters(), lr=ctx.lr)
+    batches = _prepared_batches(ctx)
+
+    def step(k: int) -> None:
+        x, y = batches[k % len(batches)]
+        with ctx.autocast():
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    _timed(ctx, step, result, 1)
+    result.note = "one model alone; a sweep of N models costs N x this step"
+
+
+def _recipe(ctx: BenchContext, n: int, result: MethodResult, bf16_params: bool) -> None:
+    from torch.func import functional_call, stack_module_state, vmap
+
+    models = _make_models(ctx, n)
+    if bf16_params:
+        models = [m.to(torch.bfloat16) for m in models]
+    params, buffers = stack_module_state(models)  # type: ignore[arg-type]
+    base = copy.deepcopy(models[0]).to("meta")
+    del models
+
+    def fmodel(p: dict[str, Tensor], b: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(base, (p, b), (x,))
+
+    ensemble = vmap(fmodel, in_dims=(0, 0, None), randomness="different")
+    opt = torch.optim.Adam(list(params.values()), lr=ctx.lr)
+    batches = _prepared_batches(ctx, torch.bfloat16 if bf16_params else None)
+    amp = contextlib.nullcontext() if bf16_params else None
+
+    def step(k: int) -> None:
+        x, y = batches[k % len(batches)]
+        with amp if amp is not None else ctx.autocast():
+            out = ensemble(params, buffers, x)  # [N, B, classes]
+            loss = n * F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.repeat(n))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    _timed(ctx, step, result, n)
+    if bf16_params:
+        result.note = "all parameters and inputs bf16, no autocast"
+
+
+def _modelbatch(ctx: BenchContext, n: int, result: MethodResult, compiled: bool,
+                graph: bool) -> None:
+    import modelbatch
+    from modelbatch.speed import compile_optimizer
+
+    batch = modelbatch.ModelBatch(_make_models(ctx, n))
+    opt = modelbatch.optim.Adam(batch, lr=ctx.lr)
+    batches = _prepared_batches(ctx)
+    notes = []
+    if compiled:
+        batch.enable_compile()
+        compile_optimizer(opt)
+
+    def eager_step(k: int) -> Tensor:
+        x, y = batches[k % len(batches)]
+        with ctx.autocast():
+            out = batch(x)
+            loss = batch.compute_loss(out, y, F.cross_entropy)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    step: Callable[[int], Any] = eager_step
+    t0 = time.perf_counter()
+    if graph:
+        x0, y0 = batches[0]
+        graph_step = batch.capture_cuda_graph(
+            opt, F.cross_entropy, x0, y0, autocast_dtype=ctx.autocast_dtype
+        )
+
+        def step(k: int) -> Tensor:
+            x, y = batches[k % len(batches)]
+            return graph_step(x, y)
+
+        synchronize(ctx.device)
+        notes.append(f"capture {time.perf_counter() - t0:.1f} s")
+    elif compiled:
+        eager_step(0)
+        synchronize(ctx.device)
+        notes.append(f"first step (compile) {time.perf_counter() - t0:.1f} s")
+    _timed(ctx, step, result, n)
+    if not graph:
+        result.opt_ms = _time_optimizer(ctx, opt)
+    result.note = "; ".join(notes)
+
+
+def _proc_worker(
+    rank: int,
+    arch: str,
+    batch_size: int,
+    precision: str,
+    lr: float,
+    warmup: int,
+    steps: int,
+    seed: int,
+    barrier: Any,
+    queue: Any,
+) -> None:
+    try:
+        device = torch.device("cuda")
+        wl = get_workload(arch, batch_size)
+        torch.manual_seed(seed + rank)
+        model = wl.make_model().to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        batches = make_batches(wl, 4, device, seed)
+        amp = precision == "bf16"
+
+        def step(k: int) -> None:
+            x, y = batches[k % len(batches)]
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        for k in range(warmup):
+            step(k)
+        torch.cuda.synchronize()
+        barrier.wait(timeout=600)
+        t0 = time.monotonic()
+        for k in range(steps):
+            step(k)
+        torch.cuda.synchronize()
+        t1 = time.monotonic()
+        queue.put((rank, t0, t1, steps, int(torch.cuda.max_memory_allocated()), ""))
+    except Exception as e:
+        with contextlib.suppress(Exception):
+            barrier.abort()
+        queue.put((rank, 0.0, 0.0, 0, 0, f"{type(e).__name__}: {e}"))
+
+
+def _processes(ctx: BenchContext, n: int, result: MethodResult) -> None:
+    import multiprocessing as mp
+    import queue as queue_mod
+
+    if ctx.device.type != "cuda":
+        result.status = "skipped"
+        result.note = "GPU only (K processes sharing one GPU)"
+        return
+    if n > ctx.max_procs:
+        result.status = "skipped"
+        result.note = f"N > --max-procs {ctx.max_procs}"
+        return
+    spawn = mp.get_context("spawn")
+    barrier = spawn.Barrier(n + 1)
+    results_q = spawn.Queue()
+    steps = max(ctx.steps * ctx.repeats, 20)
+    procs = [
+        spawn.Process(
+            target=_proc_worker,
+            args=(r, ctx.workload.name, ctx.workload.batch_size, ctx.precision, ctx.lr,
+                  max(ctx.warmup, 3), steps, ctx.seed, barrier, results_q),
+            daemon=True,
+        )
+        for r in range(n)
+    ]
+    for p in procs:
+        p.start()
+    rows = []
+    try:
+        barrier.wait(timeout=600)
+        with UtilSampler(ctx.device) as util:
+            for _ in range(n):
+                rows.append(results_q.get(timeout=600))
+        result.gpu_util = util.mean
+    except (queue_mod.Empty, Exception) as e:  # broken barrier, a dead worker, a timeout
+        while True:
+            try:
+                rows.append(results_q.get(timeout=1))
+            except queue_mod.Empty:
+                break
+        errors = [r[5] for r in rows if r[5]]
+        raise RuntimeError(errors[0] if errors else f"{type(e).__name__}: {e}") from None
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.terminate()
+    errors = [r[5] for r in rows if r[5]]
+    if errors:
+        raise RuntimeError(errors[0])
+    start = min(r[1] for r in rows)
+    end = max(r[2] for r in rows)
+    result.step_ms = (end - start) * 1e3 / steps
+    result.peak_bytes = sum(r[4] for r in rows)
+    result.base_bytes = 0
+    result.note = (
+        f"{n} processes x {steps} steps; wall time from first start to last end; "
+        "memory = sum of the processes' PyTorch peaks (CUDA contexts not counted)"
+    )
+
+
+# ---------------------------------------------------------------------------- dispatch
+def available(method: str, ctx: BenchContext) -> str | None:
+    """None if ``method`` can run in ``ctx``, else the reason it is skipped."""
+    if method in ("cudagraph", "compile-cudagraph") and ctx.device.type != "cuda":
+        return "needs CUDA"
+    if method == "processes" and ctx.device.type != "cuda":
+        return "GPU only (K processes sharing one GPU)"
+    if method == "recipe-bf16params" and ctx.precision != "bf16":
+        return "bf16 runs only"
+    return None
+
+
+def run_method(ctx: BenchContext, method: str, n: int) -> MethodResult:
+    """Run one benchmark cell; errors (a crash, out of memory) are recorded, not raised."""
+    result = MethodResult(method=method, n_models=n)
+    reason = available(method, ctx)
+    if reason is not None:
+        result.status = "skipped"
+        result.note = reason
+        return result
+    _cleanup(ctx.device)
+    reset_peak_memory(ctx.device)
+    result.base_bytes = memory_allocated(ctx.device)
+    try:
+        if method == "sequential":
+            _sequential(ctx, n, result)
+        elif method == "recipe":
+            _recipe(ctx, n, result, bf16_params=False)
+        elif method == "recipe-bf16params":
+            _recipe(ctx, n, result, bf16_params=True)
+        elif method == "processes":
+            _processes(ctx, n, result)
+        elif method == "eager":
+            _modelbatch(ctx, n, result, compiled=False, graph=False)
+        elif method == "compile":
+            _modelbatch(ctx, n, result, compiled=True, graph=False)
+        elif method == "cudagraph":
+            _modelbatch(ctx, n, result, compiled=False, graph=True)
+        elif method == "compile-cudagraph":
+            _modelbatch(ctx, n, result, compiled=True, graph=True)
+        else:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
+    except Exception as e:
+        result.status = "error"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        result.note = f"{type(e).__name__}: {first}"[:300]
+        result.extra["traceback"] = traceback.format_exc()
+        result.step_ms = None
+    finally:
+        _cleanup(ctx.device, reset_compiler=method.startswith("compile"))
+    return result
+
+
+def _cleanup(device: torch.device, reset_compiler: bool = False) -> None:
+    if reset_compiler:
+        torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()

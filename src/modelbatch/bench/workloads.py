@@ -1,0 +1,265 @@
+"""Benchmark workloads: the MLP and the CIFAR ResNet-8, their FLOP and byte counts, and data.
+
+Shapes: ``B`` = images per model per step.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "MLP",
+    "ResNet8",
+    "Workload",
+    "count_flops_per_image",
+    "estimate_activation_bytes_per_image",
+    "get_workload",
+    "load_cifar10",
+    "make_batches",
+]
+
+
+class MLP(nn.Module):
+    """784-128-128-10 MLP with ReLU (118k parameters). Input ``[B, 784]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv + BatchNorm layers with a residual connection (1x1 conv when the shape
+    changes)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet8(nn.Module):
+    """CIFAR ResNet-8: stem 3->16, one basic block per stage (16, 32, 64 channels), global
+    average pooling, linear 64->10; BatchNorm after every conv (78k parameters).
+    Input ``[B, 3, 32, 32]``."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.layer1 = BasicBlock(16, 16, 1)
+        self.layer2 = BasicBlock(16, 32, 2)
+        self.layer3 = BasicBlock(32, 64, 2)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn(self.conv(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        return self.fc(out.mean(dim=(2, 3)))
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A benchmark workload: model factory, per-model batch size and input shape."""
+
+    name: str
+    make_model: Callable[[], nn.Module]
+    batch_size: int
+    input_shape: tuple[int, ...]
+    num_classes: int = 10
+
+
+def get_workload(arch: str, batch_size: int | None = None) -> Workload:
+    """The workload called ``arch`` (``"mlp"`` or ``"resnet8"``)."""
+    if arch == "mlp":
+        return Workload("mlp", MLP, batch_size or 256, (784,))
+    if arch == "resnet8":
+        return Workload("resnet8", ResNet8, batch_size or 128, (3, 32, 32))
+    raise ValueError(f"unknown arch {arch!r}; choose 'mlp' or 'resnet8'")
+
+
+def _leaf_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if not list(m.children())]
+
+
+def count_flops_per_image(model: nn.Module, input_shape: tuple[int, ...]) -> float:
+    """Training FLOPs per image (forward + backward = 3x the forward's multiply-adds x 2).
+
+    Counts conv and linear layers only (the rest is a few percent); the backward computes
+    both the input and the weight gradient, hence 2x the forward.
+    """
+    macs = 0
+
+    def hook(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
+        nonlocal macs
+        if isinstance(mod, nn.Conv2d):
+            k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
+            macs += out.numel() * k
+        elif isinstance(mod, nn.Linear):
+            macs += out.numel() * mod.in_features
+
+    handles = [m.register_forward_hook(hook) for m in _leaf_modules(model)]
+    try:
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape))
+        model.train(was)
+    finally:
+        for h in handles:
+            h.remove()
+    return 3.0 * 2.0 * macs
+
+
+def estimate_activation_bytes_per_image(
+    model: nn.Module, input_shape: tuple[int, ...], elem_bytes: int
+) -> float:
+    """Rough device-memory traffic per image for one training step, unfused layers.
+
+    Each leaf layer's output is written once in the forward, read by the next layer, read
+    again in the backward and its gradient written and read: about 5 passes over every
+    activation. An estimate for the bytes/s column, not a measurement.
+    """
+    elems = 0
+
+    def hook(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
+        nonlocal elems
+        elems += out.numel()
+
+    handles = [m.register_forward_hook(hook) for m in _leaf_modules(model)]
+    try:
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape))
+        model.train(was)
+    finally:
+        for h in handles:
+            h.remove()
+    return 5.0 * elems * elem_bytes + float(np.prod(input_shape)) * elem_bytes
+
+
+# ---------------------------------------------------------------------------- data
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler for the CIFAR-10 python batches only: it refuses every global except the
+    few numpy array-reconstruction functions and builtins those files use.
+
+    The official ``cifar-10-batches-py`` files are pickled dicts; the format leaves no
+    alternative to unpickling. This restriction stops a crafted file from calling arbitrary
+    code (e.g. ``os.system``) while loading.
+    """
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("builtins", "bytes"),
+        ("builtins", "bytearray"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name} from a CIFAR-10 batch file (only numpy arrays, "
+            "lists, ints and strings are allowed)"
+        )
+
+
+def _load_batch_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, "rb") as f:
+        raw = _RestrictedUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a dict, got {type(raw).__name__}")
+    data = raw.get(b"data", raw.get("data"))
+    labels = raw.get(b"labels", raw.get("labels"))
+    if data is None or labels is None:
+        raise ValueError(f"{path}: no 'data'/'labels' entries (keys: {sorted(map(str, raw))})")
+    arr = np.asarray(data, dtype=np.uint8)
+    if arr.ndim != 2 or arr.shape[1] != 3072:
+        raise ValueError(f"{path}: data must be [n, 3072] uint8, got {arr.shape}")
+    lab = np.asarray(labels, dtype=np.int64)
+    if lab.shape != (arr.shape[0],):
+        raise ValueError(f"{path}: {lab.shape[0]} labels for {arr.shape[0]} images")
+    return arr, lab
+
+
+def load_cifar10(folder: str | Path, train: bool = True) -> tuple[Tensor, Tensor]:
+    """Load CIFAR-10 from the python batches in ``folder`` (``data_batch_1..5`` or
+    ``test_batch``; the ``cifar-10-batches-py`` folder or its parent).
+
+    Returns ``(images [n, 3, 32, 32] float32 normalised per channel, labels [n] int64)``.
+    Loaded with a restricted unpickler that only accepts numpy arrays and builtins.
+    """
+    root = Path(folder)
+    if (root / "cifar-10-batches-py").is_dir():
+        root = root / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    files = [root / n for n in names if (root / n).is_file()]
+    if not files:
+        raise FileNotFoundError(f"no CIFAR-10 python batches ({', '.join(names)}) in {root}")
+    parts = [_load_batch_file(p) for p in files]
+    x = np.concatenate([p[0] for p in parts]).reshape(-1, 3, 32, 32)
+    y = np.concatenate([p[1] for p in parts])
+    images = torch.from_numpy(x).float().div_(255.0)
+    mean = images.mean(dim=(0, 2, 3), keepdim=True)
+    std = images.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    return (images - mean) / std, torch.from_numpy(y)
+
+
+def make_batches(
+    workload: Workload,
+    count: int,
+    device: torch.device,
+    seed: int = 0,
+    data: tuple[Tensor, Tensor] | None = None,
+) -> list[tuple[Tensor, Tensor]]:
+    """``count`` batches ``(x [B, ...], y [B])`` on ``device`` (rotated during timing).
+
+    Random normal inputs and uniform labels unless ``data`` (e.g. :func:`load_cifar10`) is
+    given; for the MLP, real images become 28x28 grey crops (784 features).
+    """
+    g = torch.Generator().manual_seed(seed)
+    b = workload.batch_size
+    out = []
+    for k in range(count):
+        if data is None:
+            x = torch.randn(b, *workload.input_shape, generator=g)
+            y = torch.randint(0, workload.num_classes, (b,), generator=g)
+        else:
+            images, labels = data
+            idx = torch.arange(k * b, (k + 1) * b) % images.shape[0]
+            x, y = images[idx], labels[idx]
+            if workload.name == "mlp":
+                x = x.mean(dim=1)[:, 2:30, 2:30].reshape(b, 784)
+        out.append((x.to(device), y.to(device)))
+    return out

@@ -1,0 +1,229 @@
+"""BatchLightningModule with a real ``lightning.Trainer`` on CPU.
+
+Reference: each model trained alone with ``torch.optim`` (and ``clip_grad_norm_``) on the
+same batches, in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib
+import runpy
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from modelbatch import ModelBatch, evaluate, optim  # noqa: E402
+from modelbatch.integrations.lightning import BatchLightningModule  # noqa: E402
+from tests.helpers import TOL, assert_close_models, rel_err  # noqa: E402
+
+pytestmark = [
+    # Lightning's advice for real runs (worker count, logging interval, no val loader).
+    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
+    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
+]
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+LRS = [0.05, 0.01, 0.002]
+CLIP = 0.5
+
+
+def _acc(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (out.argmax(-1) == target).to(out.dtype).mean()
+
+
+def _models(n: int = 3, seed: int = 0) -> list[nn.Module]:
+    torch.manual_seed(seed)
+    return [nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double() for _ in range(n)]
+
+
+def _loader() -> DataLoader:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 4, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, 3, (24,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=8)  # 3 batches, no shuffling
+
+
+def _module(models: list[nn.Module]) -> BatchLightningModule:
+    return BatchLightningModule(
+        ModelBatch(models),
+        F.cross_entropy,
+        optimizer=functools.partial(optim.Adam, lr=LRS),
+        scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
+        scheduler_interval="step",
+        metrics={"acc": _acc},
+    )
+
+
+def _trainer(max_epochs: int, **kwargs: Any) -> Any:
+    kwargs.setdefault("enable_checkpointing", False)
+    return pl.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=CLIP,
+        **kwargs,
+    )
+
+
+def _train_alone(models: list[nn.Module], epochs: int) -> list[nn.Module]:
+    out = []
+    for i, model in enumerate(models):
+        m = copy.deepcopy(model)
+        opt = torch.optim.Adam(m.parameters(), lr=LRS[i])
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        for _ in range(epochs):
+            for x, y in _loader():
+                opt.zero_grad()
+                F.cross_entropy(m(x), y).backward()
+                torch.nn.utils.clip_grad_norm_(m.parameters(), CLIP)
+                opt.step()
+                sched.step()
+        out.append(m)
+    return out
+
+
+def test_fit_matches_each_model_trained_alone(tmp_path: Path) -> None:
+    models = _models()
+    module = _module(models)
+    _trainer(2, default_root_dir=tmp_path).fit(module, _loader())
+    # Clipping was active for some models and not for others: a global norm would differ.
+    assert module.last_grad_norms is not None
+    assert (module.last_grad_norms > CLIP).any()
+    assert_close_models(module.model_batch.extract_all(), _train_alone(models, 2), torch.float64)
+
+
+def test_validate_logs_per_model_metrics(tmp_path: Path) -> None:
+    module = _module(_models())
+    trainer = _trainer(1, default_root_dir=tmp_path)
+    trainer.fit(module, _loader())
+    assert "train/loss/model_2" in trainer.callback_metrics
+    results = trainer.validate(module, _loader(), verbose=False)[0]
+    expected = evaluate(module.model_batch, _loader(), F.cross_entropy)
+    for i in range(3):
+        assert results[f"val/acc/model_{i}"] == pytest.approx(float(expected["accuracy"][i]))
+        assert results[f"val/loss/model_{i}"] == pytest.approx(
+            float(expected["loss"][i]), rel=1e-12
+        )
+    assert results["val/loss"] == pytest.approx(float(expected["loss"].mean()), rel=1e-6)
+    assert module.per_model_logged("val", "acc") == {
+        i: pytest.approx(float(expected["accuracy"][i])) for i in range(3)
+    }
+
+
+def test_checkpoint_resume_restores_every_model_and_optimizer(tmp_path: Path) -> None:
+    models = _models()
+    first = _module(models)
+    _trainer(2, default_root_dir=tmp_path).fit(first, _loader())
+    trainer = _trainer(2, default_root_dir=tmp_path)
+    trainer.fit(_module(models), _loader())
+    ckpt = tmp_path / "two_epochs.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    # Fresh, differently initialised models: validate(ckpt_path=...) restores every weight.
+    fresh = _module(_models(seed=7))
+    _trainer(1, default_root_dir=tmp_path).validate(fresh, _loader(), ckpt_path=ckpt, verbose=False)
+    for name, value in trainer.lightning_module.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
+
+    # Resuming fit restores the optimizer and scheduler state too: 2 + 2 epochs == 4 epochs.
+    resumed = _module(_models(seed=7))
+    _trainer(4, default_root_dir=tmp_path).fit(resumed, _loader(), ckpt_path=ckpt)
+    assert_close_models(resumed.model_batch.extract_all(), _train_alone(models, 4), torch.float64)
+    assert [g["lr"] for g in resumed.trainer.optimizers[0].param_groups] == pytest.approx(
+        [lr * 0.5**6 for lr in LRS]
+    )
+
+
+def test_checkpoint_of_other_models_is_refused(tmp_path: Path) -> None:
+    trainer = _trainer(1, default_root_dir=tmp_path)
+    trainer.fit(_module(_models()), _loader())
+    ckpt = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(ckpt)
+    other = BatchLightningModule(
+        ModelBatch(_models(), model_ids=["a", "b", "c"]), F.cross_entropy, optim.SGD
+    )
+    with pytest.raises(ValueError, match=r"holds models \[0, 1, 2\].*\['a', 'b', 'c'\]"):
+        _trainer(1).validate(other, _loader(), ckpt_path=ckpt, verbose=False)
+
+
+def test_quarantined_model_is_frozen_and_value_clipping(tmp_path: Path) -> None:
+    models = _models()
+    batch = ModelBatch(models)
+    batch.quarantine(1)
+    module = BatchLightningModule(batch, F.cross_entropy, optimizer=torch.optim.SGD)
+    trainer = _trainer(1, default_root_dir=tmp_path, gradient_clip_algorithm="value")
+    trainer.fit(module, _loader())
+    after = batch.extract_all()
+    assert_close_models([after[1]], [models[1]], torch.float64)
+    # SGD (lr 1e-3 default) with value clipping, model 0 alone:
+    ref = copy.deepcopy(models[0])
+    opt = torch.optim.SGD(ref.parameters(), lr=1e-3)
+    for x, y in _loader():
+        opt.zero_grad()
+        F.cross_entropy(ref(x), y).backward()
+        torch.nn.utils.clip_grad_value_(ref.parameters(), CLIP)
+        opt.step()
+    assert_close_models([after[0]], [ref], torch.float64)
+
+
+def test_gradient_scaler_is_refused(tmp_path: Path) -> None:
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        plugins=[plugin],
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(RuntimeError, match="gradient scaler"):
+        trainer.fit(_module(_models()), _loader())
+
+
+def test_bad_arguments_have_clear_errors() -> None:
+    batch = ModelBatch(_models())
+    with pytest.raises(ValueError, match="no optimizer"):
+        BatchLightningModule(batch, F.cross_entropy)
+    module = BatchLightningModule(batch, F.cross_entropy, optimizer=optim.SGD)
+    with pytest.raises(ValueError, match=r"\(x, y\)"):
+        module.training_step(torch.zeros(2, 4), 0)
+    one_liner = ModelBatch(_models(), lr=0.1)  # the batch's own optimizer is the default
+    assert BatchLightningModule(one_liner, F.cross_entropy).configure_optimizers() is (
+        one_liner.optimizer
+    )
+
+
+def test_missing_lightning_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("lightning", "lightning.pytorch", "pytorch_lightning"):
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.delitem(sys.modules, "modelbatch.integrations.lightning")
+    with pytest.raises(ImportError, match=r"pip install 'modelbatch\[lightning\]'"):
+        importlib.import_module("modelbatch.integrations.lightning")
+
+
+def test_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    ns = runpy.run_path(str(EXAMPLES / "lightning_example.py"), run_name="__main__")
+    batch, accuracy = ns["batch"], ns["accuracy"]
+    assert set(accuracy) == set(range(8))
+    assert ns["results"]["val/acc/model_7"] == pytest.approx(accuracy[7])
+    # The extracted best model reproduces its batch slot.
+    x = torch.randn(5, 20)
+    out = batch(x)[batch.index_of(ns["best"])]
+    assert rel_err(ns["best_model"](x), out) <= TOL[torch.float32]

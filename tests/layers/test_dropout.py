@@ -1,0 +1,218 @@
+"""Seeded dropout: model i's masks depend on its seed and its own call count only."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelbatch import ModelBatch, seeded_models, use_seeded_dropout
+from modelbatch.layers.dropout import SeededDropout, dropout_keep_mask
+from modelbatch.optim import SGD
+from tests.helpers import TOL, rel_err
+
+
+def only_dropout(p: float = 0.5) -> nn.Module:
+    return nn.Sequential(nn.Dropout(p))
+
+
+class Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(x) * self.scale
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(5, 16), nn.Dropout(0.3), nn.Tanh(), nn.Linear(16, 3), nn.Dropout(0.2)
+    ).double()
+
+
+def test_masks_do_not_depend_on_n_or_neighbours() -> None:
+    x = torch.ones(7, 11)
+    small = ModelBatch([only_dropout() for _ in range(3)], seeds=[10, 11, 12])
+    big = ModelBatch([only_dropout() for _ in range(8)], seeds=[99, 12, 5, 6, 10, 7, 8, 11])
+    for _ in range(3):  # successive calls advance each model's own counter
+        a, b = small(x), big(x)
+        assert torch.equal(a[0], b[4])
+        assert torch.equal(a[1], b[7])
+        assert torch.equal(a[2], b[1])
+    assert not torch.equal(a[0], a[1])  # different seeds, different masks
+
+
+def test_trajectory_is_the_same_in_a_batch_of_3_of_8_and_alone() -> None:
+    """Model i trained with dropout in a batch of 3, in a batch of 8 (with other models)
+    and alone with torch.optim (plain module + use_seeded_dropout) ends up the same."""
+    seeds = [3, 1, 4, 1_000_003, 5, 9, 2, 6]
+    models = seeded_models(mlp, seeds)
+    g = torch.Generator().manual_seed(0)
+    data = [
+        (
+            torch.randn(6, 5, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (6,), generator=g),
+        )
+        for _ in range(4)
+    ]
+
+    def train_batch(picked: list[int]) -> list[nn.Module]:
+        batch = ModelBatch([models[i] for i in picked], seeds=[seeds[i] for i in picked])
+        opt = SGD(batch, lr=0.1, momentum=0.9)
+        for x, y in data:
+            loss = batch.compute_loss(batch(x), y, F.cross_entropy)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return batch.extract_all()
+
+    in3 = train_batch([0, 1, 3])
+    in8 = train_batch([7, 3, 6, 0, 5, 2, 4, 1])
+    alone = []
+    for i in (0, 1, 3):
+        m = use_seeded_dropout(copy.deepcopy(models[i]), seeds[i])
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        for x, y in data:
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+        alone.append(m)
+    for k, pos8 in enumerate((3, 7, 1)):
+        sd3, sd8 = in3[k].state_dict(), in8[pos8].state_dict()
+        ref = alone[k].state_dict()
+        for name, v in sd3.items():
+            assert rel_err(v, sd8[name]) <= TOL[torch.float64], (k, name)
+            assert rel_err(v, ref[name]) <= TOL[torch.float64], (k, name)
+    # Dropout really acted: without it the trajectory differs.
+    plain = copy.deepcopy(models[0])
+    opt = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    plain.eval()
+    for x, y in data:
+        opt.zero_grad()
+        F.cross_entropy(plain(x), y).backward()
+        opt.step()
+    assert rel_err(plain[0].weight, in3[0][0].weight) > 1e-6
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.8])
+def test_rate_and_scaling(p: float) -> None:
+    batch = ModelBatch([only_dropout(p) for _ in range(4)], seeds=[0, 1, 2, 3])
+    x = torch.ones(200, 250)
+    out = batch(x)  # [4, 200, 250]
+    kept = out != 0
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / (1 - p)))
+    keep_rate = kept.double().mean(dim=(1, 2))
+    # 50,000 Bernoulli draws per model: standard error < 0.0023.
+    assert torch.all((keep_rate - (1 - p)).abs() < 0.012), keep_rate
+    assert abs(float(out.mean()) - 1.0) < 0.02  # unbiased
+
+
+def test_eval_mode_is_the_identity_and_does_not_advance() -> None:
+    batch = ModelBatch([only_dropout() for _ in range(2)], seeds=[1, 2])
+    x = torch.randn(4, 6)
+    batch.eval()
+    assert torch.equal(batch(x), torch.stack([x, x]))
+    counters = dict(batch.stacked_buffers())["0.counter"]
+    assert counters.tolist() == [0, 0]
+    batch.train()
+    batch(x)
+    assert dict(batch.stacked_buffers())["0.counter"].tolist() == [1, 1]
+
+
+def test_layers_and_calls_get_different_masks() -> None:
+    model = nn.Sequential(nn.Dropout(0.5), nn.Dropout(0.5))
+    single = use_seeded_dropout(model, 7)
+    ones = torch.ones(64, 64)
+    m0 = single[0](ones)
+    m1 = single[1](ones)
+    assert not torch.equal(m0, m1)
+    assert not torch.equal(m0, single[0](ones))
+
+
+def test_channel_dropout_drops_whole_channels() -> None:
+    batch = ModelBatch([nn.Sequential(nn.Dropout2d(0.5)) for _ in range(3)], seeds=[1, 2, 3])
+    out = batch(torch.ones(5, 8, 4, 4))  # [3, 5, 8, 4, 4]
+    per_channel = out.flatten(3)
+    assert torch.all(per_channel.amin(dim=-1) == per_channel.amax(dim=-1))
+    assert 0 < int((per_channel[..., 0] == 0).sum()) < per_channel[..., 0].numel()
+    with pytest.raises(ValueError, match="2d channel dropout expects a 3-D or 4-D input"):
+        batch(torch.ones(5, 8))
+
+
+def test_edge_probabilities() -> None:
+    x = torch.randn(3, 4)
+    assert torch.equal(use_seeded_dropout(only_dropout(0.0), 1)(x), x)
+    assert torch.equal(use_seeded_dropout(only_dropout(1.0), 1)(x), torch.zeros_like(x))
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        SeededDropout(1.5)
+    with pytest.raises(ValueError, match="non-negative"):
+        SeededDropout(0.5, seed=-1)
+
+
+def test_extract_and_insert_see_a_plain_dropout() -> None:
+    batch = ModelBatch(seeded_models(mlp, [1, 2]), seeds=[1, 2])
+    assert isinstance(batch.stacked[1], SeededDropout)
+    assert "stacked.1.counter" in batch.state_dict()
+    batch(torch.randn(3, 5, dtype=torch.float64))
+    plain = batch.extract(0)
+    assert type(plain[1]) is nn.Dropout
+    assert set(plain.state_dict()) == set(mlp().state_dict())
+    batch.insert(1, plain)  # batch-only buffers (seed, counter) keep their values
+    assert dict(batch.stacked_buffers())["1.seed"].tolist() == [1, 2]
+    assert dict(batch.stacked_buffers())["1.counter"].tolist() == [1, 1]
+
+
+def test_without_seeds_torch_dropout_stays() -> None:
+    batch = ModelBatch([Scaled() for _ in range(2)])
+    assert type(batch.stacked.drop) is nn.Dropout
+    out = batch(torch.ones(50, 50))
+    assert not torch.equal(out[0], out[1])  # vmap randomness="different"
+
+
+def test_drop_keeps_each_models_stream() -> None:
+    x = torch.ones(6, 6)
+    full = ModelBatch(
+        [only_dropout() for _ in range(3)], seeds=[4, 5, 6], model_ids=["a", "b", "c"]
+    )
+    ref = ModelBatch([only_dropout() for _ in range(1)], seeds=[6])
+    full(x)
+    ref(x)
+    full.drop(["a", "b"])
+    assert full.seeds == [6]
+    assert torch.equal(full(x), ref(x))
+
+
+def test_seeds_validation() -> None:
+    with pytest.raises(ValueError, match="got 1 seeds for 2 models"):
+        ModelBatch([only_dropout(), only_dropout()], seeds=[1])
+    with pytest.raises(ValueError, match="seed of model 1 must lie in"):
+        ModelBatch([only_dropout(), only_dropout()], seeds=[1, -2])
+    with pytest.raises(TypeError, match="seed of model 0 must be an int"):
+        ModelBatch([only_dropout(), only_dropout()], seeds=[1.5, 2])  # type: ignore[list-item]
+
+
+def test_keep_mask_is_a_pure_function() -> None:
+    seed, ctr = torch.tensor(123), torch.tensor(4)
+    a = dropout_keep_mask(seed, ctr, 0, (10, 10), 0.5)
+    assert torch.equal(a, dropout_keep_mask(seed, ctr, 0, (10, 10), 0.5))
+    assert not torch.equal(a, dropout_keep_mask(seed, ctr + 1, 0, (10, 10), 0.5))
+    assert not torch.equal(a, dropout_keep_mask(seed + 2**40, ctr, 0, (10, 10), 0.5))
+
+
+@pytest.mark.cuda
+def test_masks_are_the_same_on_cuda_and_cpu() -> None:
+    seed, ctr = torch.tensor(2**40 + 17), torch.tensor(3)
+    cpu = dropout_keep_mask(seed, ctr, 1, (33, 65), 0.3)
+    gpu = dropout_keep_mask(seed.cuda(), ctr.cuda(), 1, (33, 65), 0.3)
+    assert torch.equal(cpu, gpu.cpu())
+    models = seeded_models(lambda: nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5)), [1, 2])
+    on_cpu = ModelBatch(copy.deepcopy(models), seeds=[1, 2])
+    on_gpu = ModelBatch([m.cuda() for m in models], seeds=[1, 2])
+    assert dict(on_gpu.stacked_buffers())["1.seed"].is_cuda
+    x = torch.randn(5, 4)
+    assert torch.equal(on_cpu(x) != 0, (on_gpu(x.cuda()) != 0).cpu())

@@ -1,0 +1,445 @@
+"""Checkpoints: per-model safetensors + JSON, bit-identical resume, atomic saves, clear
+errors on bad input, no unpickling, no writes outside the checkpoint folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import random
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelbatch import CheckpointError, ModelBatch, load_model, seeded_models
+from modelbatch.checkpoint import model_folder_name, read_manifest
+from modelbatch.optim import SGD, Adam, PerModelOptimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+IDS: list[int | str] = ["a", "b", 7]
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Dropout(0.3), nn.Tanh(), nn.Linear(8, 3)
+    ).double()
+
+
+def build(init_seed: int, *, seeded: bool, optimizer: str = "adam"):
+    seeds = [init_seed + i for i in range(3)]
+    batch = ModelBatch(seeded_models(mlp, seeds), seeds=seeds if seeded else None, model_ids=IDS)
+    if optimizer == "adam":
+        opt: Any = Adam(batch, lr=[0.01, 0.02, 0.03], weight_decay=[0.0, 0.1, 0.0])
+    else:
+        opt = PerModelOptimizer(batch, torch.optim.RMSprop, lr=[0.01, 0.02, 0.03], momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    return batch, opt, sched
+
+
+def run(batch: ModelBatch, opt: Any, sched: Any, steps: int) -> None:
+    for _ in range(steps):
+        x = torch.randn(6, 5, dtype=torch.float64)  # global RNG: restored by load_all
+        y = torch.randint(0, 3, (6,))
+        loss = batch.compute_loss(batch(x), y, F.cross_entropy)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+
+
+def same_tensors(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, b[k]), k
+        elif isinstance(v, dict):
+            same_tensors(v, b[k])
+        else:
+            assert v == b[k], k
+
+
+def snapshot(batch: ModelBatch) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in batch.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- resume
+@pytest.mark.parametrize(("seeded", "optimizer"), [(True, "adam"), (False, "rmsprop")])
+def test_resume_is_bit_identical(tmp_path: Path, seeded: bool, optimizer: str) -> None:
+    """Stop after k steps, resume from the checkpoint in fresh objects (other init, other RNG
+    state): the same parameters, buffers, optimizer and scheduler state as never stopping,
+    with dropout (seeded or torch's), a StepLR and a quarantined model."""
+    k = 3
+    torch.manual_seed(0)
+    batch, opt, sched = build(0, seeded=seeded, optimizer=optimizer)
+    run(batch, opt, sched, 1)
+    batch.quarantine("b")
+    run(batch, opt, sched, k - 1)
+    batch.save_all(tmp_path / "ck", opt, scheduler=sched, step=k, extra={"epoch": 1})
+    run(batch, opt, sched, k)
+
+    torch.manual_seed(999)
+    random.seed(5)
+    resumed, opt2, sched2 = build(100, seeded=seeded, optimizer=optimizer)
+    info = resumed.load_all(tmp_path / "ck", opt2, scheduler=sched2)
+    assert info["step"] == k and info["extra"] == {"epoch": 1}
+    assert resumed.active.tolist() == [True, False, True]
+    run(resumed, opt2, sched2, k)
+
+    same_tensors(batch.state_dict(), resumed.state_dict())
+    same_tensors(opt.state_dict(), opt2.state_dict())
+    assert sched.state_dict() == sched2.state_dict()
+    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in opt2.param_groups]
+
+
+def test_layout_and_plain_pytorch_loading(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    batch, opt, sched = build(0, seeded=True)
+    run(batch, opt, sched, 2)
+    batch.save_all(tmp_path / "ck", opt, scheduler=sched)
+    root = tmp_path / "ck"
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["num_models"] == 3
+    assert [m["id"] for m in manifest["models"]] == IDS
+    assert manifest["optimizer"] == "modelbatch.optim.adam.Adam"
+    for i, mid in enumerate(IDS):
+        folder = root / "models" / model_folder_name(mid)
+        # Plain PyTorch, no ModelBatch: safetensors + load_state_dict.
+        plain = mlp()
+        plain.load_state_dict(safetensors.torch.load_file(folder / "model.safetensors"))
+        same_tensors(plain.state_dict(), batch.extract(i).state_dict())
+        hp = json.loads((folder / "hparams.json").read_text())
+        assert hp["model_id"] == mid and hp["lr"] == opt.param_groups[i]["lr"]
+        assert hp["weight_decay"] == [0.0, 0.1, 0.0][i]
+        opt_state = safetensors.torch.load_file(folder / "optimizer.safetensors")
+        assert torch.equal(opt_state["0.weight/exp_avg"], opt.state["0.weight"]["exp_avg"][i])
+        batch_only = safetensors.torch.load_file(folder / "batch_state.safetensors")
+        assert set(batch_only) == {"2.seed", "2.counter"}
+    same_tensors(load_model(root, "b", mlp()).state_dict(), batch.extract(1).state_dict())
+
+
+def test_load_a_subset_by_id(tmp_path: Path) -> None:
+    batch, _, _ = build(0, seeded=False)
+    batch.save_all(tmp_path / "ck")
+    pair = ModelBatch(seeded_models(mlp, [50, 51]), model_ids=["x", "y"])
+    pair.load_all(tmp_path / "ck", model_ids=[7, "a"])
+    assert pair.model_ids == [7, "a"]
+    same_tensors(pair.extract(0).state_dict(), batch.extract(2).state_dict())
+    same_tensors(pair.extract(1).state_dict(), batch.extract(0).state_dict())
+
+
+def test_python_and_numpy_rng_are_restored(tmp_path: Path) -> None:
+    batch, _, _ = build(0, seeded=False)
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    batch.save_all(tmp_path / "ck")
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(10)
+    np.random.seed(20)
+    torch.manual_seed(30)
+    batch.load_all(tmp_path / "ck")
+    assert (random.random(), np.random.rand()) == expected[:2]
+    assert torch.equal(torch.rand(1), expected[2])
+
+
+# --------------------------------------------------------------------------- atomicity
+class NotJsonable:
+    def __init__(self) -> None:
+        self.table = torch.ones(2)
+
+    def __call__(self, epoch: int) -> float:
+        return 1.0
+
+
+def test_exception_mid_save_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    batch, opt, _ = build(0, seeded=True)
+    batch.save_all(tmp_path / "ck", opt, step=1)
+    before = snapshot(batch)
+    with torch.no_grad():
+        for _, p in batch.stacked_parameters():
+            p.add_(1.0)
+    bad = torch.optim.lr_scheduler.LambdaLR(opt, NotJsonable())
+    # The models are written before the scheduler state fails to encode.
+    with pytest.raises(CheckpointError, match=r"scheduler 0 .*Tensor"):
+        batch.save_all(tmp_path / "ck", opt, scheduler=bad, step=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporary left over
+    fresh, opt2, _ = build(100, seeded=True)
+    assert fresh.load_all(tmp_path / "ck", opt2)["step"] == 1
+    same_tensors(fresh.state_dict(), before)
+
+
+SAVER = textwrap.dedent(
+    """
+    import sys, torch
+    from torch import nn
+    from modelbatch import ModelBatch
+    directory, k = sys.argv[1], int(sys.argv[2])
+    batch = ModelBatch([nn.Linear(128, 128) for _ in range(4)], model_ids=["p", "q", "r", "s"])
+    first = True
+    while True:
+        with torch.no_grad():
+            for _, p in batch.stacked_parameters():
+                p.fill_(float(k))
+        batch.save_all(directory, step=k)
+        if first:
+            print("saved", flush=True)
+            first = False
+        k += 1
+    """
+)
+
+
+def test_sigkill_mid_save_leaves_a_complete_checkpoint(tmp_path: Path) -> None:
+    """Kill a process that saves in a loop at random moments: every time, the checkpoint
+    loads and is exactly one of the complete saves."""
+    script = tmp_path / "saver.py"
+    script.write_text(SAVER)
+    ck = tmp_path / "ck"
+    rng = random.Random(0)
+    caught_mid_save = 0
+    last_step = -1
+    for round_ in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(ck), str(1000 * round_)],
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == b"saved"
+            time.sleep(rng.uniform(0.05, 0.4))
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+        leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".ck.")]
+        caught_mid_save += bool(leftovers)
+        batch = ModelBatch([nn.Linear(128, 128) for _ in range(4)], model_ids=["p", "q", "r", "s"])
+        step = batch.load_all(ck)["step"]
+        assert step >= 1000 * round_ > last_step
+        last_step = step
+        for name, p in batch.stacked_parameters():
+            assert torch.equal(p, torch.full_like(p, float(step))), name
+    # Saving is nearly all the loop does: at least one kill must have hit a save midway.
+    assert caught_mid_save >= 1
+
+
+def test_load_falls_back_when_a_crash_fell_between_the_renames(tmp_path: Path) -> None:
+    batch, _, _ = build(0, seeded=False)
+    batch.save_all(tmp_path / "ck", step=4)
+    os.replace(tmp_path / "ck", tmp_path / ".ck.prev")  # the state right after rename 1
+    assert read_manifest(tmp_path / "ck")["step"] == 4
+    fresh, _, _ = build(1, seeded=False)
+    assert fresh.load_all(tmp_path / "ck")["step"] == 4
+    batch.save_all(tmp_path / "ck", step=5)  # the next save completes the swap
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    assert read_manifest(tmp_path / "ck")["step"] == 5
+
+
+# --------------------------------------------------------------------------- bad input
+@pytest.fixture
+def saved(tmp_path: Path) -> tuple[Path, ModelBatch, Any]:
+    torch.manual_seed(0)
+    batch, opt, sched = build(0, seeded=False)
+    run(batch, opt, sched, 1)
+    batch.save_all(tmp_path / "ck", opt, scheduler=sched)
+    return tmp_path / "ck", batch, opt
+
+
+def assert_unchanged_after_error(path: Path, match: str, **kwargs: Any) -> None:
+    batch, opt, _ = build(100, seeded=False)
+    before = snapshot(batch)
+    with pytest.raises(CheckpointError, match=match):
+        batch.load_all(path, opt, **kwargs)
+    same_tensors(batch.state_dict(), before)
+    assert opt.state == {}
+
+
+def test_other_architecture(saved: tuple[Path, ModelBatch, Any]) -> None:
+    path = saved[0]
+    wide = ModelBatch(
+        [nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 3)).double() for _ in range(3)],
+        model_ids=IDS,
+    )
+    with pytest.raises(CheckpointError, match="another architecture"):
+        wide.load_all(path)
+    same_shape_other_dtype = ModelBatch(
+        seeded_models(lambda: mlp().float(), [1, 2, 3]), model_ids=IDS
+    )
+    with pytest.raises(CheckpointError, match=r"'0.weight' is saved with .* dtype float64"):
+        same_shape_other_dtype.load_all(path)
+    seeded = ModelBatch(seeded_models(mlp, [1, 2, 3]), seeds=[1, 2, 3], model_ids=IDS)
+    with pytest.raises(CheckpointError, match="seeds="):
+        seeded.load_all(path)
+    with pytest.raises(CheckpointError, match="does not fit the template"):
+        load_model(path, "a", nn.Linear(5, 3))
+
+
+def test_other_n_and_unknown_ids(saved: tuple[Path, ModelBatch, Any]) -> None:
+    path = saved[0]
+    pair = ModelBatch(seeded_models(mlp, [1, 2]), model_ids=["a", "b"])
+    with pytest.raises(CheckpointError, match="holds 3 models, the batch 2"):
+        pair.load_all(path)
+    with pytest.raises(CheckpointError, match=r"model id\(s\) \['zzz'\] are not in the checkpoint"):
+        pair.load_all(path, model_ids=["a", "zzz"])
+    with pytest.raises(CheckpointError, match="names 3 models for a batch of 2"):
+        pair.load_all(path, model_ids=IDS)
+    other_ids = ModelBatch(seeded_models(mlp, [1, 2, 3]))
+    with pytest.raises(CheckpointError, match=r"\[0, 1, 2\] are not in the checkpoint"):
+        other_ids.load_all(path)
+    with pytest.raises(CheckpointError, match="model id 'zzz' is not in the checkpoint"):
+        load_model(path, "zzz", mlp())
+    assert_unchanged_after_error(path, "not in the checkpoint", model_ids=["a", "b", "zzz"])
+
+
+def test_missing_and_corrupt_files(saved: tuple[Path, ModelBatch, Any]) -> None:
+    path = saved[0]
+    target = path / "models" / "b" / "optimizer.safetensors"
+    original = target.read_bytes()
+    target.unlink()
+    assert_unchanged_after_error(path, r"missing file .*optimizer.safetensors \(model 'b'")
+    target.write_bytes(b"\xff" * 16 + original[16:])
+    assert_unchanged_after_error(path, "is corrupt: its SHA-256 does not match")
+    # Garbage whose checksum was also updated: safetensors rejects the header.
+    manifest = json.loads((path / "manifest.json").read_text())
+    digest = hashlib.sha256(target.read_bytes()).hexdigest()
+    manifest["files"]["models/b/optimizer.safetensors"] = digest
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert_unchanged_after_error(path, "is not valid")
+    (path / "manifest.json").write_text("{not json")
+    assert_unchanged_after_error(path, "cannot read .*manifest.json")
+    (path / "manifest.json").unlink()
+    assert_unchanged_after_error(path, "manifest.json is missing")
+    assert_unchanged_after_error(path.parent / "nowhere", "no checkpoint at")
+
+
+def test_optimizer_and_scheduler_mismatch(saved: tuple[Path, ModelBatch, Any]) -> None:
+    path = saved[0]
+    batch = ModelBatch(seeded_models(mlp, [1, 2, 3]), model_ids=IDS)
+    with pytest.raises(
+        CheckpointError, match=r"optimizer is modelbatch\.optim\.adam\.Adam, the given one"
+    ):
+        batch.load_all(path, SGD(batch, lr=0.1))
+    opt = Adam(batch)
+    step_lr = torch.optim.lr_scheduler.StepLR(opt, 1)
+    with pytest.raises(CheckpointError, match="has 1 scheduler"):
+        batch.load_all(path, opt, scheduler=[step_lr, step_lr])
+    with pytest.raises(CheckpointError, match=r"scheduler 0 is a .*ExponentialLR"):
+        batch.load_all(path, opt, scheduler=torch.optim.lr_scheduler.ExponentialLR(opt, 0.9))
+    other = ModelBatch(seeded_models(mlp, [1, 2, 3]), model_ids=IDS)
+    with pytest.raises(CheckpointError, match="not built for this batch"):
+        batch.load_all(path, Adam(other))
+    with pytest.raises(TypeError, match=r"support the optimizers of modelbatch\.optim"):
+        batch.save_all(path, torch.optim.SGD(batch.parameters(), lr=0.1))
+
+
+def test_refuses_to_replace_a_folder_that_is_not_a_checkpoint(tmp_path: Path) -> None:
+    batch, _, _ = build(0, seeded=False)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    with pytest.raises(CheckpointError, match="not a ModelBatch checkpoint"):
+        batch.save_all(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
+
+
+# --------------------------------------------------------------------------- security
+def test_model_ids_cannot_escape_the_folder(tmp_path: Path) -> None:
+    ids: list[int | str] = [
+        "../evil",
+        "/etc/passwd",
+        "a\x00b",
+        "..",
+        ".",
+        "3",
+        3,
+        "ü/x",
+        "%2E",
+        "C:\\win",
+        "-1",
+    ]
+    models = [nn.Linear(2, 2) for _ in ids]
+    batch = ModelBatch(models, model_ids=ids)
+    root = tmp_path / "inner" / "ck"
+    batch.save_all(root)
+    written = [p for p in tmp_path.rglob("*")]
+    assert all(root in p.parents or p == root or p == root.parent for p in written)
+    folders = sorted(p.name for p in (root / "models").iterdir())
+    assert len(folders) == len(ids)
+    assert all(f not in (".", "..") and "/" not in f and "\\" not in f for f in folders)
+    assert model_folder_name(3) != model_folder_name("3")
+    fresh = ModelBatch([nn.Linear(2, 2) for _ in ids], model_ids=ids)
+    fresh.load_all(root)
+    same_tensors(fresh.state_dict(), batch.state_dict())
+    with pytest.raises(CheckpointError, match="empty string"):
+        ModelBatch([nn.Linear(2, 2)], model_ids=[""]).save_all(tmp_path / "x")
+
+
+def test_tampered_manifest_cannot_point_outside(saved: tuple[Path, ModelBatch, Any]) -> None:
+    path = saved[0]
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["models"][0]["folder"] = "../../outside"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert_unchanged_after_error(path, "inconsistent")
+
+
+def test_loading_never_unpickles(
+    saved: tuple[Path, ModelBatch, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def forbidden(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a checkpoint load must not unpickle")
+
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    batch, opt, sched = build(100, seeded=False)
+    batch.load_all(saved[0], opt, scheduler=sched)
+    load_model(saved[0], "a", mlp())
+
+
+# --------------------------------------------------------------------------- docs
+DOC = ROOT / "docs" / "readme" / "data_checkpoints.md"
+
+
+def test_docs_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+    assert len(blocks) >= 4
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {"__name__": "__doc_example__"}
+    for code in blocks:
+        exec(compile(code, str(DOC), "exec"), namespace)  # the blocks build on each other
+
+
+@pytest.mark.cuda
+def test_cuda_checkpoint_loads_on_cpu_and_back(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    torch.cuda.init()
+    on_gpu = ModelBatch([m.cuda() for m in seeded_models(mlp, [1, 2, 3])], seeds=[1, 2, 3])
+    opt = Adam(on_gpu, lr=0.01)
+    x, y = torch.randn(6, 5, dtype=torch.float64).cuda(), torch.randint(0, 3, (6,)).cuda()
+    on_gpu.compute_loss(on_gpu(x), y, F.cross_entropy).backward()
+    opt.step()
+    on_gpu.save_all(tmp_path / "ck", opt)
+    assert read_manifest(tmp_path / "ck")["rng"]["cuda_devices"] == torch.cuda.device_count()
+    on_cpu = ModelBatch(seeded_models(mlp, [4, 5, 6]), seeds=[7, 8, 9])
+    opt_cpu = Adam(on_cpu, lr=0.5)
+    on_cpu.load_all(tmp_path / "ck", opt_cpu)
+    for (name, a), b in zip(on_gpu.state_dict().items(), on_cpu.state_dict().values(), strict=True):
+        assert torch.equal(a.cpu(), b), name
+    assert torch.equal(opt_cpu.state["0.weight"]["exp_avg"], opt.state["0.weight"]["exp_avg"].cpu())
+    back = ModelBatch([m.cuda() for m in seeded_models(mlp, [4, 5, 6])], seeds=[7, 8, 9])
+    back.load_all(tmp_path / "ck")
+    assert torch.equal(back.stacked[0].weight, on_gpu.stacked[0].weight)

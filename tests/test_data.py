@@ -1,0 +1,221 @@
+"""Data routing: k-fold and bootstrap models in one batch equal the same models trained
+alone on exactly their samples of each batch."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import modelbatch
+from modelbatch import DataRouter, IndexedDataset, ModelBatch, evaluate_held_out
+from modelbatch.data import bootstrap_counts, kfold_assignments, skip_models_without_samples
+from modelbatch.optim import SGD, Adam
+from tests.helpers import assert_close_models
+
+D = 30
+
+
+def make_models(n: int) -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double() for _ in range(n)]
+
+
+def dataset() -> TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    return TensorDataset(
+        torch.randn(D, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (D,), generator=g)
+    )
+
+
+def batches(batch_size: int, epochs: int = 2) -> list[tuple[Tensor, Tensor, Tensor]]:
+    loader = DataLoader(
+        IndexedDataset(dataset()),
+        batch_size=batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(2),
+    )
+    return [tuple(item) for _ in range(epochs) for item in loader]  # type: ignore[misc]
+
+
+def train_alone_weighted(
+    model: nn.Module, make_opt, data, weights: Tensor
+) -> tuple[nn.Module, int]:
+    """Train alone on each batch's samples repeated ``weights[idx]`` times; batches without
+    a sample are skipped, as a model trained alone never sees them. Returns the model and
+    the number of skipped batches."""
+    m = copy.deepcopy(model)
+    opt = make_opt(m)
+    skipped = 0
+    for x, y, idx in data:
+        reps = weights[idx].long()
+        if int(reps.sum()) == 0:
+            skipped += 1
+            continue
+        xs, ys = x.repeat_interleave(reps, dim=0), y.repeat_interleave(reps, dim=0)
+        opt.zero_grad()
+        F.cross_entropy(m(xs), ys).backward()
+        opt.step()
+    return m, skipped
+
+
+# ------------------------------------------------------------------------- fold / resample
+def test_kfold_assignments_match_sklearn_without_shuffle() -> None:
+    model_selection = pytest.importorskip("sklearn.model_selection")
+    folds = kfold_assignments(4, 10, shuffle=False)
+    for f, (_, test_idx) in enumerate(model_selection.KFold(4).split(range(10))):
+        assert (folds == f).nonzero().flatten().tolist() == list(test_idx)
+
+
+def test_kfold_router_partitions_the_data() -> None:
+    router = DataRouter.kfold(4, 22, seed=3)
+    assert router.folds is not None
+    assert sorted(torch.bincount(router.folds).tolist()) == [5, 5, 6, 6]
+    assert router.eval_weights is not None
+    assert torch.equal(router.eval_weights.sum(0), torch.ones(22, dtype=torch.long))
+    assert torch.equal(router.train_weights, ~router.eval_weights)
+    assert not torch.equal(router.folds, kfold_assignments(4, 22, seed=4))
+    with pytest.raises(ValueError, match="2 <= k <= dataset_size"):
+        DataRouter.kfold(1, 10)
+
+
+def test_bootstrap_counts_are_resamples_independent_of_n() -> None:
+    small, big = bootstrap_counts(3, 50, seed=7), bootstrap_counts(6, 50, seed=7)
+    assert torch.equal(small, big[:3])
+    assert torch.equal(small.sum(1), torch.full((3,), 50))
+    assert not torch.equal(small[0], small[1])
+    router = DataRouter.bootstrap(3, 50, seed=7)
+    assert router.eval_weights is not None
+    assert torch.equal(router.eval_weights, small == 0)  # out-of-bag samples
+
+
+def test_router_validation() -> None:
+    with pytest.raises(ValueError, match=r"train_weights must have shape \[N, D\]"):
+        DataRouter(torch.ones(5))
+    with pytest.raises(ValueError, match="negative weights for model 1"):
+        DataRouter(torch.tensor([[1.0, 0.0], [1.0, -1.0]]))
+    with pytest.raises(ValueError, match="they must match"):
+        DataRouter(torch.ones(2, 3), torch.ones(2, 4))
+    router = DataRouter.kfold(3, 9)
+    with pytest.raises(TypeError, match="sample indices must be integers"):
+        router.train_mask(torch.zeros(3))
+    with pytest.raises(ValueError, match="IndexedDataset"):
+        router.train_mask(torch.zeros(3, 1, dtype=torch.long))
+    batch = ModelBatch(make_models(2))
+    with pytest.raises(ValueError, match="weights for 3 models, the batch holds 2"):
+        router.check_batch(batch)
+    assert router.subset([0, 2]).num_models == 2
+    assert torch.equal(router.subset([2]).train_weights, router.train_weights[2:])
+    with pytest.raises(ValueError, match="no eval_weights"):
+        DataRouter(torch.ones(2, 3)).eval_mask(torch.tensor([0]))
+
+
+def test_indexed_dataset_appends_the_index() -> None:
+    ds = IndexedDataset(dataset())
+    x, _, i = ds[4]
+    assert i == 4 and torch.equal(x, dataset()[4][0])
+    assert IndexedDataset([10, 20])[1] == (20, 1)
+    assert len(ds) == D
+
+
+# ------------------------------------------------------------------------- equivalence
+def test_kfold_training_equals_training_alone_on_the_training_folds() -> None:
+    k = 3
+    router = DataRouter.kfold(k, D, seed=0)
+    data = batches(batch_size=2)
+    models = make_models(k)
+    batch = ModelBatch(models)
+    opt = Adam(batch, lr=[0.01, 0.02, 0.05])
+    losses = modelbatch.train_one_epoch(batch, data, opt, F.cross_entropy, router=router)
+    assert losses.shape == (k,)
+    lrs = [0.01, 0.02, 0.05]
+    alone, skipped = [], 0
+    for i in range(k):
+        m, s = train_alone_weighted(
+            models[i],
+            lambda mm, i=i: torch.optim.Adam(mm.parameters(), lr=lrs[i]),
+            data,
+            router.train_weights[i],
+        )
+        alone.append(m)
+        skipped += s
+    assert skipped > 0  # the "model has no sample in this batch" path ran
+    assert_close_models(batch.extract_all(), alone, torch.float64, "k-fold")
+
+    # Held-out evaluation: each model on its own fold, as evaluated alone.
+    loader = DataLoader(IndexedDataset(dataset()), batch_size=7)
+    result = evaluate_held_out(batch, loader, router, F.cross_entropy)
+    x_all, y_all = dataset().tensors
+    assert router.folds is not None
+    for i, m in enumerate(alone):
+        held = router.folds == i
+        with torch.no_grad():
+            out = m(x_all[held])
+        acc = (out.argmax(-1) == y_all[held]).double().mean()
+        assert abs(float(result["accuracy"][i]) - float(acc)) < 1e-12
+        assert abs(float(result["loss"][i]) - float(F.cross_entropy(out, y_all[held]))) < 1e-10
+        assert float(result["count"][i]) == int(held.sum())
+
+
+def test_bootstrap_training_equals_training_alone_on_the_resample() -> None:
+    n = 3
+    router = DataRouter.bootstrap(n, D, seed=5)
+    data = batches(batch_size=6)
+    models = make_models(n)
+    batch = ModelBatch(models)
+    opt = SGD(batch, lr=0.1, momentum=0.9)
+    modelbatch.train_one_epoch(batch, data, opt, F.cross_entropy, router=router)
+    alone = [
+        train_alone_weighted(
+            models[i],
+            lambda mm: torch.optim.SGD(mm.parameters(), lr=0.1, momentum=0.9),
+            data,
+            router.train_weights[i],
+        )[0]
+        for i in range(n)
+    ]
+    assert_close_models(batch.extract_all(), alone, torch.float64, "bootstrap")
+    oob = evaluate_held_out(batch, DataLoader(IndexedDataset(dataset()), batch_size=10), router)
+    assert router.eval_weights is not None
+    assert torch.equal(oob["count"], router.eval_weights.double().sum(1))
+
+
+def test_per_model_inputs_with_routing() -> None:
+    """Per-model inputs [N, B, ...] (a different augmentation per model) through the same
+    API, combined with k-fold masks."""
+    k = 3
+    router = DataRouter.kfold(k, D, seed=1)
+    g = torch.Generator().manual_seed(9)
+    data = []
+    for x, y, idx in batches(batch_size=5, epochs=1):
+        noise = 0.1 * torch.randn(k, *x.shape, generator=g, dtype=x.dtype)
+        data.append((x.unsqueeze(0) + noise, y, idx))  # x: [N, B, 4]
+    models = make_models(k)
+    batch = ModelBatch(models)
+    opt = SGD(batch, lr=0.2)
+    modelbatch.train_one_epoch(batch, data, opt, F.cross_entropy, per_model=True, router=router)
+    alone = []
+    for i in range(k):
+        per_model_data = [(x[i], y, idx) for x, y, idx in data]
+        alone.append(
+            train_alone_weighted(
+                models[i],
+                lambda mm: torch.optim.SGD(mm.parameters(), lr=0.2),
+                per_model_data,
+                router.train_weights[i],
+            )[0]
+        )
+    assert_close_models(batch.extract_all(), alone, torch.float64, "per-model inputs")
+
+
+def test_skip_models_without_samples_restores_quarantine() -> None:
+    batch = ModelBatch(make_models(3))
+    batch.quarantine(2)
+    mask = torch.tensor([[1, 0], [0, 0], [1, 1]])
+    with skip_models_without_samples(batch, mask):
+        assert batch.active.tolist() == [True, False, False]
+    assert batch.active.tolist() == [True, True, False]
