@@ -1,8 +1,10 @@
 """A sweep of 8 configs as 2 Ray Tune trials, each training a bundle of 4 models as one ModelBatch.
 
-Run:  python examples/ray_tune_example.py          Needs: pip install 'modelbatch[ray]'
+Run:  python examples/ray_tune_example.py [results_dir]     Needs: pip install 'modelbatch[ray]'
 On a GPU cluster give each bundle its own GPU: resources_per_trial={"cpu": 4, "gpu": 1}.
 """
+
+import sys
 
 import ray
 import torch
@@ -30,6 +32,7 @@ if __name__ == "__main__":
     results = tune_bundles(
         make_model, configs, models_per_trial=4, train_loader=train, val_loader=val,
         loss_fn=F.cross_entropy, epochs=3, metric="accuracy", optimizer_cls=torch.optim.AdamW,
+        storage_path=sys.argv[1] if len(sys.argv) > 1 else None,  # default: ~/ray_results
     )
     best = max(results, key=lambda i: results[i].value)
     print(f"best: config {results[best].config}, accuracy {results[best].value:.3f}")

@@ -169,6 +169,18 @@ def test_evaluate_returns_per_model_metrics(tmp_path: Path) -> None:
     )
     assert trainer.model_batch.training  # evaluation restored train mode
 
+    pred = trainer.predict(_data(24, seed=1))
+    assert pred.predictions.shape == (3, 24, 3)  # [N, samples, classes]
+    for i, model in enumerate(models):
+        with torch.no_grad():
+            logits = model(**batch).logits.float().numpy()
+        assert abs(pred.predictions[i] - logits).max() < 1e-6
+        assert pred.metrics[f"test_loss_model_{i}"] == metrics[f"eval_loss_model_{i}"]
+    unlabelled = [{k: v for k, v in row.items() if k != "labels"} for row in _data(5)]
+    pred = trainer.predict(unlabelled)
+    assert pred.label_ids is None and pred.predictions.shape == (3, 5, 3)
+    assert not any("loss" in k for k in pred.metrics)
+
 
 def test_save_model_and_resume_from_checkpoint(tmp_path: Path) -> None:
     models = _bert_models()

@@ -77,7 +77,7 @@ def test_missing_ray_names_the_extra(monkeypatch):
                      epochs=1)
 
 
-def test_ray_tune_example_runs(ray_cluster, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["ray_tune_example.py"])
+def test_ray_tune_example_runs(ray_cluster, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["ray_tune_example.py", str(tmp_path)])
     runpy.run_path(str(EXAMPLES / "ray_tune_example.py"), run_name="__main__")
     assert "best: config" in capsys.readouterr().out

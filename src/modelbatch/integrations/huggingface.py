@@ -16,7 +16,7 @@ What changes compared with a plain ``Trainer``:
   and ``loss`` becomes the mean over models.
 * Gradient clipping (``max_grad_norm``) clips each model by its own norm, never by one
   global norm over all N models; the logged ``grad_norm`` is the mean of the per-model norms.
-* ``evaluate`` returns ``eval_loss_model_<id>``, ``eval_accuracy_model_<id>`` (for
+* ``evaluate`` (and ``predict``) returns ``eval_loss_model_<id>``, ``eval_accuracy_model_<id>`` (for
   classification labels of shape ``[B]``), every ``compute_metrics`` value per model, and
   their means over models (``eval_loss``, ...).
 * ``save_model`` writes the stacked weights as ``model.safetensors`` (what a checkpoint
@@ -132,6 +132,7 @@ class HFTrainerMixin:
         def get_optimizer_cls_and_kwargs(self, args: Any, model: Any) -> tuple[Any, Any]: ...
         def get_decay_parameter_names(self, model: Any) -> list[str]: ...
         def get_eval_dataloader(self, eval_dataset: Any = None) -> Any: ...
+        def get_test_dataloader(self, test_dataset: Any) -> Any: ...
         def _prepare_inputs(self, inputs: Any) -> Any: ...
 
     def __init__(
@@ -171,6 +172,9 @@ class HFTrainerMixin:
         self.last_grad_norms: Tensor | None = None
 
     # ------------------------------------------------------------------ set-up
+    def _label_name(self) -> str:
+        return self.label_names[0] if self.label_names else "labels"
+
     def _template(self) -> torch.nn.Module:
         return cast(torch.nn.Module, self.model_batch._template)
 
@@ -226,21 +230,28 @@ class HFTrainerMixin:
         return optimizer
 
     # ------------------------------------------------------------------ loss
-    def _forward(self, model: Any, inputs: Mapping[str, Any]) -> tuple[Any, Tensor]:
+    def _forward(
+        self, model: Any, inputs: Mapping[str, Any], need_loss: bool = True
+    ) -> tuple[Any, Tensor | None]:
+        """``(outputs, summed loss)``; the loss is None when absent and ``need_loss`` is off."""
         inputs = dict(inputs)
         if "use_cache" in self._template_params:
             inputs.setdefault("use_cache", False)  # a KV cache object cannot leave vmap
         labels: Any = None
         if self.loss_fn is not None:
-            labels = inputs.pop(self.label_names[0] if self.label_names else "labels", None)
-            if labels is None:
+            labels = inputs.pop(self._label_name(), None)
+            if labels is None and need_loss:
                 raise ValueError(f"loss_fn needs labels; the inputs hold {sorted(inputs)}")
         outputs = model(**inputs)
         batch = self.model_batch
         if self.loss_fn is not None:
+            if labels is None:
+                return outputs, None
             logits = _first_output(outputs, "logits", 0)
             return outputs, batch.compute_loss(logits, labels, self.loss_fn)
         losses = _first_output(outputs, "loss", 0)
+        if not need_loss and not (isinstance(losses, Tensor) and losses.shape == (len(batch),)):
+            return outputs, None
         if not isinstance(losses, Tensor) or losses.shape != (len(batch),):
             got = "nothing" if losses is None else f"shape {tuple(getattr(losses, 'shape', ()))}"
             raise ValueError(
@@ -263,6 +274,7 @@ class HFTrainerMixin:
         training, accumulated for the ``loss_model_<id>`` logs.
         """
         outputs, total = self._forward(model, inputs)
+        assert total is not None
         losses = self.model_batch.latest_losses
         if self.model_batch.training and losses is not None:
             d = losses.double()
@@ -319,6 +331,89 @@ class HFTrainerMixin:
         return type(out)(out.global_step, loss, out.metrics)
 
     # ------------------------------------------------------------------ evaluation
+    def _eval_loop(self, loader: Any, collect: bool) -> dict[str, Any]:
+        """One pass over ``loader`` in eval mode: per-model loss sums, correct counts, and
+        (with ``collect``) every batch's ``[N, B, ...]`` logits and labels."""
+        batch = self.model_batch
+        n = len(batch)
+        loss_sum = torch.zeros(n, dtype=torch.float64, device=batch.device)
+        correct = torch.zeros(n, dtype=torch.float64, device=batch.device)
+        found: dict[str, Any] = {"count": 0, "steps": 0, "has_loss": True, "has_accuracy": True}
+        logits_list: list[Tensor] = []
+        labels_list: list[Tensor] = []
+        was_training, previous = batch.training, batch.latest_losses
+        batch.eval()
+        try:
+            with torch.no_grad():
+                for inputs in loader:
+                    inputs = self._prepare_inputs(inputs)
+                    outputs, total = self._forward(self.model, inputs, need_loss=False)
+                    labels = inputs.get(self._label_name())
+                    # A tuple output starts with the loss when the models computed one.
+                    with_loss = total is not None and self.loss_fn is None
+                    logits = _first_output(outputs, "logits", 1 if with_loss else 0)
+                    b = _batch_size(inputs, labels)
+                    found["count"] += b
+                    found["steps"] += 1
+                    if total is None or batch.latest_losses is None:
+                        found["has_loss"] = False
+                    else:
+                        loss_sum += batch.latest_losses.double() * b
+                    if (
+                        isinstance(labels, Tensor)
+                        and isinstance(logits, Tensor)
+                        and labels.dim() == 1
+                        and logits.dim() == 3
+                    ):
+                        correct += (logits.argmax(-1) == labels).double().sum(dim=1)
+                    else:
+                        found["has_accuracy"] = False
+                    if collect:
+                        if not isinstance(logits, Tensor):
+                            raise ValueError("the models returned no logits to collect")
+                        logits_list.append(logits.detach().float().cpu())
+                        if isinstance(labels, Tensor):
+                            labels_list.append(labels.detach().cpu())
+        finally:
+            batch.train(was_training)
+            batch.latest_losses = previous
+        count = found["count"]
+        if count == 0:
+            raise ValueError("the dataset yielded no batches")
+        per_model: dict[str, list[float]] = {}
+        if found["has_loss"]:
+            per_model["loss"] = (loss_sum / count).tolist()
+        if found["has_accuracy"]:
+            per_model["accuracy"] = (correct / count).tolist()
+        found["per_model"] = per_model
+        if collect:
+            try:
+                found["logits"] = torch.cat(logits_list, dim=1)  # [N, samples, ...]
+                found["labels"] = (
+                    torch.cat(labels_list) if len(labels_list) == found["steps"] else None
+                )
+            except RuntimeError as e:
+                raise ValueError(
+                    "logits and labels must have the same shape in every batch (pad to a fixed "
+                    f"length): {e}"
+                ) from None
+        return found
+
+    def _finish_metrics(
+        self, per_model: Mapping[str, list[float]], prefix: str, start: float, found: Mapping
+    ) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for name, values in per_model.items():
+            for mid, v in zip(self.model_batch.model_ids, values, strict=True):
+                metrics[f"{prefix}_{name}_model_{mid}"] = v
+            metrics[f"{prefix}_{name}"] = sum(values) / len(values)
+        metrics.update(
+            transformers.trainer_utils.speed_metrics(
+                prefix, start, num_samples=found["count"], num_steps=found["steps"]
+            )
+        )
+        return metrics
+
     def evaluate(
         self,
         eval_dataset: Any = None,
@@ -341,93 +436,51 @@ class HFTrainerMixin:
                     )
                 )
             return metrics
-        loader = self.get_eval_dataloader(eval_dataset)
         start = time.time()
-        batch = self.model_batch
-        n = len(batch)
-        device = batch.device
-        loss_sum = torch.zeros(n, dtype=torch.float64, device=device)
-        correct = torch.zeros(n, dtype=torch.float64, device=device)
-        count, steps, accuracy_ok = 0, 0, True
-        all_logits: list[Tensor] = []
-        all_labels: list[Tensor] = []
-        compute_metrics = self.compute_metrics
-        label_name = self.label_names[0] if self.label_names else "labels"
-        was_training, previous = batch.training, batch.latest_losses
-        batch.eval()
-        try:
-            with torch.no_grad():
-                for inputs in loader:
-                    inputs = self._prepare_inputs(inputs)
-                    outputs, _ = self._forward(self.model, inputs)
-                    assert batch.latest_losses is not None
-                    labels = inputs.get(label_name)
-                    logits = _first_output(outputs, "logits", 1 if self.loss_fn is None else 0)
-                    b = _batch_size(inputs, labels)
-                    loss_sum += batch.latest_losses.double() * b
-                    count += b
-                    steps += 1
-                    if (
-                        isinstance(labels, Tensor)
-                        and isinstance(logits, Tensor)
-                        and labels.dim() == 1
-                        and logits.dim() == 3
-                    ):
-                        correct += (logits.argmax(-1) == labels).double().sum(dim=1)
-                    else:
-                        accuracy_ok = False
-                    if compute_metrics is not None:
-                        if not (isinstance(logits, Tensor) and isinstance(labels, Tensor)):
-                            raise ValueError(
-                                "compute_metrics needs logits and labels in every batch"
-                            )
-                        all_logits.append(logits.detach().float().cpu())
-                        all_labels.append(labels.detach().cpu())
-        finally:
-            batch.train(was_training)
-            batch.latest_losses = previous
-        if count == 0:
-            raise ValueError("the evaluation dataset yielded no batches")
-        ids = batch.model_ids
-        per_model: dict[str, list[float]] = {"loss": (loss_sum / count).tolist()}
-        if accuracy_ok:
-            per_model["accuracy"] = (correct / count).tolist()
-        if compute_metrics is not None:
-            per_model.update(self._per_model_compute_metrics(all_logits, all_labels))
-        metrics = {}
-        for name, values in per_model.items():
-            for mid, v in zip(ids, values, strict=True):
-                metrics[f"{metric_key_prefix}_{name}_model_{mid}"] = v
-            finite = [v for v in values if isinstance(v, (int, float))]
-            if len(finite) == len(values):
-                metrics[f"{metric_key_prefix}_{name}"] = sum(finite) / len(finite)
-        metrics.update(
-            transformers.trainer_utils.speed_metrics(
-                metric_key_prefix, start, num_samples=count, num_steps=steps
-            )
+        found = self._eval_loop(
+            self.get_eval_dataloader(eval_dataset), collect=self.compute_metrics is not None
         )
+        per_model = dict(found["per_model"])
+        if self.compute_metrics is not None:
+            if found["labels"] is None:
+                raise ValueError("compute_metrics needs labels in every evaluation batch")
+            per_model.update(self._per_model_compute_metrics(found["logits"], found["labels"]))
+        metrics = self._finish_metrics(per_model, metric_key_prefix, start, found)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(
             self.args, self.state, self.control, metrics
         )
         return metrics
 
-    def _per_model_compute_metrics(
-        self, logits: list[Tensor], labels: list[Tensor]
-    ) -> dict[str, list[float]]:
-        try:
-            stacked_logits = torch.cat(logits, dim=1)  # [N, samples, ...]
-            stacked_labels = torch.cat(labels, dim=0)
-        except RuntimeError as e:
-            raise ValueError(
-                "compute_metrics needs logits and labels of the same shape in every batch "
-                f"(pad to a fixed length): {e}"
-            ) from None
-        label_ids = stacked_labels.numpy()
+    def predict(
+        self,
+        test_dataset: Any,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "test",
+    ) -> Any:
+        """Every model's predictions: a ``PredictionOutput`` whose ``predictions`` are the
+        ``[N, samples, ...]`` logits, with ``label_ids`` (if the data has labels) and the
+        per-model metrics of :meth:`evaluate` (prefix ``test``)."""
+        start = time.time()
+        found = self._eval_loop(self.get_test_dataloader(test_dataset), collect=True)
+        per_model = dict(found["per_model"])
+        if self.compute_metrics is not None and found["labels"] is not None:
+            per_model.update(self._per_model_compute_metrics(found["logits"], found["labels"]))
+        metrics = self._finish_metrics(per_model, metric_key_prefix, start, found)
+        labels = found["labels"]
+        return transformers.trainer_utils.PredictionOutput(
+            predictions=found["logits"].numpy(),
+            label_ids=None if labels is None else labels.numpy(),
+            metrics=metrics,
+        )
+
+    def _per_model_compute_metrics(self, logits: Tensor, labels: Tensor) -> dict[str, list[float]]:
+        """``compute_metrics`` called once per model on its ``[samples, ...]`` logits."""
+        label_ids = labels.numpy()
         out: dict[str, list[float]] = {}
-        for i in range(stacked_logits.shape[0]):
+        for i in range(logits.shape[0]):
             prediction = transformers.EvalPrediction(
-                predictions=stacked_logits[i].numpy(), label_ids=label_ids
+                predictions=logits[i].numpy(), label_ids=label_ids
             )
             for name, value in self.compute_metrics(prediction).items():
                 out.setdefault(name, []).append(float(value))
