@@ -97,6 +97,8 @@ def run_bundle(
     use_gpu = torch.cuda.is_available() and len(ray.get_gpu_ids()) > 0
     device = torch.device("cuda") if use_gpu else torch.device("cpu")
     models = [make_model(c) for c in bundle_configs]
+    # ray.tune.report since Ray 2.41; ray.train.report before.
+    report_fn = getattr(tune, "report", None) or require("ray.train", "ray").report
 
     def report(epoch: int, results: dict[ModelId, ConfigResult]) -> None:
         metrics: dict[str, Any] = {"epoch": epoch + 1}
@@ -121,7 +123,7 @@ def run_bundle(
             for mid, res in results.items()
         }
         metrics[RESULTS_KEY] = json.dumps(payload)
-        tune.report(metrics)
+        report_fn(metrics)
 
     train_bundle(
         models,
@@ -213,13 +215,15 @@ def tune_bundles(
         optimizer_cls=optimizer_cls,
     )
     resources = dict(resources_per_trial or {"cpu": 1})
+    # ray.tune.RunConfig since Ray 2.41; ray.train.RunConfig before.
+    run_config_cls = getattr(tune, "RunConfig", None) or require("ray.train", "ray").RunConfig
     tuner = tune.Tuner(
         tune.with_resources(trainable, resources),
         param_space={"bundle": tune.grid_search(list(range(len(bundles))))},
         tune_config=tune.TuneConfig(
             metric=f"best_{metric}", mode=mode, max_concurrent_trials=max_concurrent_trials
         ),
-        run_config=tune.RunConfig(
+        run_config=run_config_cls(
             name=name,
             storage_path=None if storage_path is None else os.fspath(storage_path),
             verbose=verbose,
