@@ -8,7 +8,6 @@ import json
 import os
 import pickle
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -408,19 +407,6 @@ def test_loading_never_unpickles(
     batch, opt, sched = build(100, seeded=False)
     batch.load_all(saved[0], opt, scheduler=sched)
     load_model(saved[0], "a", mlp())
-
-
-# --------------------------------------------------------------------------- docs
-DOC = ROOT / "docs" / "readme" / "data_checkpoints.md"
-
-
-def test_docs_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
-    assert len(blocks) >= 4
-    monkeypatch.chdir(tmp_path)
-    namespace: dict[str, Any] = {"__name__": "__doc_example__"}
-    for code in blocks:
-        exec(compile(code, str(DOC), "exec"), namespace)  # the blocks build on each other
 
 
 @pytest.mark.cuda

@@ -64,7 +64,10 @@ def reference(
     models: list[nn.Module], opt_name: str, data: list[tuple[Tensor, Tensor]]
 ) -> list[nn.Module]:
     return train_alone(
-        models, OPTIMIZERS[opt_name][1], data, F.cross_entropy,
+        models,
+        OPTIMIZERS[opt_name][1],
+        data,
+        F.cross_entropy,
         make_scheduler=lambda i, o: step_lr(o),
     )
 

@@ -143,7 +143,9 @@ class CudaGraphStep:
             if x.device != device:
                 raise ValueError(f"example input {k} is on {x.device}, the batch on {device}")
         if example_targets.device != device:
-            raise ValueError(f"example targets are on {example_targets.device}, the batch on {device}")
+            raise ValueError(
+                f"example targets are on {example_targets.device}, the batch on {device}"
+            )
         self._static_inputs = tuple(x.detach().clone() for x in inputs)
         self._static_targets = example_targets.detach().clone()
         self.masked = bool(quarantine_aware) or not batch.all_active
@@ -188,9 +190,7 @@ class CudaGraphStep:
     def _snapshot(self) -> dict[str, Any]:
         with torch.no_grad():
             return {
-                "tensors": [
-                    (t, t.detach().clone()) for t in self._stateful_tensors()
-                ],
+                "tensors": [(t, t.detach().clone()) for t in self._stateful_tensors()],
                 "rng": torch.cuda.get_rng_state(self.batch.device),
             }
 
@@ -208,14 +208,11 @@ class CudaGraphStep:
 
     def _optimizer_tensors(self) -> list[Tensor]:
         return [
-            v
-            for s in self.optimizer.state.values()
-            for v in s.values()
-            if isinstance(v, Tensor)
+            v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, Tensor)
         ]
 
     def _stateful_tensors(self) -> list[Tensor]:
-        out = [p for _, p in self.batch.stacked_parameters()]
+        out: list[Tensor] = [p for _, p in self.batch.stacked_parameters()]
         out += [b for _, b in self.batch.stacked_buffers()]
         out += self._optimizer_tensors()
         return out

@@ -57,30 +57,75 @@ def _parser() -> argparse.ArgumentParser:
         "one process per model, on one device, in one run.",
     )
     p.add_argument("--arch", choices=("mlp", "resnet8"), default="mlp")
-    p.add_argument("--models", type=int, nargs="+", default=[1, 16, 64, 256, 512],
-                   help="numbers of models N to measure")
-    p.add_argument("--precision", choices=("fp32", "bf16"), nargs="+", default=["fp32"],
-                   help="fp32, and/or bf16 autocast with float32 master weights")
-    p.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(ALL_METHODS),
-                   help="methods to run (default: all that the device supports)")
-    p.add_argument("--compile-models", type=int, nargs="*", default=None,
-                   help="run the compile methods only at these N (compiling is slow)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default benchmarks/results/<date>-<device>)")
-    p.add_argument("--data", type=Path, default=None,
-                   help="folder with the CIFAR-10 python batches (default: random tensors)")
+    p.add_argument(
+        "--models",
+        type=int,
+        nargs="+",
+        default=[1, 16, 64, 256, 512],
+        help="numbers of models N to measure",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        nargs="+",
+        default=["fp32"],
+        help="fp32, and/or bf16 autocast with float32 master weights",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=ALL_METHODS,
+        default=list(ALL_METHODS),
+        help="methods to run (default: all that the device supports)",
+    )
+    p.add_argument(
+        "--compile-models",
+        type=int,
+        nargs="*",
+        default=None,
+        help="run the compile methods only at these N (compiling is slow)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default benchmarks/results/<date>-<device>)",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="folder with the CIFAR-10 python batches (default: random tensors)",
+    )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="images per model per step (default 256 for mlp, 128 for resnet8)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per model per step (default 256 for mlp, 128 for resnet8)",
+    )
     p.add_argument("--steps", type=int, default=20, help="steps per timing window (max)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--repeats", type=int, default=3, help="timing windows (median reported)")
-    p.add_argument("--target-seconds", type=float, default=1.0,
-                   help="shorten a window to about this long for slow cells")
-    p.add_argument("--max-procs", type=int, default=16,
-                   help="largest K for the one-process-per-model method")
-    p.add_argument("--channels-last", action="store_true",
-                   help="experiment: feed conv inputs in channels_last memory format")
+    p.add_argument(
+        "--target-seconds",
+        type=float,
+        default=1.0,
+        help="shorten a window to about this long for slow cells",
+    )
+    p.add_argument(
+        "--max-procs", type=int, default=16, help="largest K for the one-process-per-model method"
+    )
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="experiment: feed conv inputs in channels_last memory format",
+    )
+    p.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="set torch.backends.cudnn.benchmark (cuDNN autotuning) for every method",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -119,8 +164,7 @@ def _row(ctx: Any, r: Any, meta: dict[str, Any], ref_throughput: float | None) -
     flops = meta["flops_per_image"] * images / seconds
     elem = 2 if ctx.precision == "bf16" else 4
     traffic = (
-        images * meta["act_bytes_per_image"][str(elem)]
-        + r.n_models * meta["params_per_model"] * 40
+        images * meta["act_bytes_per_image"][str(elem)] + r.n_models * meta["params_per_model"] * 40
     )
     row["tflops"] = flops / 1e12
     row["tflops_frac"] = flops / ceil["matmul_flops"]
@@ -134,11 +178,15 @@ def _row(ctx: Any, r: Any, meta: dict[str, Any], ref_throughput: float | None) -
 _MB_METHODS = ("eager", "compile", "cudagraph", "compile-cudagraph")
 
 
-def _best(rows: Sequence[dict[str, Any]], methods: Sequence[str], n: int,
-          precision: str | None = None) -> dict[str, Any] | None:
+def _best(
+    rows: Sequence[dict[str, Any]], methods: Sequence[str], n: int, precision: str | None = None
+) -> dict[str, Any] | None:
     cands = [
-        r for r in rows
-        if r["method"] in methods and r["n_models"] == n and r.get("model_images_per_s")
+        r
+        for r in rows
+        if r["method"] in methods
+        and r["n_models"] == n
+        and r.get("model_images_per_s")
         and (precision is None or r["precision"] == precision)
     ]
     return max(cands, key=lambda r: r["model_images_per_s"]) if cands else None
@@ -158,47 +206,83 @@ def _checks(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> list[tuple[
     if meta["arch"] == "resnet8":
         best = _best(rows, _MB_METHODS, 256, "bf16")
         if best:
-            out.append(("ResNet-8 N=256 bf16 >= 1.0M model-images/s", desc(best),
-                        verdict(best["model_images_per_s"] >= 1.0e6)))
+            out.append(
+                (
+                    "ResNet-8 N=256 bf16 >= 1.0M model-images/s",
+                    desc(best),
+                    verdict(best["model_images_per_s"] >= 1.0e6),
+                )
+            )
             rec = _best(rows, ("recipe", "recipe-bf16params"), 256)
             if rec:
                 ratio = best["model_images_per_s"] / rec["model_images_per_s"]
-                out.append(("ResNet-8 N=256 >= 4x the recipe's best",
-                            f"{ratio:.2f}x (recipe {desc(rec)})", verdict(ratio >= 4)))
+                out.append(
+                    (
+                        "ResNet-8 N=256 >= 4x the recipe's best",
+                        f"{ratio:.2f}x (recipe {desc(rec)})",
+                        verdict(ratio >= 4),
+                    )
+                )
             if seq:
                 ratio = best["model_images_per_s"] / seq
-                out.append(("ResNet-8 N=256 >= 34x sequential fp32", f"{ratio:.1f}x",
-                            verdict(ratio >= 34)))
+                out.append(
+                    ("ResNet-8 N=256 >= 34x sequential fp32", f"{ratio:.1f}x", verdict(ratio >= 34))
+                )
         for r in rows:
             if r["method"] in _MB_METHODS and r["precision"] == "bf16" and r["status"] == "error":
-                out.append((f"bf16 autocast with BatchNorm ({r['method']} N={r['n_models']})",
-                            r["note"][:80], "NOT met"))
+                out.append(
+                    (
+                        f"bf16 autocast with BatchNorm ({r['method']} N={r['n_models']})",
+                        r["note"][:80],
+                        "NOT met",
+                    )
+                )
                 break
     if meta["arch"] == "mlp" and seq:
         for n, target in ((32, 100), (4096, 300)):
             best = _best(rows, _MB_METHODS, n)
             if best:
                 ratio = best["model_images_per_s"] / seq
-                out.append((f"MLP N={n} >= {target}x sequential", f"{ratio:.0f}x ({desc(best)})",
-                            verdict(ratio >= target)))
-    over = [r for r in rows if r["method"] in _MB_METHODS and r.get("mem_bound_bytes")
-            and r.get("peak_mem_bytes")]
+                out.append(
+                    (
+                        f"MLP N={n} >= {target}x sequential",
+                        f"{ratio:.0f}x ({desc(best)})",
+                        verdict(ratio >= target),
+                    )
+                )
+    over = [
+        r
+        for r in rows
+        if r["method"] in _MB_METHODS and r.get("mem_bound_bytes") and r.get("peak_mem_bytes")
+    ]
     if over:
         bad = [r for r in over if r["peak_mem_bytes"] > r["mem_bound_bytes"]]
         worst = max(over, key=lambda r: r["peak_mem_bytes"] / r["mem_bound_bytes"])
-        out.append(("peak <= 1.5 GB + 1.1 x N x one model's working set",
-                    f"worst {worst['peak_mem_bytes'] / worst['mem_bound_bytes']:.2f} of the bound "
-                    f"({worst['method']} {worst['precision']} N={worst['n_models']})",
-                    verdict(not bad)))
+        out.append(
+            (
+                "peak <= 1.5 GB + 1.1 x N x one model's working set",
+                f"worst {worst['peak_mem_bytes'] / worst['mem_bound_bytes']:.2f} of the bound "
+                f"({worst['method']} {worst['precision']} N={worst['n_models']})",
+                verdict(not bad),
+            )
+        )
     shares = [r for r in rows if r.get("opt_share") is not None]
     if shares:
-        n_max = 1024 if any(r["n_models"] == 1024 for r in shares) else max(
-            r["n_models"] for r in shares)
+        n_max = (
+            1024
+            if any(r["n_models"] == 1024 for r in shares)
+            else max(r["n_models"] for r in shares)
+        )
         for r in shares:
             if r["n_models"] == n_max:
-                out.append((f"optimizer share of the step at N={n_max} ({r['method']} "
-                            f"{r['precision']})", f"{100 * r['opt_share']:.0f}%",
-                            "reported"))
+                out.append(
+                    (
+                        f"optimizer share of the step at N={n_max} ({r['method']} "
+                        f"{r['precision']})",
+                        f"{100 * r['opt_share']:.0f}%",
+                        "reported",
+                    )
+                )
     return out
 
 
@@ -209,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from modelbatch.bench.measure import measure_ceilings
     from modelbatch.bench.methods import BenchContext, MethodResult, run_method
-    from modelbatch.bench.report import write_csv, write_markdown, write_plots
+    from modelbatch.bench.report import _si, write_csv, write_markdown, write_plots
     from modelbatch.bench.workloads import (
         count_flops_per_image,
         estimate_activation_bytes_per_image,
@@ -226,6 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("modelbatch bench: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
     wl = get_workload(args.arch, args.batch_size)
     device_name = _device_name(device)
     date = _dt.date.today().isoformat()
@@ -246,8 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": date,
-        "command": "modelbatch bench " + shlex.join(
-            list(sys.argv[1:] if argv is None else argv)),
+        "command": "modelbatch bench " + shlex.join(list(sys.argv[1:] if argv is None else argv)),
         "batch_per_model": wl.batch_size,
         "params_per_model": sum(p.numel() for p in probe.parameters()),
         "flops_per_image": count_flops_per_image(probe, wl.input_shape),
@@ -255,6 +340,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             str(e): estimate_activation_bytes_per_image(probe, wl.input_shape, e) for e in (2, 4)
         },
         "data": data_desc,
+        "cudnn_benchmark": bool(args.cudnn_benchmark),
+        "tf32": {
+            "matmul": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn": torch.backends.cudnn.allow_tf32,
+        },
         "ceilings": {},
         "working_set_bytes": {},
     }
@@ -266,17 +356,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
 
+    stem = f"bench-{wl.name}"
+
+    def flush() -> list[tuple[str, str, str]]:
+        # Rewritten after every cell, so a run cut short still leaves its results.
+        write_csv(rows, out_dir / f"{stem}.csv")
+        checks = _checks(rows, meta)
+        write_markdown(rows, meta, out_dir / f"{stem}.md", checks)
+        payload = {"meta": meta, "rows": rows, "checks": checks, "errors": errors}
+        (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=1, default=str))
+        return checks
+
     def emit(ctx: BenchContext, r: MethodResult, ref: float | None) -> None:
         row = _row(ctx, r, meta, ref)
         rows.append(row)
         if "traceback" in r.extra:
-            errors.append({"method": r.method, "n": r.n_models, "precision": ctx.precision,
-                           "traceback": r.extra["traceback"]})
+            errors.append(
+                {
+                    "method": r.method,
+                    "n": r.n_models,
+                    "precision": ctx.precision,
+                    "traceback": r.extra["traceback"],
+                }
+            )
         ips = row.get("model_images_per_s")
         shown = f"{ips / 1e3:10.1f}k img/s" if ips else f"{r.status:>16}"
         ms = f"{r.step_ms:9.3f} ms" if r.step_ms else " " * 12
-        print(f"[{ctx.precision}] {r.method:18s} N={r.n_models:<5d} {ms} {shown}  {r.note}",
-              flush=True)
+        print(
+            f"[{ctx.precision}] {r.method:18s} N={r.n_models:<5d} {ms} {shown}  {r.note}",
+            flush=True,
+        )
+        flush()
 
     print(f"modelbatch bench: {wl.name} on {device_name}; output in {out_dir}", flush=True)
     ref_throughput: float | None = None
@@ -284,11 +394,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         dtype = torch.bfloat16 if prec == "bf16" else torch.float32
         c = measure_ceilings(device, dtype)
         meta["ceilings"][prec] = vars(c)
-        print(f"[{prec}] ceilings: matmul {c.matmul_flops / 1e9:.1f} GFLOP/s, "
-              f"copy {c.copy_bytes_per_s / 1e9:.1f} GB/s", flush=True)
-        ctx = BenchContext(wl, device, prec, batches, args.warmup, args.steps, args.repeats,
-                           args.target_seconds, seed=args.seed, max_procs=args.max_procs,
-                           channels_last=args.channels_last)
+        print(
+            f"[{prec}] ceilings: matmul {c.matmul_flops / 1e9:.1f} GFLOP/s, "
+            f"copy {c.copy_bytes_per_s / 1e9:.1f} GB/s",
+            flush=True,
+        )
+        ctx = BenchContext(
+            wl,
+            device,
+            prec,
+            batches,
+            args.warmup,
+            args.steps,
+            args.repeats,
+            args.target_seconds,
+            seed=args.seed,
+            max_procs=args.max_procs,
+            channels_last=args.channels_last,
+        )
         if "sequential" in methods:
             r = run_method(ctx, "sequential", 1)
             if r.status == "ok" and r.peak_bytes is not None:
@@ -302,32 +425,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         for n in args.models:
             for method in methods:
-                if method == "sequential":
+                if method == "sequential" or (method == "recipe-bf16params" and prec != "bf16"):
                     continue
-                if (method.startswith("compile") and args.compile_models is not None
-                        and n not in args.compile_models):
+                if (
+                    method.startswith("compile")
+                    and args.compile_models is not None
+                    and n not in args.compile_models
+                ):
                     continue
                 emit(ctx, run_method(ctx, method, n), ref_throughput)
 
-    stem = f"bench-{wl.name}"
-    write_csv(rows, out_dir / f"{stem}.csv")
-    checks = _checks(rows, meta)
-    write_markdown(rows, meta, out_dir / f"{stem}.md", checks)
-    (out_dir / f"{stem}.json").write_text(
-        json.dumps({"meta": meta, "rows": rows, "checks": checks, "errors": errors}, indent=1,
-                   default=str)
-    )
+    checks = flush()
     if not args.no_plots:
         write_plots(rows, meta, out_dir, stem)
     print("\nmethod              prec  N      model-img/s  vs seq   peak mem")
-    for r in rows:
-        ips = r.get("model_images_per_s")
-        sp = r.get("speedup_vs_sequential")
-        mem = r.get("peak_mem_bytes")
-        print(f"{r['method']:19s} {r['precision']:5s} {r['n_models']:<6d} "
-              f"{(f'{ips / 1e6:.4f}M' if ips else r['status']):>11s}  "
-              f"{(f'{sp:.1f}x' if sp else '-'):>6s}  "
-              f"{(f'{mem / 2**30:.2f} GiB' if mem else '-')}")
+    for row in rows:
+        ips = row.get("model_images_per_s")
+        sp = row.get("speedup_vs_sequential")
+        mem = row.get("peak_mem_bytes")
+        print(
+            f"{row['method']:19s} {row['precision']:5s} {row['n_models']:<6d} "
+            f"{(_si(ips) if ips else row['status']):>11s}  "
+            f"{(f'{sp:.1f}x' if sp else '-'):>6s}  "
+            f"{(f'{mem / 2**30:.2f} GiB' if mem else '-')}"
+        )
     for target, measured, verdict in checks:
         print(f"target: {target}: {measured} -> {verdict}")
     print(f"wrote {out_dir / stem}.{{csv,md,json}}" + ("" if args.no_plots else " and plots"))

@@ -210,12 +210,10 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> Ceilings:
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     t_mm = _best_time(lambda: torch.mm(a, b), device, 10 if gpu else 5)
-    del a, b
     nbytes = (1 << 30) if gpu else (64 << 20)
     src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).uniform_()
     dst = torch.empty_like(src)
     t_cp = _best_time(lambda: dst.copy_(src), device, 10 if gpu else 5)
-    del src, dst
     return Ceilings(
         matmul_flops=2.0 * n**3 / t_mm,
         matmul_dtype=str(dtype).replace("torch.", ""),

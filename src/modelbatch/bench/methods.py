@@ -123,9 +123,7 @@ def _prepared_batches(ctx: BenchContext, dtype: torch.dtype | None = None) -> li
     return out
 
 
-def _timed(
-    ctx: BenchContext, step: Callable[[int], Any], result: MethodResult, n: int
-) -> Timing:
+def _timed(ctx: BenchContext, step: Callable[[int], Any], result: MethodResult, n: int) -> Timing:
     with UtilSampler(ctx.device) as util:
         timing = time_steps(
             step,
@@ -206,8 +204,9 @@ def _recipe(ctx: BenchContext, n: int, result: MethodResult, bf16_params: bool) 
         result.note = "all parameters and inputs bf16, no autocast"
 
 
-def _modelbatch(ctx: BenchContext, n: int, result: MethodResult, compiled: bool,
-                graph: bool) -> None:
+def _modelbatch(
+    ctx: BenchContext, n: int, result: MethodResult, compiled: bool, graph: bool
+) -> None:
     import modelbatch
     from modelbatch.speed import compile_optimizer
 
@@ -317,8 +316,18 @@ def _processes(ctx: BenchContext, n: int, result: MethodResult) -> None:
     procs = [
         spawn.Process(
             target=_proc_worker,
-            args=(r, ctx.workload.name, ctx.workload.batch_size, ctx.precision, ctx.lr,
-                  max(ctx.warmup, 3), steps, ctx.seed, barrier, results_q),
+            args=(
+                r,
+                ctx.workload.name,
+                ctx.workload.batch_size,
+                ctx.precision,
+                ctx.lr,
+                max(ctx.warmup, 3),
+                steps,
+                ctx.seed,
+                barrier,
+                results_q,
+            ),
             daemon=True,
         )
         for r in range(n)

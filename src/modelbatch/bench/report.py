@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,7 +86,7 @@ def scaling_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         steps = []
         saturates = None
-        for (n0, t0), (n1, t1) in zip(pts, pts[1:], strict=False):
+        for (n0, t0), (n1, t1) in itertools.pairwise(pts):
             doublings = math.log2(n1 / n0)
             cost_ratio = (t0 / t1) ** (1 / doublings)  # per-image cost ratio per doubling
             gain = (t1 / t0) ** (1 / doublings)
@@ -97,7 +98,9 @@ def scaling_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_markdown(
-    rows: Sequence[dict[str, Any]], meta: dict[str, Any], path: Path,
+    rows: Sequence[dict[str, Any]],
+    meta: dict[str, Any],
+    path: Path,
     checks: Sequence[tuple[str, str, str]] = (),
 ) -> str:
     """The markdown report (also returned): setup, the main table, scaling and checks."""
@@ -118,9 +121,12 @@ def write_markdown(
     for prec, ws in meta.get("working_set_bytes", {}).items():
         if ws:
             lines.append(f"- one model's training working set ({prec}): {_si(ws, 'B')}")
-    lines += ["", "| precision | method | N | model-images/s | vs sequential | step ms | "
-              "peak mem | per model | GPU util | TFLOP/s (frac) | B/s (frac) | opt share | note |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| precision | method | N | model-images/s | vs sequential | step ms | "
+        "peak mem | per model | GPU util | TFLOP/s (frac) | B/s (frac) | opt share | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r["status"] != "ok":
             lines.append(
@@ -141,8 +147,11 @@ def write_markdown(
         )
     scaling = scaling_summary(rows)
     if scaling:
-        lines += ["", "## Scaling (cost per model-image, ratio per doubling of N; target <= 1.2)",
-                  ""]
+        lines += [
+            "",
+            "## Scaling (cost per model-image, ratio per doubling of N; target <= 1.2)",
+            "",
+        ]
         for s in scaling:
             parts = ", ".join(f"{a}->{b}: {ratio:.2f}" for a, b, ratio in s["steps"])
             sat = s["saturates_at"]
@@ -157,8 +166,9 @@ def write_markdown(
     return text
 
 
-def write_plots(rows: Sequence[dict[str, Any]], meta: dict[str, Any], out_dir: Path,
-                stem: str) -> list[Path]:
+def write_plots(
+    rows: Sequence[dict[str, Any]], meta: dict[str, Any], out_dir: Path, stem: str
+) -> list[Path]:
     """Throughput and peak memory against N (log-log), one line per (method, precision)."""
     try:
         import matplotlib

@@ -14,8 +14,18 @@ from typing import Any
 __all__ = [
     "BatchLightningModule",
     "BundledTrainer",
+    "CSVLogger",
+    "ConfigResult",
     "HFTrainerMixin",
+    "JSONLLogger",
+    "TensorBoardLogger",
+    "WandbLogger",
+    "create_sqlite_study",
+    "log_batch_metrics",
+    "optimize_batched",
     "require",
+    "sweep",
+    "tune_bundles",
 ]
 
 # Public name -> the integration module (relative to this package) that defines it.
@@ -23,6 +33,16 @@ _LAZY: dict[str, str] = {
     "BatchLightningModule": "lightning",
     "BundledTrainer": "huggingface",
     "HFTrainerMixin": "huggingface",
+    "CSVLogger": "logging",
+    "JSONLLogger": "logging",
+    "TensorBoardLogger": "logging",
+    "WandbLogger": "logging",
+    "log_batch_metrics": "logging",
+    "sweep": "sweep",
+    "ConfigResult": "sweep",
+    "optimize_batched": "optuna",
+    "create_sqlite_study": "optuna",
+    "tune_bundles": "ray_tune",
 }
 
 

@@ -1,0 +1,196 @@
+"""CPU smoke test of ``modelbatch bench`` (the files it writes, their columns) and of the
+workloads and the CIFAR-10 loader. Timings are never asserted."""
+
+from __future__ import annotations
+
+import csv
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from modelbatch.bench.report import COLUMNS, scaling_summary
+from modelbatch.bench.workloads import (
+    MLP,
+    ResNet8,
+    count_flops_per_image,
+    load_cifar10,
+)
+from modelbatch.cli import main as cli_main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_cifar_batches(folder: Path, sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Files in the cifar-10-batches-py format: pickled dicts with bytes keys."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    xs, ys = [], []
+    for i, n in enumerate(sizes, start=1):
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, size=n)]
+        record = {
+            b"batch_label": f"training batch {i} of {len(sizes)}".encode(),
+            b"labels": labels,
+            b"data": data,
+            b"filenames": [f"img_{i}_{k}.png".encode() for k in range(n)],
+        }
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump(record, f, protocol=2)
+        xs.append(data)
+        ys.append(np.array(labels))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames or ()) == COLUMNS
+        return list(reader)
+
+
+def check_outputs(out: Path, arch: str) -> list[dict[str, str]]:
+    rows = read_csv(out / f"bench-{arch}.csv")
+    md = (out / f"bench-{arch}.md").read_text()
+    assert "| precision | method | N | model-images/s |" in md
+    for kind in ("throughput", "memory"):
+        assert (out / f"bench-{arch}-{kind}.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / f"bench-{arch}.json").stat().st_size > 0
+    return rows
+
+
+def test_bench_mlp_smoke_with_cifar_data(tmp_path: Path) -> None:
+    write_cifar_batches(tmp_path / "cifar-10-batches-py", [20, 20])
+    out = tmp_path / "out"
+    code = cli_main(
+        [
+            "bench",
+            "--arch",
+            "mlp",
+            "--models",
+            "1",
+            "2",
+            "--batch-size",
+            "16",
+            "--steps",
+            "2",
+            "--repeats",
+            "1",
+            "--warmup",
+            "1",
+            "--data",
+            str(tmp_path),
+            "--out",
+            str(out),
+            "--methods",
+            "sequential",
+            "recipe",
+            "processes",
+            "eager",
+            "cudagraph",
+        ]
+    )
+    assert code == 0
+    rows = check_outputs(out, "mlp")
+    cells = {(r["method"], r["n_models"]): r for r in rows}
+    assert set(cells) == {("sequential", "1")} | {
+        (m, n) for m in ("recipe", "processes", "eager", "cudagraph") for n in ("1", "2")
+    }
+    for method in ("sequential", "recipe", "eager"):
+        r = cells[(method, "1")]
+        assert r["status"] == "ok", r["note"]
+        assert float(r["model_images_per_s"]) > 0
+        assert float(r["tflops_frac"]) > 0
+    assert float(cells[("eager", "2")]["opt_ms"]) > 0
+    assert cells[("processes", "2")]["status"] == "skipped"
+    assert "GPU only" in cells[("processes", "2")]["note"]
+    assert cells[("cudagraph", "1")]["status"] == "skipped"
+    assert "CIFAR-10" in (out / "bench-mlp.md").read_text()
+
+
+def test_bench_resnet8_smoke_two_precisions(tmp_path: Path) -> None:
+    code = cli_main(
+        [
+            "bench",
+            "--arch",
+            "resnet8",
+            "--models",
+            "2",
+            "--batch-size",
+            "4",
+            "--steps",
+            "1",
+            "--repeats",
+            "1",
+            "--warmup",
+            "1",
+            "--precision",
+            "bf16",
+            "--out",
+            str(tmp_path),
+            "--methods",
+            "sequential",
+            "recipe-bf16params",
+            "eager",
+        ]
+    )
+    assert code == 0
+    rows = check_outputs(tmp_path, "resnet8")
+    got = {(r["precision"], r["method"], r["n_models"]): r["status"] for r in rows}
+    # fp32 sequential is always measured: it is the reference of every speedup.
+    assert got == {
+        ("fp32", "sequential", "1"): "ok",
+        ("bf16", "sequential", "1"): "ok",
+        ("bf16", "recipe-bf16params", "2"): "ok",
+        ("bf16", "eager", "2"): got[("bf16", "eager", "2")],
+    }
+    eager = next(r for r in rows if r["method"] == "eager")
+    # bf16 autocast with BatchNorm either runs or its error is recorded, never a crash.
+    assert eager["status"] == "ok" or eager["note"]
+
+
+def test_cifar_loader_reads_the_python_batches(tmp_path: Path) -> None:
+    raw_x, raw_y = write_cifar_batches(tmp_path / "cifar-10-batches-py", [5, 7])
+    images, labels = load_cifar10(tmp_path)
+    assert images.shape == (12, 3, 32, 32) and images.dtype == torch.float32
+    assert torch.equal(labels, torch.from_numpy(raw_y).long())
+    # Normalised per channel; the pixel order is the file's (channel-major rows of 32).
+    assert images.mean(dim=(0, 2, 3)).abs().max() < 1e-5
+    first = torch.from_numpy(raw_x[0].reshape(3, 32, 32).astype(np.float32))
+    corr = torch.corrcoef(torch.stack([first.flatten(), images[0].flatten()]))[0, 1]
+    assert corr > 0.99
+
+
+def test_cifar_loader_refuses_code_in_the_pickle(tmp_path: Path) -> None:
+    class Payload:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (print, ("this must never run",))
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    with open(folder / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": Payload(), b"labels": [0]}, f, protocol=2)
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to load .*print"):
+        load_cifar10(tmp_path)
+
+
+def test_workload_sizes_and_flops() -> None:
+    mlp, resnet = MLP(), ResNet8()
+    assert sum(p.numel() for p in mlp.parameters()) == 118_282
+    assert 77_000 <= sum(p.numel() for p in resnet.parameters()) <= 79_000
+    # 3 x (2 x multiply-adds) of the three linear layers.
+    assert count_flops_per_image(mlp, (784,)) == 6 * (784 * 128 + 128 * 128 + 128 * 10)
+    assert 30e6 < count_flops_per_image(resnet, (3, 32, 32)) < 120e6
+
+
+def test_scaling_summary_reports_cost_ratio_and_saturation() -> None:
+    rows = [
+        {"precision": "fp32", "method": "eager", "n_models": n, "model_images_per_s": t}
+        for n, t in ((1, 100.0), (2, 190.0), (4, 200.0), (8, 205.0))
+    ]
+    (s,) = scaling_summary(rows)
+    ratios = [round(r, 3) for _, _, r in s["steps"]]
+    assert ratios == [round(100 / 190, 3), 0.95, round(200 / 205, 3)]
+    assert s["saturates_at"] == 2
