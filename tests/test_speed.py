@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import modelbatch
-from modelbatch.speed import compile_optimizer
+from modelbatch.speed import compile_optimizer, run_and_undo
 from tests.helpers import assert_close_models, train_alone
 
 N = 3
@@ -139,6 +139,34 @@ def test_refresh_refuses_a_change_that_flips_a_captured_branch() -> None:
     opt.param_groups[1]["weight_decay"] = 0.1  # turns on a code path the step skipped
     with pytest.raises(RuntimeError, match="weight_decay"):
         opt.step()
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_warmup_before_capture_is_undone_exactly(opt_name: str) -> None:
+    # What capture_cuda_graph does before capturing, run on the CPU: warm-up steps that
+    # create the optimizer state, then everything put back; training must not notice.
+    dtype = torch.float64
+    models = make_models(dtype)
+    data = make_data(dtype, 4)
+    batch = modelbatch.ModelBatch([copy.deepcopy(m) for m in models])
+    opt = OPTIMIZERS[opt_name][0](batch)
+    sched = step_lr(opt)
+    opt.init_state()
+    opt.set_static_hparams(True, masked=False)
+    x0, y0 = data[-1]
+
+    def body() -> None:
+        batch.compute_loss(batch(x0), y0, F.cross_entropy).backward()
+        opt.step()
+
+    run_and_undo(batch, opt, body, steps=3)
+    assert all(torch.equal(s["step"], torch.zeros(N, dtype=dtype)) for s in opt.state.values())
+    for x, y in data:
+        opt.zero_grad()
+        batch.compute_loss(batch(x), y, F.cross_entropy).backward()
+        opt.step()
+        sched.step()
+    assert_close_models(batch.extract_all(), reference(models, opt_name, data), dtype, opt_name)
 
 
 def test_capture_cuda_graph_needs_a_cuda_batch() -> None:

@@ -42,12 +42,12 @@ def check_same_structure(models: Sequence[nn.Module]) -> None:
             )
         modules = [(n, type(m)) for n, m in model.named_modules()]
         if modules != ref_modules:
-            for (n0, t0), (n1, t1) in zip(ref_modules, modules, strict=False):
-                if (n0, t0) != (n1, t1):
+            for (n0, cls0), (n1, cls1) in zip(ref_modules, modules, strict=False):
+                if (n0, cls0) != (n1, cls1):
                     raise ArchitectureMismatchError(
                         f"model {i} differs from model 0 in its module tree: submodule "
-                        f"{n1 or '<root>'!r} is a {t1.__name__} where model 0 has "
-                        f"{n0 or '<root>'!r} ({t0.__name__})"
+                        f"{n1 or '<root>'!r} is a {cls1.__name__} where model 0 has "
+                        f"{n0 or '<root>'!r} ({cls0.__name__})"
                     )
             raise ArchitectureMismatchError(
                 f"model {i} has {len(modules)} submodules where model 0 has {len(ref_modules)}"

@@ -85,6 +85,8 @@ class ModelBatch(nn.Module):
     """
 
     stacked: nn.Module
+    active: Tensor
+    _template: nn.Module
     _compiled_forward: Callable[..., Any] | None = None
 
     def __init__(
@@ -202,10 +204,10 @@ class ModelBatch(nn.Module):
             ) from None
 
     def _device(self) -> torch.device:
-        for t in self.stacked.parameters():
-            return t.device
-        for t in self.stacked.buffers():
-            return t.device
+        for p in self.stacked.parameters():
+            return p.device
+        for b in self.stacked.buffers():
+            return b.device
         return torch.device("cpu")
 
     @property
@@ -252,8 +254,8 @@ class ModelBatch(nn.Module):
                         f"per_model=True expects input {k} to have a leading dimension of "
                         f"N={n} models, got shape {tuple(x.shape)}"
                     )
-        params = dict(self.stacked.named_parameters())
-        buffers = dict(self.stacked.named_buffers())
+        params: dict[str, Tensor] = dict(self.stacked.named_parameters())
+        buffers: dict[str, Tensor] = dict(self.stacked.named_buffers())
         x_dims = tuple(0 if per_model and isinstance(x, Tensor) else None for x in inputs)
         run = self._compiled_forward if self._compiled_forward is not None else _vmapped_forward
         # Quarantined models' buffers (BatchNorm running statistics) must not change in a
@@ -264,9 +266,9 @@ class ModelBatch(nn.Module):
         out = run(self.stacked, self.randomness, x_dims, kwargs, params, call_buffers, *inputs)
         if frozen:
             with torch.no_grad():
-                for k, old in buffers.items():
+                for name, old in buffers.items():
                     keep = self.active.view(-1, *([1] * (old.dim() - 1)))
-                    old.copy_(torch.where(keep.to(old.device), call_buffers[k], old))
+                    old.copy_(torch.where(keep.to(old.device), call_buffers[name], old))
         return out
 
     # ------------------------------------------------------------------ speed-up toggles
@@ -424,7 +426,7 @@ class ModelBatch(nn.Module):
         """A standalone copy of model ``i`` (position, not id) with its current weights and
         buffers, on the batch's device and in the batch's train/eval mode."""
         i = self._check_index(i)
-        template: nn.Module = self._template  # type: ignore[has-type]
+        template = self._template
         module = copy.deepcopy(template)
         stacked = dict(self.stacked.named_parameters(remove_duplicate=False))
         stacked_b = dict(self.stacked.named_buffers(remove_duplicate=False))
@@ -459,7 +461,7 @@ class ModelBatch(nn.Module):
         The module must have the batch's architecture; optimizer state is left unchanged.
         """
         i = self._check_index(i)
-        template: nn.Module = self._template  # type: ignore[has-type]
+        template = self._template
         try:
             check_same_structure([template, module])
         except ValueError as e:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from modelbatch.core import ModelBatch
     from modelbatch.optim.base import BatchOptimizer
 
-__all__ = ["CudaGraphStep", "compile_forward", "compile_optimizer"]
+__all__ = ["CudaGraphStep", "compile_forward", "compile_optimizer", "run_and_undo"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -66,6 +66,56 @@ def compile_optimizer(optimizer: BatchOptimizer, **compile_kwargs: Any) -> Batch
 
 def _as_tuple(x: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
     return (x,) if isinstance(x, Tensor) else tuple(x)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    return [v for s in optimizer.state.values() for v in s.values() if isinstance(v, Tensor)]
+
+
+def _stateful_tensors(batch: ModelBatch, optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    out: list[Tensor] = [p for _, p in batch.stacked_parameters()]
+    out += [b for _, b in batch.stacked_buffers()]
+    out += _optimizer_tensors(optimizer)
+    return out
+
+
+def run_and_undo(
+    batch: ModelBatch, optimizer: torch.optim.Optimizer, body: Callable[[], Any], steps: int
+) -> None:
+    """Run ``body()`` ``steps`` times (on a side stream on CUDA, as graph capture needs),
+    then put every parameter, buffer, optimizer state tensor and the random state back.
+
+    Tensors keep their addresses (restored with ``copy_``). Optimizer state that the runs
+    created is zeroed; the vectorised optimizers treat a model at step 0 as never stepped
+    whatever its state holds (e.g. SGD copies the gradient into the momentum buffer).
+    """
+    cuda = batch.device.type == "cuda"
+    with torch.no_grad():
+        saved = [(t, t.detach().clone()) for t in _stateful_tensors(batch, optimizer)]
+    rng = torch.cuda.get_rng_state(batch.device) if cuda else torch.get_rng_state()
+    if cuda:
+        side = torch.cuda.Stream(device=batch.device)
+        side.wait_stream(torch.cuda.current_stream(batch.device))
+        with torch.cuda.stream(side):
+            for _ in range(steps):
+                optimizer.zero_grad(set_to_none=True)
+                body()
+        torch.cuda.current_stream(batch.device).wait_stream(side)
+    else:
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            body()
+    with torch.no_grad():
+        for t, old in saved:
+            t.copy_(old)
+        known = {id(t) for t, _ in saved}
+        for t in _optimizer_tensors(optimizer):
+            if id(t) not in known:
+                t.zero_()
+    if cuda:
+        torch.cuda.set_rng_state(rng, batch.device)
+    else:
+        torch.set_rng_state(rng)
 
 
 class CudaGraphStep:
@@ -152,16 +202,8 @@ class CudaGraphStep:
 
         optimizer.init_state()
         optimizer.set_static_hparams(True, masked=self.masked)
-        saved = self._snapshot()
         optimizer.zero_grad(set_to_none=True)
-        side = torch.cuda.Stream(device=device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup_steps):
-                optimizer.zero_grad(set_to_none=True)
-                self._body()
-        torch.cuda.current_stream(device).wait_stream(side)
-        self._restore(saved)
+        run_and_undo(batch, optimizer, self._body, warmup_steps)
         optimizer.zero_grad(set_to_none=True)
 
         self.graph = torch.cuda.CUDAGraph()
@@ -187,38 +229,8 @@ class CudaGraphStep:
         self.optimizer.step()
         return loss.detach()
 
-    def _snapshot(self) -> dict[str, Any]:
-        with torch.no_grad():
-            return {
-                "tensors": [(t, t.detach().clone()) for t in self._stateful_tensors()],
-                "rng": torch.cuda.get_rng_state(self.batch.device),
-            }
-
-    def _restore(self, saved: dict[str, Any]) -> None:
-        with torch.no_grad():
-            for t, old in saved["tensors"]:
-                t.copy_(old)
-            # State that the warm-up created (e.g. SGD's momentum buffer) goes back to
-            # zero; the optimizers treat step 0 as "first step" whatever it holds.
-            known = {id(t) for t, _ in saved["tensors"]}
-            for t in self._optimizer_tensors():
-                if id(t) not in known:
-                    t.zero_()
-        torch.cuda.set_rng_state(saved["rng"], self.batch.device)
-
-    def _optimizer_tensors(self) -> list[Tensor]:
-        return [
-            v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, Tensor)
-        ]
-
-    def _stateful_tensors(self) -> list[Tensor]:
-        out: list[Tensor] = [p for _, p in self.batch.stacked_parameters()]
-        out += [b for _, b in self.batch.stacked_buffers()]
-        out += self._optimizer_tensors()
-        return out
-
     def _tensor_signature(self) -> tuple[int, ...]:
-        return tuple(id(t) for t in self._stateful_tensors())
+        return tuple(id(t) for t in _stateful_tensors(self.batch, self.optimizer))
 
     # ------------------------------------------------------------------ replay
     def _check(self) -> None:
