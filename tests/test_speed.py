@@ -245,10 +245,14 @@ def test_cuda_graph_quarantine_rules() -> None:
     with pytest.raises(RuntimeError, match="quarantine_aware=True"):
         step(*data[1])
 
+    batch.unquarantine(1)
+    # Captured with every model active; model 1 is quarantined only afterwards.
     aware = batch.capture_cuda_graph(opt, F.cross_entropy, *data[0], quarantine_aware=True)
-    before = {n: p.clone() for n, p in batch.stacked_parameters()}
+    aware(*data[0])
+    batch.quarantine(1)
+    before = {n: t.clone() for n, t in [*batch.stacked_parameters(), *batch.stacked_buffers()]}
     aware(*data[1])
     aware(*data[2])
-    for n, p in batch.stacked_parameters():
-        assert torch.equal(p[1], before[n][1]), n  # quarantined: frozen
-        assert not torch.equal(p[0], before[n][0]), n  # active: trained
+    for n, t in [*batch.stacked_parameters(), *batch.stacked_buffers()]:
+        assert torch.equal(t[1], before[n][1]), n  # quarantined: parameters and BN stats frozen
+        assert not torch.equal(t[0], before[n][0]), n  # active: trained

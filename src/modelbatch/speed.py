@@ -16,7 +16,7 @@ only remove Python and kernel-launch overhead, and (compile) fuse element-wise w
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -49,6 +49,10 @@ def compile_optimizer(optimizer: BatchOptimizer, **compile_kwargs: Any) -> Batch
     created once and refreshed in place at each ``step()``, so LR schedulers keep working
     without recompiling. Its state is created now. ``step()`` still reads the quarantine
     mask on the host, so quarantine behaves as in eager mode.
+
+    ``torch.compile`` caches compiled code per function, shared by all optimizers of a
+    process: beyond ``torch._dynamo.config.recompile_limit`` compiled optimizers (8 by
+    default), further ones run eagerly (``torch._dynamo.reset()`` clears the cache).
     """
     from modelbatch.optim.base import BatchOptimizer
 
@@ -116,6 +120,26 @@ def run_and_undo(
         torch.cuda.set_rng_state(rng, batch.device)
     else:
         torch.set_rng_state(rng)
+
+
+@contextlib.contextmanager
+def _capture_masked_forward(batch: ModelBatch, masked: bool) -> Iterator[None]:
+    """While capturing a quarantine-aware step, make ``batch.all_active`` answer False.
+
+    The forward then records its quarantine path too (BatchNorm statistics of inactive
+    models kept, by a ``torch.where`` on the device mask), so models quarantined after the
+    capture keep their buffers as in eager mode. Uses the batch's cached answer, which is
+    recomputed on the next call after the block.
+    """
+    if not masked:
+        yield
+        return
+    active = batch.active
+    batch.__dict__["_all_active_cache"] = (active, active._version, False)
+    try:
+        yield
+    finally:
+        batch.__dict__.pop("_all_active_cache", None)
 
 
 class CudaGraphStep:
@@ -202,13 +226,13 @@ class CudaGraphStep:
 
         optimizer.init_state()
         optimizer.set_static_hparams(True, masked=self.masked)
-        optimizer.zero_grad(set_to_none=True)
-        run_and_undo(batch, optimizer, self._body, warmup_steps)
-        optimizer.zero_grad(set_to_none=True)
-
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self._static_loss = self._body()
+        with _capture_masked_forward(batch, self.masked):
+            optimizer.zero_grad(set_to_none=True)
+            run_and_undo(batch, optimizer, self._body, warmup_steps)
+            optimizer.zero_grad(set_to_none=True)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                self._static_loss = self._body()
         assert batch.latest_losses is not None
         self.losses: Tensor = batch.latest_losses
         self._active = batch.active

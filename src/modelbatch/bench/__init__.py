@@ -175,7 +175,14 @@ def _row(ctx: Any, r: Any, meta: dict[str, Any], ref_throughput: float | None) -
     return row
 
 
-_MB_METHODS = ("eager", "compile", "cudagraph", "compile-cudagraph")
+_MB_METHODS = (
+    "eager",
+    "compile",
+    "compile-opt",
+    "cudagraph",
+    "compile-opt-cudagraph",
+    "compile-cudagraph",
+)
 
 
 def _best(
@@ -203,7 +210,8 @@ def _checks(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> list[tuple[
         return f"{r['model_images_per_s'] / 1e6:.3g}M ({r['method']} {r['precision']})"
 
     seq = meta.get("sequential_fp32_throughput")
-    if meta["arch"] == "resnet8":
+    gpu = meta["device"].startswith("cuda")  # the throughput targets are GPU targets
+    if gpu and meta["arch"] == "resnet8":
         best = _best(rows, _MB_METHODS, 256, "bf16")
         if best:
             out.append(
@@ -238,7 +246,7 @@ def _checks(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> list[tuple[
                     )
                 )
                 break
-    if meta["arch"] == "mlp" and seq:
+    if gpu and meta["arch"] == "mlp" and seq:
         for n, target in ((32, 100), (4096, 300)):
             best = _best(rows, _MB_METHODS, n)
             if best:

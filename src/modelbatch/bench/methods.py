@@ -9,9 +9,10 @@
   does when autocast fails); bf16 runs only.
 * ``processes``: K processes on one GPU, each training one model (a fractional-GPU sweep
   in Ray Tune); GPU only.
-* ``eager``, ``compile``, ``cudagraph``, ``compile-cudagraph``: ModelBatch with
-  ``modelbatch.optim.Adam``, eager / ``enable_compile()`` + ``compile_optimizer()`` /
-  ``capture_cuda_graph()`` / both.
+* ``eager``, ``compile``, ``compile-opt``, ``cudagraph``, ``compile-opt-cudagraph``,
+  ``compile-cudagraph``: ModelBatch with ``modelbatch.optim.Adam``, eager /
+  ``enable_compile()`` + ``compile_optimizer()`` / only ``compile_optimizer()`` /
+  ``capture_cuda_graph()`` / compiled optimizer + graph / compile + graph.
 
 Every method uses Adam (lr 1e-3), cross-entropy, one shared input batch per step, and bf16
 autocast with float32 master weights when the precision is ``bf16``.
@@ -52,7 +53,9 @@ ALL_METHODS = (
     "processes",
     "eager",
     "compile",
+    "compile-opt",
     "cudagraph",
+    "compile-opt-cudagraph",
     "compile-cudagraph",
 )
 
@@ -205,7 +208,12 @@ def _recipe(ctx: BenchContext, n: int, result: MethodResult, bf16_params: bool) 
 
 
 def _modelbatch(
-    ctx: BenchContext, n: int, result: MethodResult, compiled: bool, graph: bool
+    ctx: BenchContext,
+    n: int,
+    result: MethodResult,
+    compiled: bool,
+    graph: bool,
+    compiled_opt: bool | None = None,
 ) -> None:
     import modelbatch
     from modelbatch.speed import compile_optimizer
@@ -216,6 +224,7 @@ def _modelbatch(
     notes = []
     if compiled:
         batch.enable_compile()
+    if compiled_opt or (compiled_opt is None and compiled):
         compile_optimizer(opt)
 
     def eager_step(k: int) -> Tensor:
@@ -242,7 +251,7 @@ def _modelbatch(
 
         synchronize(ctx.device)
         notes.append(f"capture {time.perf_counter() - t0:.1f} s")
-    elif compiled:
+    elif compiled or compiled_opt:
         eager_step(0)
         synchronize(ctx.device)
         notes.append(f"first step (compile) {time.perf_counter() - t0:.1f} s")
@@ -263,9 +272,10 @@ def _proc_worker(
     seed: int,
     barrier: Any,
     queue: Any,
+    device_type: str = "cuda",
 ) -> None:
     try:
-        device = torch.device("cuda")
+        device = torch.device(device_type)
         wl = get_workload(arch, batch_size)
         torch.manual_seed(seed + rank)
         model = wl.make_model().to(device)
@@ -275,7 +285,7 @@ def _proc_worker(
 
         def step(k: int) -> None:
             x, y = batches[k % len(batches)]
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -283,25 +293,25 @@ def _proc_worker(
 
         for k in range(warmup):
             step(k)
-        torch.cuda.synchronize()
+        synchronize(device)
         barrier.wait(timeout=600)
         t0 = time.monotonic()
         for k in range(steps):
             step(k)
-        torch.cuda.synchronize()
+        synchronize(device)
         t1 = time.monotonic()
-        queue.put((rank, t0, t1, steps, int(torch.cuda.max_memory_allocated()), ""))
+        queue.put((rank, t0, t1, steps, peak_memory(device) or 0, ""))
     except Exception as e:
         with contextlib.suppress(Exception):
             barrier.abort()
         queue.put((rank, 0.0, 0.0, 0, 0, f"{type(e).__name__}: {e}"))
 
 
-def _processes(ctx: BenchContext, n: int, result: MethodResult) -> None:
+def _processes(ctx: BenchContext, n: int, result: MethodResult, allow_cpu: bool = False) -> None:
     import multiprocessing as mp
     import queue as queue_mod
 
-    if ctx.device.type != "cuda":
+    if ctx.device.type != "cuda" and not allow_cpu:
         result.status = "skipped"
         result.note = "GPU only (K processes sharing one GPU)"
         return
@@ -327,6 +337,7 @@ def _processes(ctx: BenchContext, n: int, result: MethodResult) -> None:
                 ctx.seed,
                 barrier,
                 results_q,
+                ctx.device.type,
             ),
             daemon=True,
         )
@@ -341,7 +352,7 @@ def _processes(ctx: BenchContext, n: int, result: MethodResult) -> None:
             for _ in range(n):
                 rows.append(results_q.get(timeout=600))
         result.gpu_util = util.mean
-    except (queue_mod.Empty, Exception) as e:  # broken barrier, a dead worker, a timeout
+    except Exception as e:  # a broken barrier, a dead worker, a timeout
         while True:
             try:
                 rows.append(results_q.get(timeout=1))
@@ -371,7 +382,7 @@ def _processes(ctx: BenchContext, n: int, result: MethodResult) -> None:
 # ---------------------------------------------------------------------------- dispatch
 def available(method: str, ctx: BenchContext) -> str | None:
     """None if ``method`` can run in ``ctx``, else the reason it is skipped."""
-    if method in ("cudagraph", "compile-cudagraph") and ctx.device.type != "cuda":
+    if method.endswith("cudagraph") and ctx.device.type != "cuda":
         return "needs CUDA"
     if method == "processes" and ctx.device.type != "cuda":
         return "GPU only (K processes sharing one GPU)"
@@ -404,8 +415,12 @@ def run_method(ctx: BenchContext, method: str, n: int) -> MethodResult:
             _modelbatch(ctx, n, result, compiled=False, graph=False)
         elif method == "compile":
             _modelbatch(ctx, n, result, compiled=True, graph=False)
+        elif method == "compile-opt":
+            _modelbatch(ctx, n, result, compiled=False, graph=False, compiled_opt=True)
         elif method == "cudagraph":
             _modelbatch(ctx, n, result, compiled=False, graph=True)
+        elif method == "compile-opt-cudagraph":
+            _modelbatch(ctx, n, result, compiled=False, graph=True, compiled_opt=True)
         elif method == "compile-cudagraph":
             _modelbatch(ctx, n, result, compiled=True, graph=True)
         else:

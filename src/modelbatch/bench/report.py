@@ -123,7 +123,7 @@ def write_markdown(
             lines.append(f"- one model's training working set ({prec}): {_si(ws, 'B')}")
     lines += [
         "",
-        "| precision | method | N | model-images/s | vs sequential | step ms | "
+        "| precision | method | N | model-images/s | vs sequential | step ms (spread) | "
         "peak mem | per model | GPU util | TFLOP/s (frac) | B/s (frac) | opt share | note |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -136,10 +136,11 @@ def write_markdown(
             continue
         util = "-" if r.get("gpu_util_pct") is None else f"{r['gpu_util_pct']:.0f}%"
         speed = r.get("speedup_vs_sequential")
+        spread = "" if not r.get("spread") else f" (±{50 * r['spread']:.0f}%)"
         lines.append(
             f"| {r['precision']} | {r['method']} | {r['n_models']} | "
             f"{_si(r['model_images_per_s'])} | {'-' if speed is None else f'{speed:.1f}x'} | "
-            f"{r['step_ms']:.3g} | {_si(r.get('peak_mem_bytes'), 'B')} | "
+            f"{r['step_ms']:.3g}{spread} | {_si(r.get('peak_mem_bytes'), 'B')} | "
             f"{_si(r.get('mem_per_model_bytes'), 'B')} | {util} | "
             f"{_si(r.get('tflops'))} ({_pct(r.get('tflops_frac'))}) | "
             f"{_si(r.get('bytes_per_s'))} ({_pct(r.get('bytes_frac'))}) | "
