@@ -51,6 +51,10 @@ stage checks 90 "$PY" benchmarks/cuda_checks.py --out "$OUT/cuda_checks.txt"
 # 2. ResNet-8, both precisions, every method but compile (the headline target: N=256 bf16).
 stage resnet8 150 "${BENCH[@]}" --arch resnet8 --models 1 16 64 256 --precision fp32 bf16 \
     --methods sequential recipe recipe-bf16params eager cudagraph --out "$OUT/resnet8"
+# 2b. ResNet-8 bf16 with conv_layout="channels_last" (one channels_last grouped conv per
+#     layer instead of vmap's NCHW one): the conv lever, eager and in a CUDA graph.
+stage resnet8-cl 60 "${BENCH[@]}" --arch resnet8 --models 1 16 64 256 --precision bf16 \
+    --methods sequential eager-cl cudagraph-cl --out "$OUT/resnet8-cl"
 # 3. MLP, both precisions: launch-bound small N (CUDA graphs) to N=4096; opt share at 1024.
 stage mlp 100 "${BENCH[@]}" --arch mlp --models 1 32 256 1024 4096 --precision fp32 bf16 \
     --methods sequential recipe eager cudagraph --out "$OUT/mlp"

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelbatch import CheckpointError, ModelBatch, load_model, seeded_models
+from modelbatch import BatchGradScaler, CheckpointError, ModelBatch, load_model, seeded_models
 from modelbatch.checkpoint import model_folder_name, read_manifest
 from modelbatch.optim import SGD, Adam, PerModelOptimizer
 
@@ -101,6 +101,49 @@ def test_resume_is_bit_identical(tmp_path: Path, seeded: bool, optimizer: str) -
     same_tensors(opt.state_dict(), opt2.state_dict())
     assert sched.state_dict() == sched2.state_dict()
     assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in opt2.param_groups]
+
+
+def test_resume_with_batch_grad_scaler(tmp_path: Path) -> None:
+    """``scaler=``: each model's loss scale and growth tracker are saved and restored (also
+    for a subset loaded by id), so a resumed fp16-style run continues bit-identically."""
+
+    def scaled_run(batch: ModelBatch, opt: Any, scaler: BatchGradScaler, steps: int) -> None:
+        for _ in range(steps):
+            x = torch.randn(6, 5, dtype=torch.float64)
+            y = torch.randint(0, 3, (6,))
+            batch.train()
+            losses = batch.compute_loss(batch(x), y, F.cross_entropy, reduction="none")
+            opt.zero_grad()
+            scaler.scale(losses * torch.tensor([1.0, 1e308, 1.0])).backward()  # b overflows
+            scaler.step(opt)
+            scaler.update()
+
+    def fresh(seed: int) -> tuple[ModelBatch, Any, BatchGradScaler]:
+        batch, opt, _ = build(seed, seeded=True)
+        return batch, opt, BatchGradScaler(batch, init_scale=[8.0, 16.0, 32.0], growth_interval=2)
+
+    torch.manual_seed(0)
+    batch, opt, scaler = fresh(0)
+    scaled_run(batch, opt, scaler, 3)
+    batch.save_all(tmp_path / "ck", opt, scaler=scaler)
+    scaled_run(batch, opt, scaler, 2)
+
+    resumed, opt2, scaler2 = fresh(100)
+    resumed.load_all(tmp_path / "ck", opt2, scaler=scaler2)
+    scaled_run(resumed, opt2, scaler2, 2)
+    same_tensors(batch.state_dict(), resumed.state_dict())
+    assert torch.equal(scaler.get_scale(), scaler2.get_scale())
+    assert scaler.state_dict() == scaler2.state_dict()
+    assert scaler.get_scale().tolist() == [32.0, 0.5, 128.0]  # b overflowed 5x, a and 7 grew
+
+    pair = ModelBatch(seeded_models(mlp, [5, 6]), seeds=[5, 6])
+    pair_scaler = BatchGradScaler(pair)
+    pair.load_all(tmp_path / "ck", model_ids=[7, "b"], scaler=pair_scaler)
+    saved = read_manifest(tmp_path / "ck")["scaler"]["per_model"]
+    assert pair_scaler.get_scale().tolist() == [saved["7"]["scale"], saved['"b"']["scale"]]
+    batch.save_all(tmp_path / "plain", opt)
+    with pytest.raises(CheckpointError, match="has no scaler state"):
+        resumed.load_all(tmp_path / "plain", scaler=scaler2)
 
 
 def test_layout_and_plain_pytorch_loading(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -217,6 +218,63 @@ def test_insert_writes_one_slot() -> None:
     assert not torch.equal(batch.stacked[0].weight[1], new[0].weight)
     with pytest.raises(ArchitectureMismatchError, match="cannot insert into slot 0"):
         batch.insert(0, mlp(hidden=8).double())
+
+
+def test_insert_and_extract_after_changing_dtype() -> None:
+    """The template used by insert/extract follows ``batch.float()`` (insert used to refuse
+    every module after a dtype or device change: "model 0 has dtype torch.float64")."""
+    batch = ModelBatch(models(3)).float()
+    m = batch.extract(1)
+    assert m[0].weight.dtype == torch.float32
+    with torch.no_grad():
+        m[0].weight.add_(1.0)
+    batch.insert(1, m)
+    assert torch.equal(batch.stacked[0].weight[1], m[0].weight)
+
+
+def test_index_accepts_numpy_and_tensor_integers() -> None:
+    batch = ModelBatch(models(3))
+    best = torch.tensor([0.3, 0.1, 0.2]).argmin()  # what users pass: a 0-dim tensor
+    assert torch.equal(batch.extract(best)[0].weight, batch.stacked[0].weight[1])
+    assert torch.equal(batch.extract(np.int64(2))[0].weight, batch.stacked[0].weight[2])
+    with pytest.raises(TypeError, match="must be an int, got float"):
+        batch.extract(1.0)  # type: ignore[arg-type]
+
+
+def test_sparse_embedding_trains_like_alone() -> None:
+    """``nn.Embedding(sparse=True)`` used to fail in backward ("reshape is not implemented
+    for sparse tensors"); the stacked copy now computes the (equal) dense gradient."""
+    torch.manual_seed(0)
+    ms = [nn.Sequential(nn.Embedding(10, 3, sparse=True), nn.Flatten(), nn.Linear(12, 2))
+          for _ in range(3)]  # fmt: skip
+    refs = copy.deepcopy(ms)
+    batch = ModelBatch(ms)
+    opt = modelbatch.optim.SGD(batch, lr=0.1)
+    tokens = [torch.randint(0, 10, (5, 4)) for _ in range(3)]
+    for t in tokens:
+        opt.zero_grad()
+        batch(t).pow(2).sum().backward()
+        opt.step()
+    for i, ref in enumerate(refs):
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+        for t in tokens:
+            ref_opt.zero_grad()
+            ref(t).pow(2).sum().backward()
+            assert ref[0].weight.grad is not None and ref[0].weight.grad.is_sparse
+            ref_opt.step()
+        assert rel_err(batch.extract(i)[0].weight, ref[0].weight) < 1e-6
+    assert batch.extract(0)[0].sparse
+
+
+def test_quarantine_many_ids_at_once() -> None:
+    batch = ModelBatch(models(4), model_ids=["a", "b", "c", "d"])
+    batch.quarantine(["d", "b"])
+    assert batch.active.tolist() == [True, False, True, False]
+    batch.unquarantine(["b"])
+    assert batch.active.tolist() == [True, True, True, False]
+    with pytest.raises(KeyError, match="no model with id 'x'"):
+        batch.quarantine(["a", "x"])
+    assert batch.active.tolist() == [True, True, True, False]  # nothing changed
 
 
 # ------------------------------------------------------------------ bad input

@@ -253,7 +253,19 @@ class BatchGradScaler:
         self._last_found_inf = found
         self._per_optimizer.clear()
 
-    # ------------------------------------------------------------------ shrinking
+    # ------------------------------------------------------------------ following the batch
+    def _follow_batch(self) -> None:
+        """After ``batch.to(device)``: move the per-model tensors along."""
+        device = self.batch.device
+        self._scale = self._scale.to(device)
+        self._growth_tracker = self._growth_tracker.to(device)
+        self._last_found_inf = self._last_found_inf.to(device)
+        self._per_optimizer.clear()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.batch._register_optimizer(self)  # type: ignore[arg-type]  # after copy/pickle
+
     def _keep_positions(self, keep: Sequence[int]) -> None:
         index = torch.tensor(list(keep), dtype=torch.long, device=self._scale.device)
         self._scale = self._scale.index_select(0, index)

@@ -266,6 +266,10 @@ class CallbackPack:
         self._resolve()
 
     # ------------------------------------------------------------------ shrinking
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.batch._register_optimizer(self)  # type: ignore[arg-type]  # after copy/pickle
+
     def _keep_positions(self, keep: Sequence[int]) -> None:
         index = torch.tensor(list(keep), dtype=torch.long)
         self._pending = [

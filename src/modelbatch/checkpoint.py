@@ -4,7 +4,8 @@ Layout of ``save_all(batch, "ckpt")``::
 
     ckpt/manifest.json                  format version, N, model ids and folders, quarantine
                                         mask, architecture fingerprint, optimizer class,
-                                        scheduler states, RNG (Python/NumPy), step, extra,
+                                        scheduler states, per-model loss scales (with
+                                        scaler=), RNG (Python/NumPy), step, extra,
                                         SHA-256 of every file
     ckpt/rng.safetensors                torch CPU (and CUDA) generator states
     ckpt/models/<id>/model.safetensors  the model's state_dict exactly as the plain module
@@ -43,6 +44,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
+    from modelbatch.amp import BatchGradScaler
     from modelbatch.core import ModelBatch
 
 __all__ = [
@@ -251,6 +253,53 @@ def _rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
     return tensors, meta
 
 
+def _scaler_meta(batch: ModelBatch, scaler: BatchGradScaler) -> dict[str, Any]:
+    """The scaler's state for the manifest: its factors and one entry per model id."""
+    if getattr(scaler, "batch", None) is not batch:
+        raise CheckpointError("the scaler was not built for this batch")
+    state = scaler.state_dict()
+    if not state:
+        return {"enabled": False}
+    return {
+        "enabled": True,
+        "growth_factor": state["growth_factor"],
+        "backoff_factor": state["backoff_factor"],
+        "growth_interval": state["growth_interval"],
+        "per_model": {
+            json.dumps(mid): {"scale": scale, "growth_tracker": tracker}
+            for mid, scale, tracker in zip(
+                state["model_ids"], state["scale"], state["_growth_tracker"], strict=True
+            )
+        },
+    }
+
+
+def _scaler_state(
+    meta: Any, scaler: BatchGradScaler, ids: list[int | str], root: Path
+) -> dict[str, Any]:
+    """The scaler's ``state_dict`` for models ``ids`` rebuilt from the manifest (checked)."""
+    if meta is None:
+        raise CheckpointError(f"the checkpoint at {root} has no scaler state")
+    try:
+        if not meta["enabled"]:
+            if scaler.is_enabled():
+                raise CheckpointError(
+                    f"the checkpoint at {root} was saved with a disabled scaler"
+                )
+            return {}
+        per_model = [meta["per_model"][json.dumps(mid)] for mid in ids]
+        return {
+            "scale": [float(m["scale"]) for m in per_model],
+            "_growth_tracker": [int(m["growth_tracker"]) for m in per_model],
+            "growth_factor": float(meta["growth_factor"]),
+            "backoff_factor": float(meta["backoff_factor"]),
+            "growth_interval": int(meta["growth_interval"]),
+            "model_ids": list(ids),
+        }
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"the scaler state in {root} is malformed: {e!r}") from None
+
+
 def _as_list(scheduler: Any) -> list[Any]:
     if scheduler is None:
         return []
@@ -266,6 +315,7 @@ def save_all(
     *,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
+    scaler: BatchGradScaler | None = None,
     step: int | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
@@ -281,6 +331,8 @@ def save_all(
         scheduler: an LR scheduler or a list of them; ``state_dict()`` is stored as JSON
             (``LambdaLR`` stores no lambdas: rebuild them the same way before loading).
         step: your step or epoch counter, returned by :func:`load_all`.
+        scaler: a :class:`~modelbatch.BatchGradScaler` built for ``batch``: each model's loss
+            scale and growth tracker go to the manifest, so fp16 training resumes with them.
         extra: further JSON-encodable metadata, returned by :func:`load_all`.
 
     Returns:
@@ -307,10 +359,13 @@ def save_all(
     kind = _optimizer_kind(optimizer) if optimizer is not None else None
     if optimizer is not None and getattr(optimizer, "batch", None) is not batch:
         raise CheckpointError("the optimizer was not built for this batch")
+    scaler_meta = _scaler_meta(batch, scaler) if scaler is not None else None
     tmp = parent / f".{root.name}.tmp-{uuid.uuid4().hex}"
     try:
         tmp.mkdir()
-        _write_checkpoint(batch, tmp, optimizer, kind, _as_list(scheduler), step, extra)
+        _write_checkpoint(
+            batch, tmp, optimizer, kind, _as_list(scheduler), scaler_meta, step, extra
+        )
         _commit(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -324,6 +379,7 @@ def _write_checkpoint(
     optimizer: Any,
     kind: str | None,
     schedulers: list[Any],
+    scaler_meta: dict[str, Any] | None,
     step: int | None,
     extra: Mapping[str, Any] | None,
 ) -> None:
@@ -393,6 +449,7 @@ def _write_checkpoint(
         "architecture": fingerprint,
         "optimizer": kind,
         "schedulers": sched_meta,
+        "scaler": scaler_meta,
         "rng": rng_meta,
         "step": step,
         "extra": _json_ready(dict(extra or {}), "extra"),
@@ -513,6 +570,7 @@ def load_all(
     *,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
+    scaler: BatchGradScaler | None = None,
     model_ids: Sequence[int | str] | None = None,
     restore_rng: bool = True,
 ) -> dict[str, Any]:
@@ -528,6 +586,9 @@ def load_all(
         optimizer: restore this optimizer (same class as the saved one) from each model's
             ``hparams.json`` and ``optimizer.safetensors``.
         scheduler: a scheduler or list of schedulers (same classes and number as saved).
+        scaler: a :class:`~modelbatch.BatchGradScaler` of ``batch``: restores each loaded
+            model's loss scale and growth tracker (the checkpoint must have been saved with
+            ``scaler=``).
         model_ids: which saved models to load into positions ``0..N-1`` of ``batch``; the
             batch then carries these ids. By default the batch's own ids, which must all be
             in the checkpoint, which must hold exactly N models.
@@ -648,6 +709,12 @@ def load_all(
         else None
     )
 
+    scaler_state = None
+    if scaler is not None:
+        if getattr(scaler, "batch", None) is not batch:
+            raise CheckpointError("the scaler was not built for this batch")
+        scaler_state = _scaler_state(manifest.get("scaler"), scaler, ids, root)
+
     # Commit.
     with torch.no_grad():
         for name, stacked in batch.stacked.state_dict(keep_vars=True).items():
@@ -663,6 +730,8 @@ def load_all(
         optimizer.load_state_dict(opt_state)
     for s, saved in zip(schedulers, saved_sched, strict=False):
         s.load_state_dict(saved["state"])
+    if scaler is not None and scaler_state:
+        scaler.load_state_dict(scaler_state)
     if restore_rng:
         _restore_rng(rng_tensors, manifest["rng"])
     return {

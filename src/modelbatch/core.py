@@ -6,6 +6,7 @@ Shapes used throughout: ``N`` = number of models in the batch, ``B`` = samples p
 from __future__ import annotations
 
 import copy
+import operator
 import os
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -76,6 +77,10 @@ class ModelBatch(nn.Module):
             only, so they do not depend on N or on the other models (see
             :mod:`modelbatch.layers.dropout`); build the models with
             :func:`modelbatch.seeded_models` for N-independent initialisation too.
+        conv_layout: ``"default"`` keeps vmap's lowering of ``nn.Conv2d`` (an NCHW grouped
+            convolution). ``"channels_last"`` (opt-in, experimental) runs every exact
+            ``nn.Conv2d`` as one channels_last grouped convolution over the N models (see
+            :mod:`modelbatch.layers.conv`); same results up to summation order.
 
     Example:
         >>> models = [nn.Linear(4, 2) for _ in range(8)]
@@ -99,12 +104,17 @@ class ModelBatch(nn.Module):
         model_ids: Sequence[int | str] | None = None,
         randomness: str = "different",
         seeds: Sequence[int] | None = None,
+        conv_layout: str = "default",
     ) -> None:
         super().__init__()
         models = list(models)
         check_same_structure(models)
         if randomness not in ("different", "same"):
             raise ValueError(f"randomness must be 'different' or 'same', got {randomness!r}")
+        if conv_layout not in ("default", "channels_last"):
+            raise ValueError(
+                f"conv_layout must be 'default' or 'channels_last', got {conv_layout!r}"
+            )
         n = len(models)
         if model_ids is None:
             model_ids = list(range(n))
@@ -133,7 +143,17 @@ class ModelBatch(nn.Module):
             seeds = check_seeds(seeds, n)
         self.seeds: list[int] | None = seeds
         device = next(iter([*mirror.parameters(), *mirror.buffers()]), torch.empty(0)).device
-        substitute_layers(mirror, {"num_models": n, "seeds": seeds, "device": device})
+        self.conv_layout = conv_layout
+        substitute_layers(
+            mirror,
+            {"num_models": n, "seeds": seeds, "device": device, "conv_layout": conv_layout},
+        )
+        for module in mirror.modules():
+            # A sparse gradient cannot be formed for a stacked [N, ...] weight ("reshape is
+            # not implemented for sparse tensors"): the stacked copy computes the dense
+            # gradient, the same values. extract() still returns sparse=True embeddings.
+            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
+                module.sparse = False
         self.stacked = mirror
         self.stacked.train(models[0].training)
         self.training = models[0].training
@@ -189,6 +209,32 @@ class ModelBatch(nn.Module):
         """N, the number of models currently in the batch."""
         return len(self._model_ids)
 
+    # ------------------------------------------------------------------ copy, pickle, .to()
+    def __getstate__(self) -> dict[str, Any]:
+        # Weak references cannot be copied or pickled: optimizers, scalers and callback packs
+        # register themselves again with the copied batch (see their ``__setstate__``).
+        state = self.__dict__.copy()
+        state.pop("_optimizers", None)
+        state.pop("_all_active_cache", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Registrations made while the state was being restored are already in __dict__.
+        self.__dict__.setdefault("_optimizers", [])
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> ModelBatch:
+        """``.to()``, ``.cuda()``, ``.double()``, ...: the stacked tensors move as usual; the
+        template (for :meth:`extract` / :meth:`insert`) and the state of every optimizer and
+        scaler built on this batch follow them to the new device and floating dtype."""
+        super()._apply(fn, recurse)
+        self._template._apply(fn)
+        for follower in self._live_optimizers():
+            follow = getattr(follower, "_follow_batch", None)
+            if follow is not None:
+                follow()
+        return self
+
     @property
     def model_ids(self) -> list[int | str]:
         """Stable ids of the models, in their current positions (a copy)."""
@@ -225,8 +271,12 @@ class ModelBatch(nn.Module):
 
     def _check_index(self, i: int) -> int:
         n = len(self)
-        if not isinstance(i, int) or isinstance(i, bool):
-            raise TypeError(f"model index must be an int, got {type(i).__name__}")
+        if isinstance(i, bool):
+            raise TypeError("model index must be an int, got bool")
+        try:
+            i = operator.index(i)  # ints, NumPy integers, 0-dim integer tensors
+        except TypeError:
+            raise TypeError(f"model index must be an int, got {type(i).__name__}") from None
         if not -n <= i < n:
             raise IndexError(f"model index {i} out of range for a batch of {n} models")
         return i % n
@@ -481,7 +531,8 @@ class ModelBatch(nn.Module):
         self, directory: str | os.PathLike[str], optimizer: Any = None, **kwargs: Any
     ) -> Any:
         """Save every model (one folder per id), atomically: see
-        :func:`modelbatch.checkpoint.save_all` (``scheduler=``, ``step=``, ``extra=``)."""
+        :func:`modelbatch.checkpoint.save_all` (``scheduler=``, ``scaler=``, ``step=``,
+        ``extra=``)."""
         from modelbatch.checkpoint import save_all
 
         return save_all(self, directory, optimizer=optimizer, **kwargs)
@@ -490,31 +541,50 @@ class ModelBatch(nn.Module):
         self, directory: str | os.PathLike[str], optimizer: Any = None, **kwargs: Any
     ) -> dict[str, Any]:
         """Load a checkpoint into this batch, checking it first: see
-        :func:`modelbatch.checkpoint.load_all` (``scheduler=``, ``model_ids=``, ...)."""
+        :func:`modelbatch.checkpoint.load_all` (``scheduler=``, ``scaler=``, ``model_ids=``,
+        ...)."""
         from modelbatch.checkpoint import load_all
 
         return load_all(self, directory, optimizer=optimizer, **kwargs)
 
     # ------------------------------------------------------------------ optimizers & shrinking
     def _register_optimizer(self, optimizer: BatchOptimizer) -> None:
-        self._optimizers = [r for r in self._optimizers if r() is not None]
-        self._optimizers.append(weakref.ref(optimizer))
+        # Through __dict__: this also runs on a half-restored batch (copy.deepcopy, pickle).
+        refs = self.__dict__.get("_optimizers", [])
+        refs = [r for r in refs if r() is not None and r() is not optimizer]
+        refs.append(weakref.ref(optimizer))
+        self.__dict__["_optimizers"] = refs
 
     def _live_optimizers(self) -> list[BatchOptimizer]:
-        return [o for o in (r() for r in self._optimizers) if o is not None]
+        refs = self.__dict__.get("_optimizers", [])
+        return [o for o in (r() for r in refs) if o is not None]
+
+    def _positions(self, ids: int | str | Iterable[int | str]) -> list[int]:
+        """Current positions of the models with these ids (one dict lookup per id)."""
+        ids_list = [ids] if isinstance(ids, (int, str)) else list(ids)
+        where = {mid: i for i, mid in enumerate(self._model_ids)}
+        out = []
+        for mid in ids_list:
+            pos = where.get(mid)
+            if pos is None:
+                self.index_of(mid)  # raises the KeyError naming the id
+            out.append(where[mid])
+        return out
+
+    def _set_active(self, ids: int | str | Iterable[int | str], value: bool) -> None:
+        positions = self._positions(ids)
+        if positions:
+            index = torch.tensor(positions, dtype=torch.long, device=self.active.device)
+            self.active.index_fill_(0, index, value)
 
     def quarantine(self, ids: int | str | Iterable[int | str]) -> None:
         """Freeze the models with these ids: from now on their parameters, buffers and
         optimizer state stop changing. Other models are not affected."""
-        ids_list = [ids] if isinstance(ids, (int, str)) else list(ids)
-        for mid in ids_list:
-            self.active[self.index_of(mid)] = False
+        self._set_active(ids, False)
 
     def unquarantine(self, ids: int | str | Iterable[int | str]) -> None:
         """Let quarantined models train again."""
-        ids_list = [ids] if isinstance(ids, (int, str)) else list(ids)
-        for mid in ids_list:
-            self.active[self.index_of(mid)] = True
+        self._set_active(ids, True)
 
     @property
     def all_active(self) -> bool:
@@ -547,8 +617,7 @@ class ModelBatch(nn.Module):
         (see :func:`modelbatch.isolation.shrink_scheduler`); otherwise a later
         ``scheduler.step()`` would give the remaining models other models' learning rates.
         """
-        ids_list = [ids] if isinstance(ids, (int, str)) else list(ids)
-        drop_pos = {self.index_of(mid) for mid in ids_list}
+        drop_pos = set(self._positions(ids))
         if len(drop_pos) == len(self):
             raise ValueError("cannot drop every model from the batch")
         keep = [i for i in range(len(self)) if i not in drop_pos]

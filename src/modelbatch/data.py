@@ -247,6 +247,7 @@ def skip_models_without_samples(batch: ModelBatch, mask: Tensor) -> Iterator[Non
 
 
 def _to_device(x: Any, device: torch.device) -> Any:
+    """Tensors, and lists/tuples of them, copied to ``device`` (asynchronously if possible)."""
     if isinstance(x, Tensor):
         return x.to(device, non_blocking=True)
     if isinstance(x, (list, tuple)):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelbatch.layers.dropout import _FEATURE_DIMS, SeededDropout
+from modelbatch.layers.dropout import _FEATURE_DIMS, _seeded_replacement
 
 __all__ = ["check_seeds", "derive_seeds", "seeded_models", "use_seeded_dropout"]
 
@@ -89,13 +89,7 @@ def use_seeded_dropout(module: nn.Module, seed: int) -> nn.Module:
     for name, sub in list(module.named_modules()):
         if not name or type(sub) not in _FEATURE_DIMS:
             continue
-        new = SeededDropout(
-            sub.p,  # type: ignore[arg-type]
-            seed,
-            feature_dims=_FEATURE_DIMS[type(sub)],
-            layer=layer,
-        )
-        new.train(sub.training)
+        new = _seeded_replacement(sub, seed, layer)
         layer += 1
         parent_name, _, attr = name.rpartition(".")
         setattr(module.get_submodule(parent_name), attr, new)

@@ -9,20 +9,12 @@ import torch
 from torch import Tensor
 
 from modelbatch.core import ModelBatch
-from modelbatch.data import DataRouter, skip_models_without_samples
+from modelbatch.data import DataRouter, _to_device, skip_models_without_samples
 
 if TYPE_CHECKING:
     from modelbatch.callbacks import CallbackPack
 
 __all__ = ["evaluate", "train_one_epoch"]
-
-
-def _to_device(x: Any, device: torch.device) -> Any:
-    if isinstance(x, Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to_device(v, device) for v in x)
-    return x
 
 
 def train_one_epoch(

@@ -76,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=ALL_METHODS,
         default=list(ALL_METHODS),
-        help="methods to run (default: all that the device supports)",
+        help="methods to run (default: all that the device supports); the -cl methods build "
+        "the batch with conv_layout='channels_last'",
     )
     p.add_argument(
         "--compile-models",
@@ -182,6 +183,8 @@ _MB_METHODS = (
     "cudagraph",
     "compile-opt-cudagraph",
     "compile-cudagraph",
+    "eager-cl",
+    "cudagraph-cl",
 )
 
 

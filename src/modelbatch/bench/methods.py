@@ -13,6 +13,9 @@
   ``compile-cudagraph``: ModelBatch with ``modelbatch.optim.Adam``, eager /
   ``enable_compile()`` + ``compile_optimizer()`` / only ``compile_optimizer()`` /
   ``capture_cuda_graph()`` / compiled optimizer + graph / compile + graph.
+* ``eager-cl``, ``cudagraph-cl``: ``eager`` / ``cudagraph`` with
+  ``ModelBatch(..., conv_layout="channels_last")`` (every ``nn.Conv2d`` as one channels_last
+  grouped convolution over the N models; see :mod:`modelbatch.layers.conv`).
 
 Every method uses Adam (lr 1e-3), cross-entropy, one shared input batch per step, and bf16
 autocast with float32 master weights when the precision is ``bf16``.
@@ -57,6 +60,8 @@ ALL_METHODS = (
     "cudagraph",
     "compile-opt-cudagraph",
     "compile-cudagraph",
+    "eager-cl",
+    "cudagraph-cl",
 )
 
 
@@ -214,11 +219,12 @@ def _modelbatch(
     compiled: bool,
     graph: bool,
     compiled_opt: bool | None = None,
+    conv_layout: str = "default",
 ) -> None:
     import modelbatch
     from modelbatch.speed import compile_optimizer
 
-    batch = modelbatch.ModelBatch(_make_models(ctx, n))
+    batch = modelbatch.ModelBatch(_make_models(ctx, n), conv_layout=conv_layout)
     opt = modelbatch.optim.Adam(batch, lr=ctx.lr)
     batches = _prepared_batches(ctx)
     notes = []
@@ -382,7 +388,7 @@ def _processes(ctx: BenchContext, n: int, result: MethodResult, allow_cpu: bool 
 # ---------------------------------------------------------------------------- dispatch
 def available(method: str, ctx: BenchContext) -> str | None:
     """None if ``method`` can run in ``ctx``, else the reason it is skipped."""
-    if method.endswith("cudagraph") and ctx.device.type != "cuda":
+    if "cudagraph" in method and ctx.device.type != "cuda":
         return "needs CUDA"
     if method == "processes" and ctx.device.type != "cuda":
         return "GPU only (K processes sharing one GPU)"
@@ -423,6 +429,10 @@ def run_method(ctx: BenchContext, method: str, n: int) -> MethodResult:
             _modelbatch(ctx, n, result, compiled=False, graph=True, compiled_opt=True)
         elif method == "compile-cudagraph":
             _modelbatch(ctx, n, result, compiled=True, graph=True)
+        elif method == "eager-cl":
+            _modelbatch(ctx, n, result, compiled=False, graph=False, conv_layout="channels_last")
+        elif method == "cudagraph-cl":
+            _modelbatch(ctx, n, result, compiled=False, graph=True, conv_layout="channels_last")
         else:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
     except Exception as e:

@@ -152,9 +152,15 @@ def _substitute(module: nn.Module, context: dict[str, Any]) -> nn.Module:
     context[_LAYER_COUNTER_KEY] = layer + 1
     device = context.get("device")
     seed_t = torch.as_tensor(list(seeds), dtype=torch.int64, device=device)  # type: ignore[arg-type]
+    return _seeded_replacement(module, seed_t, layer)
+
+
+def _seeded_replacement(module: nn.Module, seed: int | Tensor, layer: int) -> SeededDropout:
+    """The :class:`SeededDropout` standing in for ``module`` (an ``nn.Dropout`` /
+    ``Dropout1d/2d/3d``): same ``p`` and mode, whole channels for the channel variants."""
     new = SeededDropout(
         module.p,  # type: ignore[arg-type]
-        seed_t,
+        seed,
         feature_dims=_FEATURE_DIMS[type(module)],
         layer=layer,
     )

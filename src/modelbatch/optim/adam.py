@@ -38,6 +38,8 @@ class Adam(BatchOptimizer):
     _float_hparams = ("lr", "eps", "weight_decay", "betas")
     _bool_hparams = ("amsgrad", "maximize")
     _decoupled_weight_decay = False
+    # exp_avg_sq would square complex gradients; torch.optim.Adam works on real views.
+    _supports_complex = False
 
     def __init__(
         self,

@@ -30,8 +30,11 @@ def expand_hyperparameter(name: str, value: Any, n: int) -> list[Any]:
     """Turn a scalar or a length-``n`` list into ``n`` per-model values.
 
     A pair-valued hyper-parameter (``betas``) given as one pair is a scalar; per-model
-    values are a list of ``n`` pairs.
+    values are a list of ``n`` pairs. NumPy arrays and scalars are accepted like lists and
+    Python numbers.
     """
+    if not isinstance(value, (Tensor, list, tuple, str)) and hasattr(value, "tolist"):
+        value = value.tolist()  # NumPy array or scalar
     if name in _PAIR_HPARAMS:
         if (
             isinstance(value, (tuple, list))
@@ -75,11 +78,13 @@ class BatchOptimizer(torch.optim.Optimizer):
         hyperparams: every hyper-parameter, each a scalar or a length-N list.
 
     Subclasses set ``_float_hparams`` / ``_bool_hparams``, implement ``_validate`` and
-    ``_update_param``.
+    ``_update_param``, and set ``_supports_complex = False`` when their update is not
+    correct for complex parameters.
     """
 
     _float_hparams: tuple[str, ...] = ()
     _bool_hparams: tuple[str, ...] = ()
+    _supports_complex: bool = True
 
     def __init__(self, batch: ModelBatch, hyperparams: Mapping[str, Any]) -> None:
         from modelbatch.core import ModelBatch
@@ -97,6 +102,15 @@ class BatchOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__} got unknown hyper-parameters {sorted(unknown)}; "
                 f"it accepts {sorted(known)}"
             )
+        if not self._supports_complex:
+            for name, p in batch.stacked_parameters():
+                if p.is_complex():
+                    raise TypeError(
+                        f"{type(self).__name__} does not support complex parameters: parameter "
+                        f"{name!r} has per-model shape {tuple(p.shape[1:])} and dtype {p.dtype}. "
+                        "Use OptimizerFactory(torch.optim.<class>, ...).build(batch): it runs "
+                        "torch.optim per model, which treats complex tensors as pairs of reals"
+                    )
         self.batch = batch
         per_model = {k: expand_hyperparameter(k, v, n) for k, v in hyperparams.items()}
         groups: list[dict[str, Any]] = []
@@ -125,6 +139,8 @@ class BatchOptimizer(torch.optim.Optimizer):
         self._static_hparams = False
         self._static_masked: bool | None = None
         self._branch_log: dict[tuple[str, Callable[[Any], bool]], bool] = {}
+        # Within one step(): any_hparam answers, so each is read from the N groups once.
+        self._step_memo: dict[tuple[str, Callable[[Any], bool]], bool] | None = None
         super().__init__(groups, defaults)
         self.state: dict[str, dict[str, Any]] = {}  # type: ignore[assignment]
         batch._register_optimizer(self)
@@ -166,8 +182,18 @@ class BatchOptimizer(torch.optim.Optimizer):
         return t
 
     def any_hparam(self, name: str, predicate: Callable[[Any], bool] = bool) -> bool:
-        """Whether ``predicate`` holds for the hyper-parameter of any model (host-side)."""
+        """Whether ``predicate`` holds for the hyper-parameter of any model (host-side).
+
+        Within one :meth:`step` the answer is computed once (an O(N) loop over the param
+        groups), not once per parameter tensor.
+        """
+        memo = self._step_memo
+        key = (name, predicate)
+        if memo is not None and key in memo:
+            return memo[key]
         result = any(predicate(g[name]) for g in self.param_groups)
+        if memo is not None:
+            memo[key] = result
         if self._static_hparams:
             self._branch_log[(name, predicate)] = result
         return result
@@ -231,7 +257,11 @@ class BatchOptimizer(torch.optim.Optimizer):
             masked = self._static_masked
         else:
             masked = not self.batch.all_active
-        self._apply_updates(masked)
+        self._step_memo = {}
+        try:
+            self._apply_updates(masked)
+        finally:
+            self._step_memo = None
         return loss
 
     def _apply_updates(self, masked: bool) -> None:
@@ -263,9 +293,10 @@ class BatchOptimizer(torch.optim.Optimizer):
                     p.copy_(torch.where(active.view(-1, *([1] * (p.dim() - 1))), p, old_p))
                 for k, new in list(state.items()):
                     old = before.get(k)
-                    if masked and k in snapshot:
+                    if masked and isinstance(new, Tensor) and new.dim() > 0:
                         keep = active.view(-1, *([1] * (new.dim() - 1)))
-                        new = torch.where(keep, new, snapshot[k])
+                        new = torch.where(keep, new, snapshot.get(k, 0))
+                        state[k] = new
                     if old is not None and new is not old:
                         old.copy_(new)
                         state[k] = old
@@ -275,15 +306,20 @@ class BatchOptimizer(torch.optim.Optimizer):
                 self._update_param(name, p, p.grad, state)
                 keep = active.view(-1, *([1] * (p.dim() - 1)))
                 p.copy_(torch.where(keep, p, old_p))
-                for k, old in snapshot.items():
-                    new = state[k]
-                    state[k] = torch.where(active.view(-1, *([1] * (old.dim() - 1))), new, old)
+                for k, new in list(state.items()):
+                    if isinstance(new, Tensor) and new.dim() > 0:
+                        # State created in this step (e.g. SGD's momentum buffer) starts at
+                        # zero for inactive models: they have not stepped.
+                        keep = active.view(-1, *([1] * (new.dim() - 1)))
+                        state[k] = torch.where(keep, new, snapshot.get(k, 0))
             else:
                 self._update_param(name, p, p.grad, state)
 
     def init_state(self) -> None:
         """Create the optimizer state of every parameter now instead of at the first step."""
         for name, p in self.batch.stacked_parameters():
+            if not p.requires_grad:
+                continue  # frozen: never updated, so no state (as in torch.optim)
             state = self.state.setdefault(name, {})
             if not state:
                 self._init_state(p, state)
@@ -293,16 +329,30 @@ class BatchOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients of the stacked parameters."""
-        for _, p in self.batch.stacked_parameters():
-            if p.grad is None:
-                continue
-            if set_to_none:
-                p.grad = None
-            else:
-                p.grad.detach_()
-                p.grad.zero_()
+        zero_stacked_grads(self.batch, set_to_none)
 
     # ---------------------------------------------------------------- shrinking
+    def _follow_batch(self) -> None:
+        """Move the state to the parameters' device and floating dtype, after the batch
+        moved (``batch.to(...)``, ``batch.double()``)."""
+        params = dict(self.batch.stacked_parameters())
+        for name, state in self.state.items():
+            p = params.get(name)
+            if p is not None:
+                for k, v in list(state.items()):
+                    if isinstance(v, Tensor):
+                        state[k] = _state_like(k, v, p)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer keeps only defaults/state/param_groups; the batch and the
+        # caches are needed too (copy.deepcopy, pickle).
+        return _optimizer_getstate(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._patch_step_function()
+        self.batch._register_optimizer(self)
+
     def _keep_positions(self, keep: Sequence[int]) -> None:
         for state in self.state.values():
             for k, v in list(state.items()):
@@ -344,10 +394,11 @@ class BatchOptimizer(torch.optim.Optimizer):
             restored: dict[str, Any] = {}
             for k, v in s.items():
                 if isinstance(v, Tensor):
-                    if v.dim() > 0 and v.shape[0] != p.shape[0]:
+                    expected = (p.shape[0],) if k == "step" else tuple(p.shape)
+                    if v.dim() > 0 and tuple(v.shape) != expected:
                         raise ValueError(
                             f"optimizer state {name!r}/{k!r} has shape {tuple(v.shape)}, "
-                            f"expected a leading dimension of {p.shape[0]}"
+                            f"expected {expected} (parameter {name!r} is {tuple(p.shape)})"
                         )
                     dtype = v.dtype if k == "step" else p.dtype
                     v = v.to(device=p.device, dtype=dtype if v.is_floating_point() else v.dtype)
@@ -372,6 +423,37 @@ def _capturing() -> bool:
 
 def _hp_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _state_like(key: str, value: Tensor, p: Tensor) -> Tensor:
+    """Optimizer state ``value`` moved to ``p``'s device; floating state also to ``p``'s
+    dtype, except the ``step`` counters (hyper-parameter precision)."""
+    if key == "step":
+        return value.to(device=p.device, dtype=_hp_dtype(p.device))
+    if value.is_floating_point() or value.is_complex():
+        return value.to(device=p.device, dtype=p.dtype)
+    return value.to(device=p.device)
+
+
+def _optimizer_getstate(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """``opt.__dict__`` for copying/pickling, without the instance-level ``step`` wrapper
+    that an LR scheduler installs (it refers to the original optimizer)."""
+    state = opt.__dict__.copy()
+    state.pop("step", None)
+    state.pop("_opt_called", None)
+    return state
+
+
+def zero_stacked_grads(batch: ModelBatch, set_to_none: bool = True) -> None:
+    """Reset the ``.grad`` of every stacked parameter of ``batch`` (``zero_grad``)."""
+    for _, p in batch.stacked_parameters():
+        if p.grad is None:
+            continue
+        if set_to_none:
+            p.grad = None
+        else:
+            p.grad.detach_()
+            p.grad.zero_()
 
 
 def per_model_view(values: Tensor, like: Tensor) -> Tensor:

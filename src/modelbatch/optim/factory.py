@@ -71,9 +71,15 @@ class OptimizerFactory:
                 hp.pop(k, None)
             accepted = inspect.signature(vectorised).parameters
             unsupported = sorted(set(hp) - set(accepted))
-            if not unsupported:
+            complex_params = not vectorised._supports_complex and any(
+                p.is_complex() for _, p in batch.stacked_parameters()
+            )
+            if not unsupported and not complex_params:
                 return vectorised(batch, **hp)
-            reason = f"the vectorised {cls.__name__} does not support {unsupported}"
+            if unsupported:
+                reason = f"the vectorised {cls.__name__} does not support {unsupported}"
+            else:
+                reason = f"the vectorised {cls.__name__} does not support complex parameters"
         else:
             reason = f"no vectorised version of {cls.__name__}"
         if cls not in _warned:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from modelbatch.optim.base import expand_hyperparameter
+from modelbatch.optim.base import _optimizer_getstate, expand_hyperparameter, zero_stacked_grads
 
 if TYPE_CHECKING:
     from modelbatch.core import ModelBatch
@@ -59,21 +59,49 @@ class PerModelOptimizer(torch.optim.Optimizer):
             raise type(e)(f"building {optimizer_cls.__name__} for each model failed: {e}") from e
         for g, mid in zip(self.inner.param_groups, batch.model_ids, strict=False):
             g["model_id"] = mid
-        # Share the wrapped optimizer's containers, so schedulers, hooks and users that
-        # read or edit ``param_groups`` / ``state`` see the real thing.
-        self.defaults = self.inner.defaults
-        self.param_groups = self.inner.param_groups
-        self.state = self.inner.state
-        self._optimizer_step_pre_hooks = self.inner._optimizer_step_pre_hooks
-        self._optimizer_step_post_hooks = self.inner._optimizer_step_post_hooks
-        self._optimizer_state_dict_pre_hooks = self.inner._optimizer_state_dict_pre_hooks
-        self._optimizer_state_dict_post_hooks = self.inner._optimizer_state_dict_post_hooks
-        self._optimizer_load_state_dict_pre_hooks = self.inner._optimizer_load_state_dict_pre_hooks
-        self._optimizer_load_state_dict_post_hooks = (
-            self.inner._optimizer_load_state_dict_post_hooks
-        )
+        # ``defaults`` / ``param_groups`` / ``state`` are the wrapped optimizer's (properties
+        # below), so schedulers, hooks and users that read or edit them see the real thing.
+        self._share_hooks()
         self._zero_grad_profile_name = "Optimizer.zero_grad#PerModelOptimizer.zero_grad"
         batch._register_optimizer(self)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ shared containers
+    def _share_hooks(self) -> None:
+        """Hooks registered on this wrapper are the wrapped optimizer's (they run in its
+        ``step``, ``state_dict`` and ``load_state_dict``)."""
+        for kind in ("step_pre", "step_post", "state_dict_pre", "state_dict_post",
+                     "load_state_dict_pre", "load_state_dict_post"):
+            name = f"_optimizer_{kind}_hooks"
+            setattr(self, name, getattr(self.inner, name))
+
+    # Properties, not copies: ``inner.load_state_dict`` replaces the wrapped optimizer's
+    # ``state`` and ``param_groups`` objects.
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """Model i's param group of the wrapped optimizer (with ``"model_id"``)."""
+        return self.inner.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.inner.param_groups = value
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:  # type: ignore[override]
+        """The wrapped optimizer's state, keyed by the per-model view parameters."""
+        return self.inner.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.inner.state = value
+
+    @property  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        """The wrapped optimizer's defaults."""
+        return self.inner.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.inner.defaults = value
 
     # ------------------------------------------------------------------ views
     def _bind_views(self) -> None:
@@ -124,13 +152,8 @@ class PerModelOptimizer(torch.optim.Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for _, p in self.batch.stacked_parameters():
-            if p.grad is None:
-                continue
-            if set_to_none:
-                p.grad = None
-            else:
-                p.grad.zero_()
+        """Reset the gradients of the stacked parameters."""
+        zero_stacked_grads(self.batch, set_to_none)
         self.inner.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
@@ -148,7 +171,22 @@ class PerModelOptimizer(torch.optim.Optimizer):
         if self._views_stale():
             self._bind_views()
         self.inner.load_state_dict(sd)
-        self.param_groups = self.inner.param_groups
+
+    def _follow_batch(self) -> None:
+        """Re-point the views and move the wrapped optimizer's state to the parameters'
+        device and dtype after the batch moved (``batch.to(...)``, ``batch.double()``)."""
+        self._bind_views()
+        if self.inner.state:
+            # torch.optim's own loading casts the state as each parameter needs it.
+            self.inner.load_state_dict(self.inner.state_dict())
+
+    def __getstate__(self) -> dict[str, Any]:
+        return _optimizer_getstate(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._share_hooks()
+        self.batch._register_optimizer(self)  # type: ignore[arg-type]
 
     def _keep_positions(self, keep: Sequence[int]) -> None:
         old_views = self._views

@@ -18,6 +18,10 @@ __all__ = ["SGD"]
 Hp = float | Sequence[float]
 
 
+def _is_zero(value: float) -> bool:
+    return value == 0
+
+
 class SGD(BatchOptimizer):
     """Stochastic gradient descent over a :class:`~modelbatch.ModelBatch`, matching
     :class:`torch.optim.SGD` applied to each model alone.
@@ -89,7 +93,7 @@ class SGD(BatchOptimizer):
                 update = torch.where(nesterov, grad + buf * momentum, buf)
             else:
                 update = buf
-            if not all(g["momentum"] != 0 for g in self.param_groups):
+            if self.any_hparam("momentum", _is_zero):  # some models without momentum
                 update = torch.where(momentum != 0, update, grad)
         else:
             update = grad
