@@ -88,11 +88,11 @@ def max_err(got: list[nn.Module], ref: list[nn.Module]) -> float:
     return worst
 
 
-def graph_vs_alone(arch: str, opt_name: str) -> float:
+def graph_vs_alone(arch: str, opt_name: str, conv_layout: str = "default") -> float:
     make, shape = (bn_mlp, (6, 5)) if arch == "bn-mlp" else (small_resnet, (4, 3, 32, 32))
     models = models_of(make)
     data = data_of(shape, 6)
-    batch = modelbatch.ModelBatch([copy.deepcopy(m) for m in models])
+    batch = modelbatch.ModelBatch([copy.deepcopy(m) for m in models], conv_layout=conv_layout)
     opt = OPTS[opt_name][0](batch)
     sched = step_lr(opt)
     step = batch.capture_cuda_graph(opt, F.cross_entropy, *data[0])
@@ -184,6 +184,14 @@ def main() -> int:
                     1e-5,
                 )
             )
+    for opt_name in OPTS:
+        checks.append(
+            (
+                f"cuda graph = alone, fp32, resnet8, {opt_name}, channels_last conv",
+                lambda o=opt_name: graph_vs_alone("resnet8", o, conv_layout="channels_last"),
+                1e-5,
+            )
+        )
     checks.append(("quarantine rules of the cuda graph", quarantine_rules, 0.0))
     checks.append(
         (
