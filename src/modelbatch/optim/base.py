@@ -139,8 +139,9 @@ class BatchOptimizer(torch.optim.Optimizer):
         self._static_hparams = False
         self._static_masked: bool | None = None
         self._branch_log: dict[tuple[str, Callable[[Any], bool]], bool] = {}
-        # Within one step(): any_hparam answers, so each is read from the N groups once.
-        self._step_memo: dict[tuple[str, Callable[[Any], bool]], bool] | None = None
+        # Within one step(): any_hparam answers and hparam tensors, so each is read from
+        # the N groups once per step, not once per parameter tensor.
+        self._step_memo: dict[Any, Any] | None = None
         super().__init__(groups, defaults)
         self.state: dict[str, dict[str, Any]] = {}  # type: ignore[assignment]
         batch._register_optimizer(self)
@@ -170,15 +171,21 @@ class BatchOptimizer(torch.optim.Optimizer):
             # Static mode: the tensor's address must not change; refresh_hparams() keeps
             # its values current (and no host-side value is read while tracing/capturing).
             return self._hp_cache[key][1]
+        memo = self._step_memo
+        if memo is not None and ("hparam", key) in memo:
+            return memo[("hparam", key)]
         if index is None:
             values = tuple(g[name] for g in self.param_groups)
         else:
             values = tuple(g[name][index] for g in self.param_groups)
         cached = self._hp_cache.get(key)
         if cached is not None and cached[0] == values:
-            return cached[1]
-        t = torch.tensor(values, dtype=dtype, device=like.device)
-        self._hp_cache[key] = (values, t)
+            t = cached[1]
+        else:
+            t = _host_to_device(values, dtype, like.device)
+            self._hp_cache[key] = (values, t)
+        if memo is not None:
+            memo[("hparam", key)] = t
         return t
 
     def any_hparam(self, name: str, predicate: Callable[[Any], bool] = bool) -> bool:
@@ -419,6 +426,15 @@ class BatchOptimizer(torch.optim.Optimizer):
 def _capturing() -> bool:
     """Whether the current CUDA stream is capturing a graph (False without CUDA)."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _host_to_device(values: Sequence[Any], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``[N]`` host values as a tensor on ``device``, without stalling the host on CUDA
+    (a copy from pageable memory would wait for the GPU to drain its queue)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _hp_dtype(device: torch.device) -> torch.dtype:
