@@ -2,7 +2,11 @@
 may not have it). Each check trains the same models two ways and prints PASS/FAIL with the
 largest relative error. Run from the repository root with PYTHONPATH=src:
 
-    python3 benchmarks/cuda_checks.py --out checks.txt
+    python3 benchmarks/cuda_checks.py --out checks.txt [--part graph|compile|all]
+
+``--part graph`` runs the CUDA-graph checks only (seconds), ``--part compile`` the
+torch.compile ones (compiling takes a while). ``--out`` is rewritten after every check, so
+a run cut short keeps what it checked (``--append`` adds to it instead).
 
 The same checks live in tests/test_speed.py (marked ``cuda``) for machines with pytest.
 """
@@ -167,6 +171,8 @@ def quarantine_rules() -> float:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--part", choices=("all", "graph", "compile"), default="all")
+    ap.add_argument("--append", action="store_true", help="append to --out")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
@@ -214,7 +220,18 @@ def main() -> int:
             1e-4,
         )
     )
-    lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}"]
+    if args.part != "all":
+        checks = [c for c in checks if ("compile" in c[0]) == (args.part == "compile")]
+    prefix = args.out.read_text() if args.append and args.out and args.out.exists() else ""
+    lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, part {args.part}"]
+
+    def write() -> None:
+        if args.out is not None:
+            tmp = args.out.with_name(args.out.name + ".tmp")
+            tmp.write_text(prefix + "\n".join(lines) + "\n")
+            tmp.replace(args.out)
+
+    write()
     failed = 0
     for name, fn, tol in checks:
         try:
@@ -227,10 +244,10 @@ def main() -> int:
             lines.append(f"FAIL  {name}: {type(e).__name__}: {e}\n{tb}")
         failed += not ok
         print(lines[-1], flush=True)
-    lines.append(f"{len(checks) - failed}/{len(checks)} checks passed")
+        write()
+    lines.append(f"{len(checks) - failed}/{len(checks)} checks passed ({args.part})")
     print(lines[-1])
-    if args.out is not None:
-        args.out.write_text("\n".join(lines) + "\n")
+    write()
     return 1 if failed else 0
 
 

@@ -299,3 +299,81 @@ def test_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     best = ns["best"]
     loaded = BertForSequenceClassification.from_pretrained(tmp_path / "bundle" / f"model_{best}")
     assert_close_models([loaded], [ns["batch"].extract(best)], torch.float32)
+
+
+def test_label_smoothing_is_applied_to_each_model(tmp_path: Path) -> None:
+    models = _bert_models(2)
+    trainer = _trainer(tmp_path, models, args={"label_smoothing_factor": 0.2})
+    inputs = _collate(_data(8))
+    trainer.compute_loss(trainer.model, inputs)
+    losses = trainer.model_batch.latest_losses
+    assert losses is not None
+    for i, model in enumerate(models):
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        expected = torch.nn.functional.cross_entropy(logits, inputs["labels"], label_smoothing=0.2)
+        # (the Trainer's LabelSmoother sums the smoothing term in float32)
+        assert float(losses[i]) == pytest.approx(float(expected), rel=1e-6)
+    assert trainer.args.label_smoothing_factor == 0.2
+
+
+def test_padded_token_labels_and_preprocess_logits_for_metrics(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import (
+        BertForTokenClassification,
+        DataCollatorForTokenClassification,
+        PreTrainedTokenizerFast,
+    )
+
+    vocab = {"[PAD]": 0, "[UNK]": 1}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="[UNK]")),
+        pad_token="[PAD]", unk_token="[UNK]",
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        {"input_ids": torch.randint(2, 40, (n,), generator=g), "labels": torch.randint(0, 3, (n,))}
+        for n in (3, 5, 4, 7, 2, 6)
+    ]  # batches of 4 and 2 padded to lengths 7 and 6 by the collator
+    models = [BertForTokenClassification(m.config) for m in _bert_models(2)]
+    trainer = BundledTrainer(
+        model=ModelBatch(models), args=_args(tmp_path, per_device_eval_batch_size=4),
+        data_collator=DataCollatorForTokenClassification(tokenizer),
+        preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1),
+        compute_metrics=lambda p: {
+            "tokacc": float((p.predictions == p.label_ids)[p.label_ids != -100].mean())
+        },
+    )  # fmt: skip
+    pred = trainer.predict(rows)
+    assert pred.predictions.shape == (2, 6, 7)  # [N, samples, longest]: argmax'd per model
+    assert pred.label_ids.shape == (6, 7)
+    assert (pred.label_ids[4, 2:] == -100).all()  # padded as the Trainer pads
+    for i, model in enumerate(models):
+        hits = []
+        for row in rows:
+            with torch.no_grad():
+                logits = model.eval()(input_ids=row["input_ids"][None]).logits[0]
+            hits.append(logits.argmax(-1) == row["labels"])
+        expected = float(torch.cat(hits).double().mean())
+        assert pred.metrics[f"test_tokacc_model_{i}"] == pytest.approx(expected)
+
+
+def test_unsupported_trainer_features_are_refused(tmp_path: Path) -> None:
+    batch = ModelBatch(_bert_models(2))
+    checkpointing = (  # transformers 5 renamed the argument
+        "activation_checkpointing"
+        if hasattr(TrainingArguments, "activation_checkpointing")
+        else "gradient_checkpointing"
+    )
+    with pytest.raises(ValueError, match="gradient_checkpointing is not supported"):
+        BundledTrainer(model=batch, args=_args(tmp_path, **{checkpointing: True}))
+    with pytest.raises(ValueError, match="include_for_metrics"):
+        BundledTrainer(model=batch, args=_args(tmp_path, include_for_metrics=["inputs"]))
+    with pytest.raises(TypeError, match="does not take model_init"):
+        BundledTrainer(model_init=lambda: batch, args=_args(tmp_path))
+    with pytest.raises(ValueError, match="single-model loss_fn"):
+        BundledTrainer(model=batch, args=_args(tmp_path), compute_loss_func=lambda *a, **k: 0)
+    trainer = BundledTrainer(model=batch, args=_args(tmp_path))
+    with pytest.raises(NotImplementedError, match="per_model_hparams"):
+        trainer.hyperparameter_search(n_trials=2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+import math
 import runpy
 import sys
 from pathlib import Path
@@ -66,13 +67,13 @@ def _module(models: list[nn.Module]) -> BatchLightningModule:
 
 def _trainer(max_epochs: int, **kwargs: Any) -> Any:
     kwargs.setdefault("enable_checkpointing", False)
+    kwargs.setdefault("gradient_clip_val", CLIP)
     return pl.Trainer(
         max_epochs=max_epochs,
         accelerator="cpu",
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        gradient_clip_val=CLIP,
         **kwargs,
     )
 
@@ -227,3 +228,74 @@ def test_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.randn(5, 20)
     out = batch(x)[batch.index_of(ns["best"])]
     assert rel_err(ns["best_model"](x), out) <= TOL[torch.float32]
+
+
+def test_several_val_loaders_and_dict_batches_in_predict(tmp_path: Path) -> None:
+    module = _module(_models())
+    trainer = _trainer(1, default_root_dir=tmp_path, limit_train_batches=1)
+    trainer.fit(module, _loader(), [_loader(), _loader()])  # validation_step(dataloader_idx)
+    results = trainer.validate(module, [_loader(), _loader()], verbose=False)
+    assert (
+        results[1]["val/acc/model_2/dataloader_idx_1"]
+        == results[0]["val/acc/model_2/dataloader_idx_0"]
+    )
+    assert module.per_model_logged("val", "acc", dataloader_idx=1)[2] == pytest.approx(
+        results[1]["val/acc/model_2/dataloader_idx_1"]
+    )
+    x, y = _loader().dataset.tensors
+    dicts = DataLoader([{"x": x[i], "y": y[i]} for i in range(8)], batch_size=8)
+    (pred,) = trainer.predict(module, dicts)
+    assert torch.equal(pred, module.model_batch(x[:8]))
+
+
+class _RecordEpochs(pl.Callback):  # type: ignore[misc,name-defined]
+    """Records the epochs that ran."""
+
+    def __init__(self) -> None:
+        self.epochs: list[int] = []
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self.epochs.append(trainer.current_epoch)
+
+
+def test_a_diverged_model_does_not_stop_early_stopping_of_the_others(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    module = BatchLightningModule(
+        ModelBatch(_models()),
+        F.cross_entropy,
+        optimizer=functools.partial(optim.SGD, lr=[0.1, math.inf, 0.1]),
+    )
+    record = _RecordEpochs()
+    trainer = _trainer(3, default_root_dir=tmp_path, gradient_clip_val=None,
+                       callbacks=[EarlyStopping(monitor="val/loss", patience=5), record])  # fmt: skip
+    trainer.fit(module, _loader(), _loader())
+    assert record.epochs == [0, 1, 2]  # a nan mean would have stopped the fit after epoch 0
+    per_model = module.per_model_logged("val", "loss")
+    assert not math.isfinite(per_model[1])
+    assert float(trainer.callback_metrics["val/loss"]) == pytest.approx(
+        (per_model[0] + per_model[2]) / 2, rel=1e-6
+    )
+
+
+class _DropAfterFirstEpoch(pl.Callback):  # type: ignore[misc,name-defined]
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.current_epoch == 0:
+            pl_module.drop(1)
+
+
+def test_drop_mid_fit_shrinks_the_schedulers_lightning_holds(tmp_path: Path) -> None:
+    lrs = [0.1, 0.2, 0.3]
+    module = BatchLightningModule(
+        ModelBatch(_models()),
+        F.cross_entropy,
+        optimizer=functools.partial(optim.SGD, lr=lrs),
+        scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.5**epoch),
+    )
+    trainer = _trainer(3, default_root_dir=tmp_path, callbacks=[_DropAfterFirstEpoch()])
+    trainer.fit(module, _loader())
+    assert module.model_batch.model_ids == [0, 2]
+    # Model 2 keeps its own schedule (0.3 * 0.5**3), not model 1's base learning rate.
+    assert [g["lr"] for g in trainer.optimizers[0].param_groups] == pytest.approx(
+        [0.1 * 0.5**3, 0.3 * 0.5**3]
+    )

@@ -146,6 +146,7 @@ def _row(ctx: Any, r: Any, meta: dict[str, Any], ref_throughput: float | None) -
         "opt_ms": r.opt_ms,
         "spread": r.spread,
         "device": meta["device_name"],
+        "device_type": meta["device"].split(":")[0],
         "note": r.note,
     }
     if r.status != "ok" or not r.step_ms:
@@ -161,7 +162,9 @@ def _row(ctx: Any, r: Any, meta: dict[str, Any], ref_throughput: float | None) -
         ws = meta["working_set_bytes"].get(ctx.precision)
         if ws:
             row["mem_bound_bytes"] = 1.5e9 + 1.1 * r.n_models * ws
-    ceil = meta["ceilings"][ctx.precision]
+    key = _ceiling_key(wl.name, ctx.precision, ctx.device)
+    ceil = meta["ceilings"][key]
+    row["ceiling"] = key
     flops = meta["flops_per_image"] * images / seconds
     elem = 2 if ctx.precision == "bf16" else 4
     traffic = (
@@ -176,135 +179,62 @@ def _row(ctx: Any, r: Any, meta: dict[str, Any], ref_throughput: float | None) -
     return row
 
 
-_MB_METHODS = (
-    "eager",
-    "compile",
-    "compile-opt",
-    "cudagraph",
-    "compile-opt-cudagraph",
-    "compile-cudagraph",
-    "eager-cl",
-    "cudagraph-cl",
-)
+def _ceiling_key(arch: str, precision: str, device: Any) -> str:
+    """Which measured matmul ceiling a run's FLOP/s is compared with.
+
+    bf16 autocast: the bf16 matmul. fp32: on CUDA, the TF32 matmul where the dominant op
+    may use TF32 (cuDNN convolutions by default, ``torch.backends.cudnn.allow_tf32``; linear
+    layers only with ``torch.backends.cuda.matmul.allow_tf32``), else IEEE fp32.
+    """
+    import torch
+
+    if precision == "bf16":
+        return "bf16"
+    if device.type != "cuda":
+        return "fp32"
+    if arch == "resnet8":
+        tf32 = torch.backends.cudnn.allow_tf32
+    else:
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if tf32 else "fp32"
 
 
-def _best(
-    rows: Sequence[dict[str, Any]], methods: Sequence[str], n: int, precision: str | None = None
-) -> dict[str, Any] | None:
-    cands = [
-        r
-        for r in rows
-        if r["method"] in methods
-        and r["n_models"] == n
-        and r.get("model_images_per_s")
-        and (precision is None or r["precision"] == precision)
-    ]
-    return max(cands, key=lambda r: r["model_images_per_s"]) if cands else None
-
-
-def _checks(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """The issue's targets, evaluated where this run has the data."""
-    out: list[tuple[str, str, str]] = []
-
-    def verdict(ok: bool) -> str:
-        return "met" if ok else "NOT met"
-
-    def desc(r: dict[str, Any]) -> str:
-        return f"{r['model_images_per_s'] / 1e6:.3g}M ({r['method']} {r['precision']})"
-
-    seq = meta.get("sequential_fp32_throughput")
-    gpu = meta["device"].startswith("cuda")  # the throughput targets are GPU targets
-    if gpu and meta["arch"] == "resnet8":
-        best = _best(rows, _MB_METHODS, 256, "bf16")
-        if best:
-            out.append(
-                (
-                    "ResNet-8 N=256 bf16 >= 1.0M model-images/s",
-                    desc(best),
-                    verdict(best["model_images_per_s"] >= 1.0e6),
-                )
-            )
-            rec = _best(rows, ("recipe", "recipe-bf16params"), 256)
-            if rec:
-                ratio = best["model_images_per_s"] / rec["model_images_per_s"]
-                out.append(
-                    (
-                        "ResNet-8 N=256 >= 4x the recipe's best",
-                        f"{ratio:.2f}x (recipe {desc(rec)})",
-                        verdict(ratio >= 4),
-                    )
-                )
-            if seq:
-                ratio = best["model_images_per_s"] / seq
-                out.append(
-                    ("ResNet-8 N=256 >= 34x sequential fp32", f"{ratio:.1f}x", verdict(ratio >= 34))
-                )
-        for r in rows:
-            if r["method"] in _MB_METHODS and r["precision"] == "bf16" and r["status"] == "error":
-                out.append(
-                    (
-                        f"bf16 autocast with BatchNorm ({r['method']} N={r['n_models']})",
-                        r["note"][:80],
-                        "NOT met",
-                    )
-                )
-                break
-    if gpu and meta["arch"] == "mlp" and seq:
-        for n, target in ((32, 100), (4096, 300)):
-            best = _best(rows, _MB_METHODS, n)
-            if best:
-                ratio = best["model_images_per_s"] / seq
-                out.append(
-                    (
-                        f"MLP N={n} >= {target}x sequential",
-                        f"{ratio:.0f}x ({desc(best)})",
-                        verdict(ratio >= target),
-                    )
-                )
-    over = [
-        r
-        for r in rows
-        if r["method"] in _MB_METHODS and r.get("mem_bound_bytes") and r.get("peak_mem_bytes")
-    ]
-    if over:
-        bad = [r for r in over if r["peak_mem_bytes"] > r["mem_bound_bytes"]]
-        worst = max(over, key=lambda r: r["peak_mem_bytes"] / r["mem_bound_bytes"])
-        out.append(
-            (
-                "peak <= 1.5 GB + 1.1 x N x one model's working set",
-                f"worst {worst['peak_mem_bytes'] / worst['mem_bound_bytes']:.2f} of the bound "
-                f"({worst['method']} {worst['precision']} N={worst['n_models']})",
-                verdict(not bad),
-            )
-        )
-    shares = [r for r in rows if r.get("opt_share") is not None]
-    if shares:
-        n_max = (
-            1024
-            if any(r["n_models"] == 1024 for r in shares)
-            else max(r["n_models"] for r in shares)
-        )
-        for r in shares:
-            if r["n_models"] == n_max:
-                out.append(
-                    (
-                        f"optimizer share of the step at N={n_max} ({r['method']} "
-                        f"{r['precision']})",
-                        f"{100 * r['opt_share']:.0f}%",
-                        "reported",
-                    )
-                )
-    return out
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns the exit status (0 also when some cells failed: their
-    errors are in the results)."""
+    errors are in the results; 130 when stopped by SIGINT/SIGTERM, after writing what was
+    measured)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+
+    def _stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # `timeout` (benchmarks/run_gpu.sh) stops a stage with SIGTERM; SIGINT may have been
+    # inherited as ignored. Both become KeyboardInterrupt: results and plots get written.
+    old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _main(argv)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     import torch
 
     from modelbatch.bench.measure import measure_ceilings
     from modelbatch.bench.methods import BenchContext, MethodResult, run_method
     from modelbatch.bench.report import _si, write_csv, write_markdown, write_plots
+    from modelbatch.bench.targets import evaluate_targets
     from modelbatch.bench.workloads import (
         count_flops_per_image,
         estimate_activation_bytes_per_image,
@@ -361,21 +291,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     methods = list(dict.fromkeys(args.methods))
     precisions = list(dict.fromkeys(args.precision))
-    seq_precisions = list(precisions)
-    if "sequential" in methods and "fp32" not in seq_precisions:
-        seq_precisions.insert(0, "fp32")  # the reference for every speedup
     rows: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
 
     stem = f"bench-{wl.name}"
 
     def flush() -> list[tuple[str, str, str]]:
-        # Rewritten after every cell, so a run cut short still leaves its results.
+        # Rewritten (atomically) after every cell, so a run cut short still leaves its results.
         write_csv(rows, out_dir / f"{stem}.csv")
-        checks = _checks(rows, meta)
+        checks = evaluate_targets(rows)
         write_markdown(rows, meta, out_dir / f"{stem}.md", checks)
         payload = {"meta": meta, "rows": rows, "checks": checks, "errors": errors}
-        (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=1, default=str))
+        _write_atomic(out_dir / f"{stem}.json", json.dumps(payload, indent=1, default=str))
         return checks
 
     def emit(ctx: BenchContext, r: MethodResult, ref: float | None) -> None:
@@ -399,18 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         flush()
 
-    print(f"modelbatch bench: {wl.name} on {device_name}; output in {out_dir}", flush=True)
-    ref_throughput: float | None = None
-    for prec in seq_precisions:
-        dtype = torch.bfloat16 if prec == "bf16" else torch.float32
-        c = measure_ceilings(device, dtype)
-        meta["ceilings"][prec] = vars(c)
-        print(
-            f"[{prec}] ceilings: matmul {c.matmul_flops / 1e9:.1f} GFLOP/s, "
-            f"copy {c.copy_bytes_per_s / 1e9:.1f} GB/s",
-            flush=True,
-        )
-        ctx = BenchContext(
+    def context(prec: str) -> BenchContext:
+        return BenchContext(
             wl,
             device,
             prec,
@@ -423,32 +340,64 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_procs=args.max_procs,
             channels_last=args.channels_last,
         )
+
+    print(f"modelbatch bench: {wl.name} on {device_name}; output in {out_dir}", flush=True)
+    # Ceilings: the matmul of every precision the rows are compared with, and the copy.
+    seq_precisions = ["fp32", *[p for p in precisions if p != "fp32"]]
+    keys = {_ceiling_key(wl.name, p, device) for p in seq_precisions}
+    if device.type == "cuda":
+        keys |= {"fp32", "tf32"}  # both recorded, whichever the rows use
+    interrupted = False
+    try:
+        for key in ("fp32", "tf32", "bf16"):
+            if key not in keys:
+                continue
+            dtype = torch.bfloat16 if key == "bf16" else torch.float32
+            c = measure_ceilings(device, dtype, tf32=key == "tf32")
+            meta["ceilings"][key] = vars(c)
+            print(
+                f"ceiling {key}: matmul {c.matmul_dtype} {c.matmul_flops / 1e12:.3g} TFLOP/s, "
+                f"copy {c.copy_bytes_per_s / 1e9:.1f} GB/s (read + write)",
+                flush=True,
+            )
+        # Sequential first, fp32 before anything else: the reference of every speedup, and
+        # one model's training working set per precision (the memory target).
+        ref_throughput: float | None = None
         if "sequential" in methods:
-            r = run_method(ctx, "sequential", 1)
-            if r.status == "ok" and r.peak_bytes is not None:
-                meta["working_set_bytes"][prec] = r.peak_bytes - (r.base_bytes or 0)
-            if prec == "fp32" and r.status == "ok" and r.step_ms:
-                ref_throughput = wl.batch_size / (r.step_ms / 1e3)
-                meta["sequential_fp32_throughput"] = ref_throughput
-            if prec in precisions or prec == "fp32":
+            for prec in seq_precisions:
+                ctx = context(prec)
+                r = run_method(ctx, "sequential", 1)
+                if r.status == "ok" and r.peak_bytes is not None:
+                    meta["working_set_bytes"][prec] = r.peak_bytes - (r.base_bytes or 0)
+                if prec == "fp32" and r.status == "ok" and r.step_ms:
+                    ref_throughput = wl.batch_size / (r.step_ms / 1e3)
+                    meta["sequential_fp32_throughput"] = ref_throughput
                 emit(ctx, r, ref_throughput)
-        if prec not in precisions:
-            continue
-        for n in args.models:
-            for method in methods:
-                if method == "sequential" or (method == "recipe-bf16params" and prec != "bf16"):
-                    continue
-                if (
-                    method.startswith("compile")
-                    and args.compile_models is not None
-                    and n not in args.compile_models
-                ):
-                    continue
-                emit(ctx, run_method(ctx, method, n), ref_throughput)
+        for prec in precisions:
+            ctx = context(prec)
+            for n in args.models:
+                for method in methods:
+                    if method == "sequential" or (method == "recipe-bf16params" and prec != "bf16"):
+                        continue
+                    if (
+                        method.startswith("compile")
+                        and args.compile_models is not None
+                        and n not in args.compile_models
+                    ):
+                        continue
+                    emit(ctx, run_method(ctx, method, n), ref_throughput)
+    except KeyboardInterrupt:  # e.g. the time limit of benchmarks/run_gpu.sh
+        interrupted = True
+        print("modelbatch bench: interrupted; writing what was measured", flush=True)
 
     checks = flush()
+    plots = False
     if not args.no_plots:
-        write_plots(rows, meta, out_dir, stem)
+        try:
+            write_plots(rows, meta, out_dir, stem)
+            plots = True
+        except Exception as e:  # matplotlib missing or failing: the numbers are written
+            print(f"modelbatch bench: plots skipped ({type(e).__name__}: {e})", flush=True)
     print("\nmethod              prec  N      model-img/s  vs seq   peak mem")
     for row in rows:
         ips = row.get("model_images_per_s")
@@ -462,5 +411,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     for target, measured, verdict in checks:
         print(f"target: {target}: {measured} -> {verdict}")
-    print(f"wrote {out_dir / stem}.{{csv,md,json}}" + ("" if args.no_plots else " and plots"))
-    return 0
+    print(f"wrote {out_dir / stem}.{{csv,md,json}}" + (" and plots" if plots else ""))
+    return 130 if interrupted else 0

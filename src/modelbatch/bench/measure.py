@@ -8,6 +8,7 @@ after ``synchronize`` on the CPU); the reported step time is the median over win
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import threading
 import time
@@ -80,11 +81,13 @@ def time_steps(
     steps: int = 20,
     repeats: int = 3,
     target_seconds: float | None = None,
+    sampler: UtilSampler | None = None,
 ) -> Timing:
     """Time ``step(k)`` (k = running step index, to rotate input batches).
 
     With ``target_seconds``, the number of steps per window is lowered so that one window
     lasts about that long (at least 2 steps), judged from the last warm-up step.
+    ``sampler`` (a :class:`UtilSampler`) runs only during the timed windows, not the warm-up.
     """
     k = 0
     last = 0.0
@@ -98,6 +101,8 @@ def time_steps(
     if target_seconds is not None and last > 0:
         steps = max(2, min(steps, int(target_seconds / last)))
     windows = []
+    if sampler is not None:
+        sampler.start()
     for _ in range(repeats):
         if device.type == "cuda":
             start = torch.cuda.Event(enable_timing=True)
@@ -115,20 +120,28 @@ def time_steps(
                 step(k)
                 k += 1
             windows.append((time.perf_counter() - t0) * 1e3 / steps)
+    if sampler is not None:
+        sampler.stop()
     return Timing(statistics.median(windows), windows, steps)
 
 
 class UtilSampler:
-    """Samples NVML GPU utilisation in a background thread (``with`` block).
+    """Samples NVML GPU utilisation (and device memory in use) in a background thread
+    between :meth:`start` and :meth:`stop` (or over a ``with`` block).
 
-    ``mean`` is the average of the samples in percent, or None when NVML (the
-    ``nvidia-ml-py`` package) or a GPU is unavailable.
+    ``mean`` is the average of the utilisation samples in percent, or None when NVML (the
+    ``nvidia-ml-py`` package) or a GPU is unavailable, or no sample was taken. NVML reports
+    the fraction of its own sample period (1/6 s to 1 s) in which a kernel ran, so a timed
+    region much shorter than that mixes in what came just before it.
+    ``mem_used_max`` is the largest device memory in use seen by NVML (bytes, every process
+    and CUDA context included), or None.
     """
 
     def __init__(self, device: torch.device, interval: float = 0.02) -> None:
         self.device = device
         self.interval = interval
         self.samples: list[float] = []
+        self.mem_used_max: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._handle: Any = None
@@ -139,31 +152,60 @@ class UtilSampler:
             import pynvml  # provided by nvidia-ml-py
 
             pynvml.nvmlInit()
+            self._nvml = pynvml
             index = device.index if device.index is not None else torch.cuda.current_device()
             self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            self._nvml = pynvml
         except Exception:  # NVML missing or not working: no utilisation column
             self._handle = None
 
+    @property
+    def available(self) -> bool:
+        """Whether NVML answers for this device."""
+        return self._handle is not None
+
+    def _sample(self) -> bool:
+        try:
+            rates = self._nvml.nvmlDeviceGetUtilizationRates(self._handle)
+            self.samples.append(float(rates.gpu))
+            used = int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+            self.mem_used_max = max(self.mem_used_max or 0, used)
+        except Exception:
+            return False
+        return True
+
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                rates = self._nvml.nvmlDeviceGetUtilizationRates(self._handle)
-                self.samples.append(float(rates.gpu))
-            except Exception:
+        while not self._stop.wait(self.interval):
+            if not self._sample():
                 return
-            time.sleep(self.interval)
 
-    def __enter__(self) -> UtilSampler:
-        if self._handle is not None:
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
-        return self
+    def start(self) -> None:
+        """Start sampling (no-op without NVML or when already started)."""
+        if self._handle is None or self._thread is not None:
+            return
+        self._stop.clear()
+        self._sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
+        """Stop sampling (takes a last sample) and release NVML."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+            self._thread = None
+            self._sample()
+        if self._nvml is not None:
+            with contextlib.suppress(Exception):
+                self._nvml.nvmlShutdown()
+            self._nvml = None
+            self._handle = None
+
+    def __enter__(self) -> UtilSampler:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     @property
     def mean(self) -> float | None:
@@ -181,8 +223,9 @@ class Ceilings:
     copy_bytes: int
 
 
-def _best_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    fn()
+def _best_time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):  # library handles, kernel choice, clocks up
+        fn()
     synchronize(device)
     times = []
     for _ in range(repeats):
@@ -201,22 +244,33 @@ def _best_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> flo
     return min(times)
 
 
-def measure_ceilings(device: torch.device, dtype: torch.dtype) -> Ceilings:
+def measure_ceilings(device: torch.device, dtype: torch.dtype, *, tf32: bool = False) -> Ceilings:
     """Measure the matmul FLOP/s (in ``dtype``, random data) and the device-to-device copy
-    bytes/s (bytes read + written) on ``device``: the best of several runs."""
+    bytes/s (bytes read + written) on ``device``: the best of several runs.
+
+    ``tf32=True`` (float32 on CUDA) lets the float32 matmul use TF32 tensor cores, as cuDNN
+    does by default for float32 convolutions; otherwise the float32 matmul is IEEE float32
+    (PyTorch's default for matmuls). The global setting is restored afterwards.
+    """
     gpu = device.type == "cuda"
     n = 8192 if gpu else 1024
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    t_mm = _best_time(lambda: torch.mm(a, b), device, 10 if gpu else 5)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        t_mm = _best_time(lambda: torch.mm(a, b), device, 10 if gpu else 5)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
     nbytes = (1 << 30) if gpu else (64 << 20)
     src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).uniform_()
     dst = torch.empty_like(src)
     t_cp = _best_time(lambda: dst.copy_(src), device, 10 if gpu else 5)
+    name = str(dtype).replace("torch.", "")
     return Ceilings(
         matmul_flops=2.0 * n**3 / t_mm,
-        matmul_dtype=str(dtype).replace("torch.", ""),
+        matmul_dtype=f"{name} (tf32)" if tf32 and gpu and dtype == torch.float32 else name,
         copy_bytes_per_s=2.0 * nbytes / t_cp,
         matmul_size=n,
         copy_bytes=nbytes,

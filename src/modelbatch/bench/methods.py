@@ -82,6 +82,7 @@ class BenchContext:
     max_procs: int = 16
     channels_last: bool = False
     data_dir: str | None = None
+    proc_timeout: float = 180.0
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -132,7 +133,8 @@ def _prepared_batches(ctx: BenchContext, dtype: torch.dtype | None = None) -> li
 
 
 def _timed(ctx: BenchContext, step: Callable[[int], Any], result: MethodResult, n: int) -> Timing:
-    with UtilSampler(ctx.device) as util:
+    util = UtilSampler(ctx.device)
+    try:
         timing = time_steps(
             step,
             ctx.device,
@@ -140,11 +142,15 @@ def _timed(ctx: BenchContext, step: Callable[[int], Any], result: MethodResult, 
             steps=ctx.steps,
             repeats=ctx.repeats,
             target_seconds=ctx.target_seconds,
+            sampler=util,
         )
+    finally:
+        util.stop()
     result.step_ms = timing.step_ms
     result.spread = timing.spread
     result.gpu_util = util.mean
     result.peak_bytes = peak_memory(ctx.device)
+    result.extra["timed_steps"] = timing.steps * len(timing.windows_ms)
     return timing
 
 
@@ -274,12 +280,15 @@ def _proc_worker(
     precision: str,
     lr: float,
     warmup: int,
-    steps: int,
+    seconds: float,
     seed: int,
-    barrier: Any,
+    go: Any,
     queue: Any,
     device_type: str = "cuda",
 ) -> None:
+    """One process of the ``processes`` method: set up, warm up, report ``ready``, wait for
+    ``go``, train for ``seconds`` (at least 3 steps), report ``done`` with the step count
+    and its own start/end times (``time.monotonic``, system-wide on Linux)."""
     try:
         device = torch.device(device_type)
         wl = get_workload(arch, batch_size)
@@ -297,25 +306,65 @@ def _proc_worker(
             loss.backward()
             opt.step()
 
-        for k in range(warmup):
+        for k in range(max(warmup, 1)):
             step(k)
         synchronize(device)
-        barrier.wait(timeout=600)
+        queue.put(("ready", rank))
+        if not go.wait(timeout=600):
+            return
         t0 = time.monotonic()
-        for k in range(steps):
+        k = 0
+        while k < 3 or time.monotonic() - t0 < seconds:
             step(k)
+            k += 1
         synchronize(device)
         t1 = time.monotonic()
-        queue.put((rank, t0, t1, steps, peak_memory(device) or 0, ""))
-    except Exception as e:
-        with contextlib.suppress(Exception):
-            barrier.abort()
-        queue.put((rank, 0.0, 0.0, 0, 0, f"{type(e).__name__}: {e}"))
+        queue.put(("done", rank, t0, t1, k, peak_memory(device) or 0))
+    except BaseException as e:
+        queue.put(("error", rank, f"{type(e).__name__}: {e}"))
+
+
+def _gather(procs: list[Any], queue: Any, kind: str, deadline: float) -> dict[int, tuple[Any, ...]]:
+    """Collect one ``kind`` message (``ready`` or ``done``) from every worker process.
+
+    Raises RuntimeError naming the worker on an ``error`` message, on a worker that exited
+    without reporting (a crash, the OOM killer), or when ``deadline`` (``time.monotonic``)
+    passes first.
+    """
+    import queue as queue_mod
+
+    got: dict[int, tuple[Any, ...]] = {}
+    n = len(procs)
+    while len(got) < n:
+        try:
+            msg = queue.get(timeout=0.5)
+        except queue_mod.Empty:
+            dead = [r for r, p in enumerate(procs) if r not in got and p.exitcode is not None]
+            if dead:
+                try:  # a message sent just before the exit may still be in the pipe
+                    msg = queue.get(timeout=1.0)
+                except queue_mod.Empty:
+                    r = dead[0]
+                    raise RuntimeError(
+                        f"worker {r} of {n} exited (code {procs[r].exitcode}) before "
+                        f"reporting {kind!r}"
+                    ) from None
+            elif time.monotonic() > deadline:
+                missing = [r for r in range(n) if r not in got]
+                raise RuntimeError(
+                    f"timed out waiting for {kind!r} from workers {missing[:8]} of {n}"
+                ) from None
+            else:
+                continue
+        if msg[0] == "error":
+            raise RuntimeError(f"worker {msg[1]} of {n}: {msg[2]}")
+        if msg[0] == kind:
+            got[msg[1]] = msg
+    return got
 
 
 def _processes(ctx: BenchContext, n: int, result: MethodResult, allow_cpu: bool = False) -> None:
     import multiprocessing as mp
-    import queue as queue_mod
 
     if ctx.device.type != "cuda" and not allow_cpu:
         result.status = "skipped"
@@ -326,9 +375,9 @@ def _processes(ctx: BenchContext, n: int, result: MethodResult, allow_cpu: bool 
         result.note = f"N > --max-procs {ctx.max_procs}"
         return
     spawn = mp.get_context("spawn")
-    barrier = spawn.Barrier(n + 1)
-    results_q = spawn.Queue()
-    steps = max(ctx.steps * ctx.repeats, 20)
+    go = spawn.Event()
+    queue = spawn.Queue()
+    seconds = max(1.0, (ctx.target_seconds or 1.0) * ctx.repeats)
     procs = [
         spawn.Process(
             target=_proc_worker,
@@ -339,49 +388,57 @@ def _processes(ctx: BenchContext, n: int, result: MethodResult, allow_cpu: bool 
                 ctx.precision,
                 ctx.lr,
                 max(ctx.warmup, 3),
-                steps,
+                seconds,
                 ctx.seed,
-                barrier,
-                results_q,
+                go,
+                queue,
                 ctx.device.type,
             ),
             daemon=True,
         )
         for r in range(n)
     ]
-    for p in procs:
-        p.start()
-    rows = []
+    t_start = time.monotonic()
+    util = UtilSampler(ctx.device)
     try:
-        barrier.wait(timeout=600)
-        with UtilSampler(ctx.device) as util:
-            for _ in range(n):
-                rows.append(results_q.get(timeout=600))
-        result.gpu_util = util.mean
-    except Exception as e:  # a broken barrier, a dead worker, a timeout
-        while True:
-            try:
-                rows.append(results_q.get(timeout=1))
-            except queue_mod.Empty:
-                break
-        errors = [r[5] for r in rows if r[5]]
-        raise RuntimeError(errors[0] if errors else f"{type(e).__name__}: {e}") from None
-    finally:
         for p in procs:
-            p.join(timeout=60)
+            p.start()
+        # Start-up (interpreter, CUDA context, warm-up steps) is excluded: every worker
+        # reports "ready" first, then all start together.
+        _gather(procs, queue, "ready", time.monotonic() + ctx.proc_timeout)
+        startup = time.monotonic() - t_start
+        util.start()
+        go.set()
+        done = _gather(procs, queue, "done", time.monotonic() + ctx.proc_timeout)
+        util.stop()
+    finally:
+        util.stop()
+        go.set()
+        for p in procs:
+            p.join(timeout=30)
             if p.is_alive():
                 p.terminate()
-    errors = [r[5] for r in rows if r[5]]
-    if errors:
-        raise RuntimeError(errors[0])
-    start = min(r[1] for r in rows)
-    end = max(r[2] for r in rows)
-    result.step_ms = (end - start) * 1e3 / steps
-    result.peak_bytes = sum(r[4] for r in rows)
+                p.join(timeout=5)
+        queue.close()
+    rows = list(done.values())
+    start = min(r[2] for r in rows)
+    end = max(r[3] for r in rows)
+    steps_total = sum(r[4] for r in rows)
+    # step_ms such that n * batch / step_ms is the total throughput of the n processes.
+    result.step_ms = (end - start) * 1e3 * n / steps_total
+    result.peak_bytes = sum(r[5] for r in rows)
     result.base_bytes = 0
+    result.gpu_util = util.mean
+    result.extra["timed_steps"] = steps_total
+    nvml = (
+        f"; NVML peak device memory in use {util.mem_used_max / 2**30:.2f} GiB (contexts included)"
+        if util.mem_used_max
+        else ""
+    )
     result.note = (
-        f"{n} processes x {steps} steps; wall time from first start to last end; "
-        "memory = sum of the processes' PyTorch peaks (CUDA contexts not counted)"
+        f"{n} processes, {steps_total} steps in total over {end - start:.2f} s "
+        f"(start-up {startup:.1f} s excluded), random data; memory = sum of the "
+        f"processes' PyTorch peaks (CUDA contexts not counted){nvml}"
     )
 
 

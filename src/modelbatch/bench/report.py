@@ -46,12 +46,15 @@ def _fmt(v: Any) -> str:
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """One line per (precision, method, N) with every column of :data:`COLUMNS`."""
-    with open(path, "w", newline="") as f:
+    """One line per (precision, method, N) with every column of :data:`COLUMNS`
+    (written to a temporary file first, then renamed: a reader never sees half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(COLUMNS), extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: _fmt(r.get(k)) for k in COLUMNS})
+    tmp.replace(path)
 
 
 def _si(v: float | None, unit: str = "") -> str:
@@ -159,11 +162,19 @@ def write_markdown(
             tail = f"; throughput flat (<10%/doubling) from N={sat}" if sat else ""
             lines.append(f"- {s['precision']} {s['method']}: {parts}{tail}")
     if checks:
-        lines += ["", "## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
+        lines += [
+            "",
+            "## Targets (this run alone; benchmarks/summarize.py joins the runs)",
+            "",
+            "| target | measured | verdict |",
+            "|---|---|---|",
+        ]
         for target, measured, verdict in checks:
             lines.append(f"| {target} | {measured} | {verdict} |")
     text = "\n".join(lines) + "\n"
-    path.write_text(text)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
     return text
 
 

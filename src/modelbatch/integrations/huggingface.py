@@ -144,12 +144,33 @@ class HFTrainerMixin:
         **kwargs: Any,
     ) -> None:
         model = kwargs.get("model", args[0] if args else None)
+        if kwargs.get("model_init") is not None:
+            raise TypeError(
+                f"{type(self).__name__} does not take model_init= (the Trainer would replace the "
+                "ModelBatch); pass model=ModelBatch([...]), and for a hyper-parameter search use "
+                "per_model_hparams= or modelbatch.integrations.optuna.optimize_batched"
+            )
         if not isinstance(model, ModelBatch):
             raise TypeError(
                 f"{type(self).__name__} trains a ModelBatch; got model={type(model).__name__}. "
                 "Wrap your models first: ModelBatch([model_0, model_1, ...])"
             )
-        super().__init__(*args, **kwargs)
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                "compute_loss_func= would see the outputs of all N models at once; pass a "
+                "single-model loss_fn=(logits [B, ...], labels [B, ...]) -> scalar instead"
+            )
+        # The Trainer reads model.config when label smoothing is on, which a ModelBatch lacks:
+        # set the label smoother up here, for the wrapped model (see _forward).
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        smoothing = getattr(training_args, "label_smoothing_factor", 0.0)
+        if smoothing:
+            training_args.label_smoothing_factor = 0.0
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if smoothing:
+                training_args.label_smoothing_factor = smoothing
         self.model_batch = model
         self.per_model_hparams = dict(per_model_hparams or {})
         self.loss_fn = loss_fn
@@ -161,6 +182,18 @@ class HFTrainerMixin:
         if self.args.label_names is None:
             self.label_names = transformers.utils.find_labels(type(template))
         self._template_params = set(inspect.signature(template.forward).parameters)
+        self.label_smoother = None
+        if smoothing:
+            if getattr(getattr(template, "config", None), "problem_type", None) == (
+                "multi_label_classification"
+            ):
+                raise ValueError(
+                    "label_smoothing_factor does not apply to multi-label classification"
+                )
+            self.label_smoother = transformers.trainer_pt_utils.LabelSmoother(epsilon=smoothing)
+        # Causal LMs predict the next token: the label smoother shifts their labels.
+        causal = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        self._shift_labels = type(template).__name__ in causal.values()
         # compute_loss returns per-batch means: let the Trainer divide by the number of
         # gradient accumulation steps, as for a model that takes no loss kwargs.
         self.model_accepts_loss_kwargs = False
@@ -188,6 +221,18 @@ class HFTrainerMixin:
             )
         if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
             raise ValueError("DeepSpeed and FSDP are not supported with a ModelBatch")
+        if getattr(args, "activation_checkpointing", False) or args.gradient_checkpointing:
+            raise ValueError(
+                "activation_checkpointing / gradient_checkpointing is not supported: "
+                "torch.utils.checkpoint cannot "
+                "re-run the vectorised (vmap) forward of the N models; lower the batch size or "
+                "the number of models per batch instead"
+            )
+        if getattr(args, "include_for_metrics", None) or getattr(args, "batch_eval_metrics", False):
+            raise ValueError(
+                "include_for_metrics and batch_eval_metrics are not supported: compute_metrics is "
+                "called once per model with that model's predictions and the labels"
+            )
         if args.n_gpu > 1:
             raise ValueError(
                 "a ModelBatch trains on one device; set CUDA_VISIBLE_DEVICES to one GPU "
@@ -238,10 +283,13 @@ class HFTrainerMixin:
         if "use_cache" in self._template_params:
             inputs.setdefault("use_cache", False)  # a KV cache object cannot leave vmap
         labels: Any = None
+        smoother = self.label_smoother if self.loss_fn is None else None
         if self.loss_fn is not None:
             labels = inputs.pop(self._label_name(), None)
             if labels is None and need_loss:
                 raise ValueError(f"loss_fn needs labels; the inputs hold {sorted(inputs)}")
+        elif smoother is not None:
+            labels = inputs.pop(self._label_name(), None)  # as the Trainer (evaluation too)
         outputs = model(**inputs)
         batch = self.model_batch
         if self.loss_fn is not None:
@@ -249,6 +297,16 @@ class HFTrainerMixin:
                 return outputs, None
             logits = _first_output(outputs, "logits", 0)
             return outputs, batch.compute_loss(logits, labels, self.loss_fn)
+        if smoother is not None and labels is not None:
+            logits = _first_output(outputs, "logits", 0)
+            losses = torch.stack(
+                [
+                    smoother({"logits": logits[i]}, labels, shift_labels=self._shift_labels)
+                    for i in range(len(batch))
+                ]
+            )  # [N]: model i's label-smoothed loss, exactly as the Trainer computes it alone
+            batch.latest_losses = losses.detach()
+            return outputs, losses.sum()
         losses = _first_output(outputs, "loss", 0)
         if not need_loss and not (isinstance(losses, Tensor) and losses.shape == (len(batch),)):
             return outputs, None
@@ -350,7 +408,9 @@ class HFTrainerMixin:
                     outputs, total = self._forward(self.model, inputs, need_loss=False)
                     labels = inputs.get(self._label_name())
                     # A tuple output starts with the loss when the models computed one.
-                    with_loss = total is not None and self.loss_fn is None
+                    with_loss = (
+                        total is not None and self.loss_fn is None and self.label_smoother is None
+                    )
                     logits = _first_output(outputs, "logits", 1 if with_loss else 0)
                     b = _batch_size(inputs, labels)
                     found["count"] += b
@@ -371,7 +431,13 @@ class HFTrainerMixin:
                     if collect:
                         if not isinstance(logits, Tensor):
                             raise ValueError("the models returned no logits to collect")
-                        logits_list.append(logits.detach().float().cpu())
+                        logits = logits.detach()
+                        preprocess = getattr(self, "preprocess_logits_for_metrics", None)
+                        if preprocess is not None:  # per model, as the Trainer does for one
+                            logits = torch.stack([preprocess(lo, labels) for lo in logits])
+                        if logits.is_floating_point():
+                            logits = logits.float()
+                        logits_list.append(logits.cpu())
                         if isinstance(labels, Tensor):
                             labels_list.append(labels.detach().cpu())
         finally:
@@ -387,16 +453,11 @@ class HFTrainerMixin:
             per_model["accuracy"] = (correct / count).tolist()
         found["per_model"] = per_model
         if collect:
-            try:
-                found["logits"] = torch.cat(logits_list, dim=1)  # [N, samples, ...]
-                found["labels"] = (
-                    torch.cat(labels_list) if len(labels_list) == found["steps"] else None
-                )
-            except RuntimeError as e:
-                raise ValueError(
-                    "logits and labels must have the same shape in every batch (pad to a fixed "
-                    f"length): {e}"
-                ) from None
+            # Batches padded to different lengths are padded with -100, as the Trainer does.
+            found["logits"] = _pad_cat(logits_list, dim=1)  # [N, samples, ...]
+            found["labels"] = (
+                _pad_cat(labels_list, dim=0) if len(labels_list) == found["steps"] else None
+            )
         return found
 
     def _finish_metrics(
@@ -451,6 +512,20 @@ class HFTrainerMixin:
             self.args, self.state, self.control, metrics
         )
         return metrics
+
+    def hyperparameter_search(self, *args: Any, **kwargs: Any) -> Any:
+        """Not supported: it re-creates one model per trial through ``model_init``.
+
+        A ModelBatch already trains N configurations at once: give each model its own
+        optimizer values with ``per_model_hparams``, or run an Optuna study whose trials train
+        N at a time with :func:`modelbatch.integrations.optuna.optimize_batched`.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__}.hyperparameter_search is not supported (it trains one "
+            "model per trial through model_init): give each model of the batch its own values "
+            "with per_model_hparams={'lr': [...]}, or use "
+            "modelbatch.integrations.optuna.optimize_batched for an Optuna study"
+        )
 
     def predict(
         self,
@@ -518,6 +593,29 @@ class HFTrainerMixin:
             save_pretrained = getattr(self.model_batch.extract(i), "save_pretrained", None)
             if callable(save_pretrained):
                 save_pretrained(os.path.join(output_dir, f"model_{mid}"))
+
+
+def _pad_cat(tensors: list[Tensor], dim: int, pad: int = -100) -> Tensor:
+    """Concatenate along ``dim``, padding every later dimension to its largest size with
+    ``pad`` (the Trainer's ``padding_index``): ``[N, B_k, L_k, ...] -> [N, sum B_k, max L, ...]``
+    for ``dim=1``."""
+    first = tensors[0]
+    for k, t in enumerate(tensors):
+        if t.dim() != first.dim() or t.shape[:dim] != first.shape[:dim]:
+            raise ValueError(
+                f"evaluation batch {k} gave shape {tuple(t.shape)}, batch 0 gave "
+                f"{tuple(first.shape)}: only the sample and later dimensions may differ"
+            )
+    size = [max(t.shape[d] for t in tensors) for d in range(first.dim())]
+    padded = []
+    for t in tensors:
+        target = [*size[:dim], t.shape[dim], *size[dim + 1 :]]
+        if list(t.shape) != target:
+            out = t.new_full(target, pad)
+            out[tuple(slice(0, n) for n in t.shape)] = t
+            t = out
+        padded.append(t)
+    return torch.cat(padded, dim=dim)
 
 
 def _batch_size(inputs: Mapping[str, Any], labels: Any) -> int:

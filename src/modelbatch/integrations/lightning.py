@@ -12,7 +12,7 @@ Needs ``lightning`` (or the older ``pytorch_lightning``): ``pip install 'modelba
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any, cast
 
@@ -63,6 +63,13 @@ def _infer_per_model_targets(outputs: Tensor, targets: Tensor) -> bool:
     )
 
 
+def _mean_of_healthy(values: Tensor, active: Tensor) -> Tensor:
+    """Mean of ``values [N]`` over the active models whose value is finite (nan if none)."""
+    values = values.detach().float()
+    keep = torch.isfinite(values) & active.to(values.device)
+    return torch.where(keep, values, 0.0).sum() / keep.sum()
+
+
 class BatchLightningModule(pl.LightningModule):  # type: ignore[misc,name-defined]
     """A ``LightningModule`` that trains every model of a :class:`~modelbatch.ModelBatch` at once.
 
@@ -74,7 +81,9 @@ class BatchLightningModule(pl.LightningModule):  # type: ignore[misc,name-define
     Logged per model (``<id>`` is the model id, stable when models are dropped):
     ``train/loss/model_<id>`` (epoch mean; also per step with ``log_per_model_on_step``),
     ``val/loss/model_<id>``, ``val/<metric>/model_<id>`` (and ``test/...``), plus the mean over
-    models as ``train/loss``, ``val/loss``, ``val/<metric>``.
+    models as ``train/loss``, ``val/loss``, ``val/<metric>`` (over the active models with a
+    finite value, so a diverged or quarantined model does not stop ``EarlyStopping``). To
+    remove models mid-fit (from a callback), call :meth:`drop`.
 
     Args:
         batch: the ModelBatch to train.
@@ -146,6 +155,10 @@ class BatchLightningModule(pl.LightningModule):  # type: ignore[misc,name-define
         kwargs.setdefault("per_model", self.per_model)
         return self.model_batch(*inputs, **kwargs)
 
+    @staticmethod
+    def _inputs(x: Any) -> tuple[Any, ...]:
+        return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
     def _unpack(self, data: Any) -> tuple[tuple[Any, ...], Tensor, Tensor | None]:
         if isinstance(data, Mapping):
             x, y, mask = data["x"], data["y"], data.get("mask")
@@ -157,8 +170,7 @@ class BatchLightningModule(pl.LightningModule):  # type: ignore[misc,name-define
                 "BatchLightningModule expects each data batch to be (x, y), (x, y, mask) or a "
                 f"dict with keys 'x', 'y' (and 'mask'), got {type(data).__name__}"
             )
-        inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-        return inputs, y, mask
+        return self._inputs(x), y, mask
 
     def _losses(self, outputs: Tensor, y: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         total = self.model_batch.compute_loss(
@@ -176,7 +188,10 @@ class BatchLightningModule(pl.LightningModule):  # type: ignore[misc,name-define
             for i, mid in enumerate(ids):
                 logs[f"{stage}/{name}/model_{mid}"] = per_model[i]
         self.log_dict(logs, on_step=on_step, on_epoch=True, batch_size=batch_size)
-        means = {f"{stage}/{name}": v.float().mean() for name, v in values.items()}
+        # The means skip quarantined models and non-finite values: one diverged model must not
+        # turn ``val/loss`` into nan (EarlyStopping and ModelCheckpoint monitor these means).
+        active = self.model_batch.active
+        means = {f"{stage}/{name}": _mean_of_healthy(v, active) for name, v in values.items()}
         self.log_dict(
             means, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=batch_size
         )
@@ -204,18 +219,38 @@ class BatchLightningModule(pl.LightningModule):  # type: ignore[misc,name-define
         self._log_per_model(stage, values, outputs.shape[1], on_step=False)
         return total
 
-    def validation_step(self, data: Any, batch_idx: int) -> Tensor:
-        """Per-model loss and metrics on a validation batch (logged as epoch means)."""
+    def validation_step(self, data: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Per-model loss and metrics on a validation batch (logged as epoch means; with
+        several validation loaders Lightning appends ``/dataloader_idx_<k>`` to the keys)."""
         return self._eval_step("val", data)
 
-    def test_step(self, data: Any, batch_idx: int) -> Tensor:
+    def test_step(self, data: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Per-model loss and metrics on a test batch (logged as epoch means)."""
         return self._eval_step("test", data)
 
-    def predict_step(self, data: Any, batch_idx: int) -> Tensor:
-        """``[N, B, ...]`` outputs of all models (``data`` is ``x`` or ``(x, ...)``)."""
-        x = data[0] if isinstance(data, (tuple, list)) else data
-        return self.model_batch(x, per_model=self.per_model)
+    def predict_step(self, data: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """``[N, B, ...]`` outputs of all models; ``data`` is ``x``, ``(x, ...)`` or a dict
+        with key ``"x"`` (a tuple ``x`` holds several inputs), as in :meth:`training_step`."""
+        if isinstance(data, Mapping):
+            x = data["x"]
+        elif isinstance(data, (tuple, list)):
+            x = data[0]
+        else:
+            x = data
+        return self.model_batch(*self._inputs(x), per_model=self.per_model)
+
+    # ------------------------------------------------------------------ models
+    def drop(self, ids: int | str | Sequence[int | str]) -> None:
+        """Remove models (by id) mid-fit, e.g. from a callback, so later steps cost less.
+
+        Calls :meth:`ModelBatch.drop` with the LR schedulers the trainer holds, so their
+        per-model lists (``base_lrs``, ...) shrink with the optimizer's param groups. Calling
+        ``module.model_batch.drop(ids)`` directly would leave them at the old length and give
+        the remaining models other models' schedules.
+        """
+        trainer = self._trainer
+        configs = trainer.lr_scheduler_configs if trainer is not None else []
+        self.model_batch.drop(ids, schedulers=[c.scheduler for c in configs])
 
     # ------------------------------------------------------------------ optimization
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -307,13 +342,17 @@ class BatchLightningModule(pl.LightningModule):  # type: ignore[misc,name-define
                 f"{self.model_batch.model_ids}"
             )
 
-    def per_model_logged(self, stage: str, name: str) -> dict[int | str, float]:
+    def per_model_logged(
+        self, stage: str, name: str, dataloader_idx: int | None = None
+    ) -> dict[int | str, float]:
         """``{model_id: value}`` of ``<stage>/<name>/model_<id>`` from the trainer's latest
-        logged metrics (e.g. ``per_model_logged("val", "acc")`` after ``trainer.validate``)."""
+        logged metrics (e.g. ``per_model_logged("val", "acc")`` after ``trainer.validate``);
+        ``dataloader_idx`` picks one of several validation or test loaders."""
         metrics = self.trainer.callback_metrics
+        suffix = "" if dataloader_idx is None else f"/dataloader_idx_{dataloader_idx}"
         out: dict[int | str, float] = {}
         for mid in self.model_batch.model_ids:
-            key = f"{stage}/{name}/model_{mid}"
+            key = f"{stage}/{name}/model_{mid}{suffix}"
             if key not in metrics:
                 raise KeyError(f"{key!r} was not logged; logged keys: {sorted(metrics)}")
             out[mid] = float(metrics[key])

@@ -36,6 +36,9 @@ __all__ = [
     "scalar_metrics",
 ]
 
+# The W&B key holding the caller's step (the x-axis of every chart of a WandbLogger run).
+STEP_KEY = "step"
+
 # Keys of a ModelBatch.metrics() row that identify the model rather than measure it.
 _ID_KEYS = ("model_id", "index")
 
@@ -223,7 +226,9 @@ class WandbLogger:
     model. With ``per_model_runs=True`` each model gets its own run (named
     ``<name>-model_<id>``, plain ``<metric>`` keys) in the W&B group ``group``, so runs can
     be filtered, compared and grouped in the UI like ordinary sweep runs; a run is started
-    the first time its model is logged and finished by :meth:`close`. Needs
+    the first time its model is logged and finished by :meth:`close`. The ``step`` passed to
+    :meth:`log` is logged as the key ``step``, the x-axis of every chart (W&B's own ``_step``
+    counts the calls), so steps may repeat or go back without W&B dropping the data. Needs
     ``modelbatch[wandb]``; per-model runs need wandb >= 0.19.10 (several live runs in one
     process).
 
@@ -279,7 +284,14 @@ class WandbLogger:
         kwargs = dict(self._init_kwargs)
         if self.per_model_runs:
             kwargs.setdefault("reinit", "create_new")
-        return self._wandb.init(name=name, config=dict(config), **kwargs)
+        run = self._wandb.init(name=name, config=dict(config), **kwargs)
+        # W&B's own step must increase: a log at an earlier step is silently dropped. The
+        # caller's step goes into a "step" key that every chart uses as its x-axis instead, so
+        # steps may repeat or go back (sweep() and optimize_batched() log each batch of models
+        # from epoch 0 again).
+        run.define_metric(STEP_KEY)
+        run.define_metric("*", step_metric=STEP_KEY)
+        return run
 
     def _model_run(self, model_id: int | str) -> Any:
         run = self.runs.get(model_id)
@@ -295,13 +307,13 @@ class WandbLogger:
         _check_rows(metrics)
         if self.per_model_runs:
             for row in metrics:
-                self._model_run(row["model_id"]).log(scalar_metrics(row), step=step)
+                self._model_run(row["model_id"]).log({**scalar_metrics(row), STEP_KEY: step})
             return
         data: dict[str, float] = {}
         for row in metrics:
             for name, value in scalar_metrics(row).items():
                 data[_tag(name, row["model_id"])] = value
-        self.run.log(data, step=step)
+        self.run.log({**data, STEP_KEY: step})
 
     def close(self) -> None:
         """Finish the run(s)."""
