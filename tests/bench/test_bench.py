@@ -4,7 +4,13 @@ workloads and the CIFAR-10 loader. Timings are never asserted."""
 from __future__ import annotations
 
 import csv
+import importlib.util
+import os
 import pickle
+import signal
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +27,7 @@ from modelbatch.bench.workloads import (
 from modelbatch.cli import main as cli_main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def write_cifar_batches(folder: Path, sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -194,3 +201,80 @@ def test_scaling_summary_reports_cost_ratio_and_saturation() -> None:
     ratios = [round(r, 3) for _, _, r in s["steps"]]
     assert ratios == [round(100 / 190, 3), 0.95, round(200 / 205, 3)]
     assert s["saturates_at"] == 2
+
+
+def bench_args(out: Path, *extra: str) -> list[str]:
+    return [
+        "bench",
+        "--arch",
+        "mlp",
+        "--batch-size",
+        "8",
+        "--steps",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "1",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def test_bench_without_matplotlib_then_summarize(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    out = tmp_path / "mlp"
+    code = cli_main(bench_args(out, "--models", "2", "--methods", "sequential", "eager"))
+    assert code == 0
+    assert "plots skipped (ImportError" in capsys.readouterr().out
+    assert not list(out.glob("*.png"))
+    assert [r["status"] for r in read_csv(out / "bench-mlp.csv")] == ["ok", "ok"]
+
+    spec = importlib.util.spec_from_file_location("summarize", BENCHMARKS / "summarize.py")
+    assert spec is not None and spec.loader is not None
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    assert summarize.main([str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    # Every target gets a verdict; a CPU run measures none of the GPU ones.
+    targets = printed.split("targets (all runs together):")[1].strip().splitlines()
+    assert len(targets) >= 9
+    assert all(line.strip().startswith("[not measured]") for line in targets)
+    with open(tmp_path / "all.csv", newline="") as f:
+        merged = list(csv.DictReader(f))
+    assert [(r["run"], r["method"]) for r in merged] == [("mlp", "sequential"), ("mlp", "eager")]
+    assert "| target | measured | verdict |" in (tmp_path / "summary.md").read_text()
+
+
+def test_bench_stopped_by_sigterm_writes_what_it_measured(tmp_path: Path) -> None:
+    """benchmarks/run_gpu.sh stops a stage with SIGTERM at its time limit."""
+    out = tmp_path / "out"
+    received: list[int] = []
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+
+    def stop_after_two_cells() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            path = out / "bench-mlp.csv"
+            if path.exists() and len(path.read_text().splitlines()) >= 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=stop_after_two_cells)
+    killer.start()
+    try:
+        code = cli_main(
+            bench_args(out, "--models", *["1"] * 200, "--methods", "sequential", "recipe")
+        )
+    finally:
+        killer.join()
+        signal.signal(signal.SIGTERM, old)
+    assert code == 130 and not received  # handled by the benchmark, then restored
+    rows = read_csv(out / "bench-mlp.csv")
+    assert rows[0]["status"] == rows[1]["status"] == "ok"
+    assert rows[-1]["status"] == "interrupted" and len(rows) < 20
+    assert "Targets" in (out / "bench-mlp.md").read_text()

@@ -267,8 +267,10 @@ def test_a_diverged_model_does_not_stop_early_stopping_of_the_others(tmp_path: P
         optimizer=functools.partial(optim.SGD, lr=[0.1, math.inf, 0.1]),
     )
     record = _RecordEpochs()
-    trainer = _trainer(3, default_root_dir=tmp_path, gradient_clip_val=None,
-                       callbacks=[EarlyStopping(monitor="val/loss", patience=5), record])  # fmt: skip
+    stopping = EarlyStopping(monitor="val/loss", patience=5)
+    trainer = _trainer(
+        3, default_root_dir=tmp_path, gradient_clip_val=None, callbacks=[stopping, record]
+    )
     trainer.fit(module, _loader(), _loader())
     assert record.epochs == [0, 1, 2]  # a nan mean would have stopped the fit after epoch 0
     per_model = module.per_model_logged("val", "loss")

@@ -86,6 +86,7 @@ def test_pruned_trials_are_dropped_and_survivors_match_training_alone():
         if t.params["lr"] < 0.05:
             assert t.state == TrialState.PRUNED
             assert list(t.intermediate_values) == [0]
+            assert len(t.user_attrs["train_loss"]) == 1  # pruned trials keep theirs too
         else:
             assert t.state == TrialState.COMPLETE
             assert list(t.intermediate_values) == list(range(EPOCHS))

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modelbatch.integrations.ray_tune import make_bundles, tune_bundles
+from modelbatch.integrations.ray_tune import make_bundles, trial_resources, tune_bundles
 from modelbatch.integrations.sweep import sweep
 from tests.integrations._toy import make_loader, make_mlp64
 
@@ -81,3 +81,15 @@ def test_ray_tune_example_runs(ray_cluster, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(sys, "argv", ["ray_tune_example.py", str(tmp_path)])
     runpy.run_path(str(EXAMPLES / "ray_tune_example.py"), run_name="__main__")
     assert "best: config" in capsys.readouterr().out
+
+
+def test_resources_use_tune_names_and_unknown_keys_are_refused():
+    # Tune reads any other key as a custom resource no node has, and waits for it forever.
+    assert trial_resources(None) == {"cpu": 1}
+    assert trial_resources({"num_cpus": 4, "num_gpus": 1}) == {"cpu": 4, "gpu": 1}
+    assert trial_resources({"custom_resources": {"tpu": 1}}) == {"custom_resources": {"tpu": 1}}
+    with pytest.raises(ValueError, match="unknown key 'num_gpu'"):
+        tune_bundles(make_mlp64, [{}], models_per_trial=1, train_loader=[], loss_fn=F.mse_loss,
+                     epochs=1, resources_per_trial={"num_gpu": 1})  # fmt: skip
+    with pytest.raises(ValueError, match="sets 'gpu' twice"):
+        trial_resources({"gpu": 1, "num_gpus": 1})

@@ -348,6 +348,8 @@ def _main(argv: Sequence[str] | None) -> int:
     if device.type == "cuda":
         keys |= {"fp32", "tf32"}  # both recorded, whichever the rows use
     interrupted = False
+    current: tuple[BenchContext, str, int] | None = None
+    ref_throughput: float | None = None
     try:
         for key in ("fp32", "tf32", "bf16"):
             if key not in keys:
@@ -362,10 +364,10 @@ def _main(argv: Sequence[str] | None) -> int:
             )
         # Sequential first, fp32 before anything else: the reference of every speedup, and
         # one model's training working set per precision (the memory target).
-        ref_throughput: float | None = None
         if "sequential" in methods:
             for prec in seq_precisions:
                 ctx = context(prec)
+                current = (ctx, "sequential", 1)
                 r = run_method(ctx, "sequential", 1)
                 if r.status == "ok" and r.peak_bytes is not None:
                     meta["working_set_bytes"][prec] = r.peak_bytes - (r.base_bytes or 0)
@@ -385,10 +387,16 @@ def _main(argv: Sequence[str] | None) -> int:
                         and n not in args.compile_models
                     ):
                         continue
+                    current = (ctx, method, n)
                     emit(ctx, run_method(ctx, method, n), ref_throughput)
+        current = None
     except KeyboardInterrupt:  # e.g. the time limit of benchmarks/run_gpu.sh
         interrupted = True
         print("modelbatch bench: interrupted; writing what was measured", flush=True)
+        if current is not None:  # the cell that was running is recorded as cut short
+            ctx, method, n = current
+            cut = MethodResult(method, n, status="interrupted", note="stopped (time limit)")
+            emit(ctx, cut, ref_throughput)
 
     checks = flush()
     plots = False

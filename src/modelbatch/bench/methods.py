@@ -377,7 +377,7 @@ def _processes(ctx: BenchContext, n: int, result: MethodResult, allow_cpu: bool 
     spawn = mp.get_context("spawn")
     go = spawn.Event()
     queue = spawn.Queue()
-    seconds = max(1.0, (ctx.target_seconds or 1.0) * ctx.repeats)
+    seconds = max(0.5, (ctx.target_seconds or 1.0) * ctx.repeats)
     procs = [
         spawn.Process(
             target=_proc_worker,

@@ -68,7 +68,7 @@ def _desc(r: dict[str, Any]) -> str:
 
 def _failed(cells: Sequence[dict[str, Any]]) -> str:
     notes = sorted({f"{r['method']}: {str(r.get('note', ''))[:70]}" for r in cells})
-    return "every cell failed or was skipped: " + "; ".join(notes[:3])
+    return "no cell ran to the end: " + "; ".join(notes[:3])
 
 
 def _throughput_targets(gpu: list[dict[str, Any]]) -> list[Check]:
@@ -80,7 +80,7 @@ def _throughput_targets(gpu: list[dict[str, Any]]) -> list[Check]:
     t3 = "ResNet-8 N=256 bf16 >= 34x sequential fp32 (one model alone)"
     if best is None:
         why = _failed(cells) if cells else "no ModelBatch cell at N=256 bf16"
-        verdict = NOT_MET if cells else NOT_MEASURED
+        verdict = NOT_MET if any(r.get("status") == "error" for r in cells) else NOT_MEASURED
         out += [(t1, why, verdict), (t2, why, verdict), (t3, why, verdict)]
     else:
         out.append((t1, _desc(best), MET if best["model_images_per_s"] >= 1.0e6 else NOT_MET))
@@ -112,7 +112,7 @@ def _throughput_targets(gpu: list[dict[str, Any]]) -> list[Check]:
 def _batchnorm_target(gpu: list[dict[str, Any]]) -> Check:
     name = "bf16 autocast works with BatchNorm (ResNet-8, ModelBatch)"
     cells = [r for r in _select(gpu, "resnet8", MB_METHODS, precision="bf16")]
-    cells = [r for r in cells if r.get("status") != "skipped"]
+    cells = [r for r in cells if r.get("status") not in ("skipped", "interrupted")]
     if not cells:
         return (name, "no ModelBatch bf16 ResNet-8 cell", NOT_MEASURED)
     oom = [r for r in cells if "out of memory" in str(r.get("note", "")).lower()]

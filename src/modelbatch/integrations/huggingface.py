@@ -162,7 +162,7 @@ class HFTrainerMixin:
             )
         # The Trainer reads model.config when label smoothing is on, which a ModelBatch lacks:
         # set the label smoother up here, for the wrapped model (see _forward).
-        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        training_args: Any = kwargs.get("args", args[1] if len(args) > 1 else None)
         smoothing = getattr(training_args, "label_smoothing_factor", 0.0)
         if smoothing:
             training_args.label_smoothing_factor = 0.0

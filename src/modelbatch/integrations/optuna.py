@@ -165,16 +165,25 @@ def _run_group(
     TrialState = require("optuna", "optuna").trial.TrialState
     by_id: dict[ModelId, optuna.Trial] = {t.number: t for t in trials}
 
+    pruned: list[ModelId] = []
+
     def should_stop(epoch: int, values: dict[ModelId, float]) -> list[ModelId]:
-        pruned = []
+        pruned.clear()
         for mid, value in values.items():
             trial = by_id[mid]
             trial.report(value, epoch)
             if trial.should_prune():
-                study.tell(trial, state=TrialState.PRUNED)
-                finished.add(trial.number)
                 pruned.append(mid)
-        return pruned
+        return list(pruned)
+
+    def tell_pruned(epoch: int, results: dict[ModelId, ConfigResult]) -> None:
+        # After the epoch's results are in, so that pruned trials keep their train_loss too.
+        for mid in pruned:
+            trial = by_id[mid]
+            trial.set_user_attr("train_loss", results[mid].train_loss)
+            study.tell(trial, state=TrialState.PRUNED)
+            finished.add(trial.number)
+        pruned.clear()
 
     results: dict[ModelId, ConfigResult] = train_bundle(
         models,
@@ -182,6 +191,7 @@ def _run_group(
         model_ids=list(by_id),
         configs=[dict(t.params) for t in trials],
         should_stop=should_stop,
+        on_epoch_end=tell_pruned,
         **train_kwargs,
     )
     for mid, res in results.items():

@@ -30,7 +30,7 @@ from modelbatch.integrations.sweep import (
     train_bundle,
 )
 
-__all__ = ["make_bundles", "run_bundle", "tune_bundles"]
+__all__ = ["make_bundles", "run_bundle", "trial_resources", "tune_bundles"]
 
 # Tune metric holding the bundle's per-config results as JSON (merged by tune_bundles).
 RESULTS_KEY = "bundle_results"
@@ -63,6 +63,29 @@ def _default_mode(metric: str, mode: str | None) -> str:
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
     return mode
+
+
+# Ray's remote-function spellings, which Tune would take for custom resources (that no node has).
+_RESOURCE_ALIASES = {"num_cpus": "cpu", "num_gpus": "gpu", "CPU": "cpu", "GPU": "gpu"}
+_RESOURCE_KEYS = ("cpu", "gpu", "memory", "custom_resources")
+
+
+def trial_resources(resources: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The Tune resource dict of one trial: ``num_cpus``/``num_gpus`` (``ray.remote``'s names)
+    become ``cpu``/``gpu``; other unknown keys are refused, since Tune would wait forever for
+    a custom resource of that name (custom resources go under ``custom_resources``)."""
+    out: dict[str, Any] = {}
+    for key, value in dict(resources or {"cpu": 1}).items():
+        name = _RESOURCE_ALIASES.get(key, key)
+        if name not in _RESOURCE_KEYS:
+            raise ValueError(
+                f"resources_per_trial has an unknown key {key!r}: use {list(_RESOURCE_KEYS)} "
+                "(e.g. {'cpu': 4, 'gpu': 1}; custom resources as custom_resources={'name': 1})"
+            )
+        if name in out:
+            raise ValueError(f"resources_per_trial sets {name!r} twice (as {key!r} too)")
+        out[name] = value
+    return out
 
 
 def _finite_or_none(v: float) -> float | None:
@@ -182,7 +205,8 @@ def tune_bundles(
         mode: ``"min"`` or ``"max"`` for ``metric`` (default: ``min`` for loss, ``max`` for
             accuracy); Tune's own ``metric`` is ``best_<metric>`` of each bundle.
         resources_per_trial: Ray resources of one trial, default ``{"cpu": 1}``; use
-            ``{"cpu": 4, "gpu": 1}`` to give each bundle its own GPU.
+            ``{"cpu": 4, "gpu": 1}`` to give each bundle its own GPU (see
+            :func:`trial_resources`: ``num_gpus`` is read as ``gpu``, unknown keys are refused).
         max_concurrent_trials: limit on trials running at once.
         storage_path, name: where Tune writes its results (default: Tune's default).
         verbose: Tune's verbosity (0 = silent).
@@ -196,6 +220,7 @@ def tune_bundles(
     require("ray", "ray")
     tune = require("ray.tune", "ray")
     mode = _default_mode(metric, mode)
+    resources = trial_resources(resources_per_trial)
     cfgs = [dict(c) for c in configs]
     if not cfgs:
         raise ValueError("tune_bundles needs at least one config")
@@ -214,7 +239,6 @@ def tune_bundles(
         eval_fn=eval_fn,
         optimizer_cls=optimizer_cls,
     )
-    resources = dict(resources_per_trial or {"cpu": 1})
     # ray.tune.RunConfig since Ray 2.41; ray.train.RunConfig before.
     run_config_cls = getattr(tune, "RunConfig", None) or require("ray.train", "ray").RunConfig
     tuner = tune.Tuner(
