@@ -77,7 +77,7 @@ def main(argv: list[str]) -> int:
     if log.exists():
         print("stages:")
         for line in log.read_text(errors="replace").splitlines():
-            if line.startswith("== "):
+            if line.startswith("== ") and "(limit " not in line:  # not the command lines
                 print("  " + line[3:])
     checks = root / "cuda_checks.txt"
     if checks.exists():

@@ -29,6 +29,11 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert math.isfinite(result["speedup"])  # type: ignore[arg-type]
     # At these gentle learning rates, the batched models equal the one-by-one models.
     assert float(result["max_rel_weight_diff"]) < 1e-4  # type: ignore[arg-type]
+    assert "Weights equal to the one-by-one run within 1e-4 (relative): 8/8 models" in out
+    # ... and so reach the same validation accuracies (at most one of 360 samples apart).
+    gap = (result["val_acc_sequential"] - acc).abs()  # type: ignore[operator]
+    assert float(gap.max()) <= 1 / 360 + 1e-6
+    assert "Validation accuracy, batched vs one by one" in out
 
 
 def test_demo_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -58,4 +63,14 @@ def test_cli_usage_and_unknown_command(capsys: pytest.CaptureFixture[str]) -> No
     assert cli_main([]) == 2
     assert cli_main(["--help"]) == 0
     assert cli_main(["nope"]) == 2
-    assert "unknown command 'nope'" in capsys.readouterr().err
+    assert cli_main(["--version"]) == 0
+    captured = capsys.readouterr()
+    assert "unknown command 'nope'" in captured.err
+    assert captured.out.splitlines()[-1].startswith("modelbatch 0.")
+
+
+def test_demo_rejects_empty_sweep(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["demo", "--seeds", "0"])
+    assert exc.value.code == 2
+    assert "--seeds must be at least 1" in capsys.readouterr().err

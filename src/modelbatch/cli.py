@@ -8,6 +8,7 @@ from collections.abc import Sequence
 __all__ = ["main"]
 
 _USAGE = """usage: modelbatch {demo,bench} [options]
+       modelbatch --version
 
   demo    train a sweep of MLPs on scikit-learn's digits data as one ModelBatch
   bench   throughput benchmark against sequential training and torch.func vmap
@@ -21,6 +22,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(_USAGE)
         return 0 if args else 2
+    if args[0] == "--version":
+        import torch
+
+        from modelbatch import __version__
+
+        print(f"modelbatch {__version__} (torch {torch.__version__})")
+        return 0
     command, rest = args[0], args[1:]
     if command == "demo":
         from modelbatch.demo import main as demo_main

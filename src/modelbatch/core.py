@@ -62,11 +62,12 @@ class ModelBatch(nn.Module):
         models: the N models. They must have the same module tree, parameter names,
             shapes, dtypes and devices. Their weights are copied; the originals are not
             modified or referenced afterwards.
-        lr: optional per-model learning rates (a float or a length-N list). Together with
-            ``optimizer_cls`` this is the one-line construction of the design doc: it
-            builds ``self.optimizer`` with :class:`modelbatch.OptimizerFactory`.
-        optimizer_cls: optimizer class for the one-line construction, e.g.
-            ``torch.optim.Adam`` or ``modelbatch.optim.AdamW``.
+        lr: optional per-model learning rates (a float or a length-N list). With ``lr``
+            or ``optimizer_cls`` given, the batch also builds its optimizer, as
+            ``batch.optimizer``, through :class:`modelbatch.OptimizerFactory` (a shortcut
+            for ``modelbatch.optim.SGD(batch, lr=...)`` and the like).
+        optimizer_cls: optimizer class for that shortcut (default ``torch.optim.SGD``),
+            e.g. ``torch.optim.Adam`` or ``modelbatch.optim.AdamW``.
         optimizer_kwargs: further hyper-parameters (scalars or length-N lists).
         model_ids: stable names for the models (default ``0..N-1``). They stay attached
             to each model when models are dropped from the batch.
@@ -202,6 +203,7 @@ class ModelBatch(nn.Module):
 
     # ------------------------------------------------------------------ basic properties
     def __len__(self) -> int:
+        """N, the number of models currently in the batch."""
         return len(self._model_ids)
 
     @property

@@ -14,14 +14,14 @@ from modelbatch.bench.methods import BenchContext, MethodResult, _gather, _proce
 from modelbatch.bench.workloads import get_workload, make_batches
 
 
-def test_processes_run_together_and_count_every_step() -> None:
+def test_processes_start_together_and_count_every_timed_step() -> None:
     wl = get_workload("mlp", 8)
     cpu = torch.device("cpu")
     ctx = BenchContext(wl, cpu, "fp32", make_batches(wl, 1, cpu), warmup=1, repeats=1)
     ctx.target_seconds = 0.1
     result = MethodResult("processes", 2)
     _processes(ctx, 2, result, allow_cpu=True)
-    # Each worker trains for at least 0.5 s (and 3 steps) after all are ready.
+    # Each worker trains for at least 0.5 s (and 3 steps) after all reported ready.
     assert result.extra["timed_steps"] >= 6
     assert result.step_ms is not None and result.step_ms > 0
     assert "2 processes" in result.note and "start-up" in result.note

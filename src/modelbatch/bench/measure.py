@@ -8,7 +8,6 @@ after ``synchronize`` on the CPU); the reported step time is the median over win
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import threading
 import time
@@ -125,6 +124,23 @@ def time_steps(
     return Timing(statistics.median(windows), windows, steps)
 
 
+_NVML_HANDLES: dict[int, tuple[Any, Any] | None] = {}
+
+
+def _nvml_handle(index: int) -> tuple[Any, Any] | None:
+    """``(pynvml, handle)`` of GPU ``index``, initialised once per process; None when the
+    ``nvidia-ml-py`` package or the driver's NVML library is missing or fails."""
+    if index not in _NVML_HANDLES:
+        try:
+            import pynvml  # provided by nvidia-ml-py
+
+            pynvml.nvmlInit()
+            _NVML_HANDLES[index] = (pynvml, pynvml.nvmlDeviceGetHandleByIndex(index))
+        except Exception:  # NVML missing or not working: no utilisation column
+            _NVML_HANDLES[index] = None
+    return _NVML_HANDLES[index]
+
+
 class UtilSampler:
     """Samples NVML GPU utilisation (and device memory in use) in a background thread
     between :meth:`start` and :meth:`stop` (or over a ``with`` block).
@@ -146,17 +162,12 @@ class UtilSampler:
         self._thread: threading.Thread | None = None
         self._handle: Any = None
         self._nvml: Any = None
-        if device.type != "cuda":
+        if device.type != "cuda" or not torch.cuda.is_available():
             return
-        try:
-            import pynvml  # provided by nvidia-ml-py
-
-            pynvml.nvmlInit()
-            self._nvml = pynvml
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        except Exception:  # NVML missing or not working: no utilisation column
-            self._handle = None
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        found = _nvml_handle(index)
+        if found is not None:
+            self._nvml, self._handle = found
 
     @property
     def available(self) -> bool:
@@ -188,17 +199,13 @@ class UtilSampler:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop sampling (takes a last sample) and release NVML."""
+        """Stop sampling (takes a last sample); later calls do nothing."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
             self._sample()
-        if self._nvml is not None:
-            with contextlib.suppress(Exception):
-                self._nvml.nvmlShutdown()
-            self._nvml = None
-            self._handle = None
+        self._handle = None
 
     def __enter__(self) -> UtilSampler:
         self.start()

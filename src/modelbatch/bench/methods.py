@@ -290,6 +290,9 @@ def _proc_worker(
     ``go``, train for ``seconds`` (at least 3 steps), report ``done`` with the step count
     and its own start/end times (``time.monotonic``, system-wide on Linux)."""
     try:
+        # One CPU thread per process, as Ray gives each trial (OMP_NUM_THREADS=1): K
+        # processes with a thread per core each would fight over the cores.
+        torch.set_num_threads(1)
         device = torch.device(device_type)
         wl = get_workload(arch, batch_size)
         torch.manual_seed(seed + rank)
@@ -435,9 +438,12 @@ def _processes(ctx: BenchContext, n: int, result: MethodResult, allow_cpu: bool 
         if util.mem_used_max
         else ""
     )
+    skew = max(r[2] for r in rows) - start
+    per = sorted(r[4] for r in rows)
     result.note = (
         f"{n} processes, {steps_total} steps in total over {end - start:.2f} s "
-        f"(start-up {startup:.1f} s excluded), random data; memory = sum of the "
+        f"({per[0]}-{per[-1]} per process, starts within {1e3 * skew:.0f} ms; start-up "
+        f"{startup:.1f} s excluded), random data; memory = sum of the "
         f"processes' PyTorch peaks (CUDA contexts not counted){nvml}"
     )
 
