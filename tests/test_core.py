@@ -350,3 +350,40 @@ def test_public_api_is_pinned() -> None:
     }
     for name in modelbatch.__all__:
         assert hasattr(modelbatch, name), name
+
+
+def test_per_model_class_index_targets_are_recognised() -> None:
+    """[N, B] integer targets for [N, B, C] outputs are per-model; [B] targets are shared."""
+    ms = models(3, bn=False)
+    batch = ModelBatch(ms)
+    x = torch.randn(3, 6, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (3, 6))
+    batch.compute_loss(batch(x, per_model=True), y, F.cross_entropy)
+    for i, m in enumerate(ms):
+        assert abs(batch.latest_losses[i].item() - F.cross_entropy(m(x[i]), y[i]).item()) < 1e-12
+    # N == B: both readings fit the shape; the rank decides.
+    batch4 = ModelBatch(models(4, bn=False))
+    out = batch4(torch.randn(4, 5, dtype=torch.float64))  # [N=4, B=4, C=3]
+    shared, per_model = torch.randint(0, 3, (4,)), torch.randint(0, 3, (4, 4))
+    batch4.compute_loss(out, shared, F.cross_entropy)
+    expect_shared = torch.stack([F.cross_entropy(out[i], shared) for i in range(4)])
+    assert torch.allclose(batch4.latest_losses, expect_shared.detach())
+    batch4.compute_loss(out, per_model, F.cross_entropy)
+    expect_pm = torch.stack([F.cross_entropy(out[i], per_model[i]) for i in range(4)])
+    assert torch.allclose(batch4.latest_losses, expect_pm.detach())
+    # Soft (float) targets: shared [B, C] vs per-model [N, B, C].
+    soft = torch.softmax(torch.randn(4, 4, 3, dtype=torch.float64), -1)
+    batch4.compute_loss(out, soft, F.cross_entropy)
+    expect_soft = torch.stack([F.cross_entropy(out[i], soft[i]) for i in range(4)])
+    assert torch.allclose(batch4.latest_losses, expect_soft.detach())
+
+
+def test_train_one_epoch_with_per_model_class_targets() -> None:
+    ms = models(3, bn=False)
+    batch = ModelBatch(ms)
+    opt = modelbatch.optim.SGD(batch, lr=0.1)
+    x = torch.randn(3, 8, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (3, 8))
+    losses = modelbatch.train_one_epoch(batch, [(x, y)], opt, F.cross_entropy, per_model=True)
+    for i, m in enumerate(ms):
+        assert abs(losses[i].item() - F.cross_entropy(m(x[i]), y[i]).item()) < 1e-12

@@ -49,6 +49,22 @@ def _vmapped_forward(
     return vmap(one_model, in_dims=(0, 0, *x_dims), randomness=randomness)(params, buffers, *inputs)
 
 
+def _targets_are_per_model(outputs: Tensor, targets: Tensor) -> bool:
+    """Whether ``targets`` are per-model ``[N, B, ...]`` rather than shared ``[B, ...]``,
+    for outputs ``[N, B, ...]`` (see :meth:`ModelBatch.compute_loss`)."""
+    n = outputs.shape[0]
+    b = outputs.shape[1] if outputs.dim() > 1 else None
+    can_share = targets.dim() >= 1 and targets.shape[0] == b
+    can_per_model = targets.dim() >= 2 and targets.shape[0] == n and targets.shape[1] == b
+    if can_share != can_per_model:
+        return can_per_model
+    if not can_share:  # fits neither: leave the targets whole, as loss_fn expects them
+        return False
+    # N == B: a per-model target has one dimension more than the shared target would.
+    shared_rank = outputs.dim() - (1 if targets.is_floating_point() else 2)
+    return targets.dim() == shared_rank + 1
+
+
 class ModelBatch(nn.Module):
     """N structurally identical models trained as one vectorised module.
 
@@ -381,9 +397,12 @@ class ModelBatch(nn.Module):
                 loss becomes ``sum_b w_ib * l_ib / sum_b w_ib`` where ``l_ib`` is ``loss_fn``
                 on sample b alone: the same as training model i on the selected (or, with
                 integer counts, resampled) samples. Models with an all-zero mask get loss 0.
-            per_model_targets: whether ``targets`` has the leading N dimension. By default,
-                inferred only when unambiguous: targets with ``outputs.dim()`` dimensions
-                and a leading size of N are per-model. Pass it explicitly when in doubt.
+            per_model_targets: whether ``targets`` has the leading N dimension. By default
+                inferred from the shapes: targets shaped ``[N, B, ...]`` that cannot be
+                shared ``[B, ...]`` targets are per-model, and vice versa. When both fit
+                (N == B), the rank decides: class indices (integer) are per-model with
+                ``outputs.dim() - 1`` dimensions, other targets with ``outputs.dim()``.
+                Pass it explicitly when in doubt.
             reduction: ``"sum"`` (default) returns the scalar sum; ``"none"`` returns the
                 differentiable ``[N]`` per-model losses (what
                 :meth:`modelbatch.BatchGradScaler.scale` takes).
@@ -399,11 +418,7 @@ class ModelBatch(nn.Module):
                 f"got shape {tuple(outputs.shape)}"
             )
         if per_model_targets is None:
-            per_model_targets = (
-                targets.dim() == outputs.dim()
-                and targets.shape[0] == n
-                and (targets.dtype.is_floating_point == outputs.dtype.is_floating_point)
-            )
+            per_model_targets = _targets_are_per_model(outputs, targets)
         if per_model_targets and (targets.dim() == 0 or targets.shape[0] != n):
             raise ValueError(
                 f"per-model targets must have a leading dimension of N={n}, "

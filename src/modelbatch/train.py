@@ -24,6 +24,7 @@ def train_one_epoch(
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     *,
     per_model: bool = False,
+    per_model_targets: bool | None = None,
     scheduler: Any | None = None,
     router: DataRouter | None = None,
     callbacks: CallbackPack | None = None,
@@ -40,6 +41,8 @@ def train_one_epoch(
         optimizer: an optimizer built for ``batch`` (e.g. ``modelbatch.optim.Adam(batch)``).
         loss_fn: a single-model loss, e.g. ``torch.nn.functional.cross_entropy``.
         per_model: whether ``x`` carries a leading model dimension.
+        per_model_targets: whether ``y`` carries a leading model dimension (default:
+            inferred from the shapes, see :meth:`ModelBatch.compute_loss`).
         scheduler: optional LR scheduler stepped after every optimizer step.
         router: optional :class:`modelbatch.data.DataRouter`. The loader then yields
             ``(x, y, index)`` and model i's loss uses its ``[N, B]`` weights
@@ -69,7 +72,9 @@ def train_one_epoch(
         if callbacks is not None:
             callbacks.on_step_begin()
         outputs = batch(x, per_model=per_model)
-        loss = batch.compute_loss(outputs, y, loss_fn, mask=mask)
+        loss = batch.compute_loss(
+            outputs, y, loss_fn, mask=mask, per_model_targets=per_model_targets
+        )
         optimizer.zero_grad()
         loss.backward()
         if callbacks is not None:
@@ -101,8 +106,16 @@ def evaluate(
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     *,
     per_model: bool = False,
+    per_model_targets: bool | None = None,
 ) -> dict[str, Tensor]:
     """Evaluate every model in eval mode.
+
+    Args:
+        batch: the ModelBatch.
+        loader: yields ``(x, y)`` as for :func:`train_one_epoch`.
+        loss_fn: optional single-model loss, reported per model.
+        per_model: whether ``x`` carries a leading model dimension.
+        per_model_targets: whether ``y`` does (default: inferred from the shapes).
 
     Returns:
         ``{"accuracy": [N], "loss": [N]}`` (CPU tensors; ``loss`` only with ``loss_fn``).
@@ -122,7 +135,7 @@ def evaluate(
             # y is [B] (shared) or [N, B] (per model): both broadcast against [N, B].
             correct += (out.argmax(dim=-1) == y).double().sum(dim=1)
             if loss_fn is not None:
-                batch.compute_loss(out, y, loss_fn)
+                batch.compute_loss(out, y, loss_fn, per_model_targets=per_model_targets)
                 assert batch.latest_losses is not None
                 loss_sum += batch.latest_losses.double() * out.shape[1]
             count += out.shape[1]

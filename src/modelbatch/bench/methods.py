@@ -403,6 +403,7 @@ def _processes(ctx: BenchContext, n: int, result: MethodResult, allow_cpu: bool 
     ]
     t_start = time.monotonic()
     util = UtilSampler(ctx.device)
+    finished = False
     try:
         for p in procs:
             p.start()
@@ -414,14 +415,18 @@ def _processes(ctx: BenchContext, n: int, result: MethodResult, allow_cpu: bool 
         go.set()
         done = _gather(procs, queue, "done", time.monotonic() + ctx.proc_timeout)
         util.stop()
+        finished = True
     finally:
         util.stop()
-        go.set()
+        go.set()  # workers still waiting finish their short run and exit
+        deadline = time.monotonic() + (30.0 if finished else 5.0)
         for p in procs:
-            p.join(timeout=30)
+            p.join(timeout=max(0.1, deadline - time.monotonic()))
+        for p in procs:
             if p.is_alive():
                 p.terminate()
-                p.join(timeout=5)
+        for p in procs:
+            p.join(timeout=5)
         queue.close()
     rows = list(done.values())
     start = min(r[2] for r in rows)
