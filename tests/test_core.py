@@ -387,3 +387,9 @@ def test_train_one_epoch_with_per_model_class_targets() -> None:
     losses = modelbatch.train_one_epoch(batch, [(x, y)], opt, F.cross_entropy, per_model=True)
     for i, m in enumerate(ms):
         assert abs(losses[i].item() - F.cross_entropy(m(x[i]), y[i]).item()) < 1e-12
+
+
+def test_forward_shape_error_says_what_the_models_received() -> None:
+    batch = ModelBatch(models(3))
+    with pytest.raises(RuntimeError, match=r"ModelBatch of 3 models; input shapes \[\(8, 6\)\]"):
+        batch(torch.randn(8, 6, dtype=torch.float64))  # the models take 5 features

@@ -331,7 +331,18 @@ class ModelBatch(nn.Module):
         # Skipped (no copy, no device sync) while every model is active.
         frozen = self.training and bool(buffers) and not self.all_active
         call_buffers = {k: v.clone() for k, v in buffers.items()} if frozen else buffers
-        out = run(self.stacked, self.randomness, x_dims, kwargs, params, call_buffers, *inputs)
+        try:
+            out = run(self.stacked, self.randomness, x_dims, kwargs, params, call_buffers, *inputs)
+        except RuntimeError as e:
+            if type(e) is not RuntimeError:
+                raise
+            shapes = [tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__ for x in inputs]
+            expect = "[N, B, ...]" if per_model else "[B, ...], shared by every model"
+            raise RuntimeError(
+                f"{e}\n(in the forward pass of a ModelBatch of {n} models; input shapes "
+                f"{shapes}, read as {expect}. Each model sees one [B, ...] slice: check that "
+                f"a single model accepts it{'' if per_model else ', or pass per_model=True'}.)"
+            ) from e
         if frozen:
             with torch.no_grad():
                 for name, old in buffers.items():

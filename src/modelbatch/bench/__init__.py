@@ -347,6 +347,7 @@ def _main(argv: Sequence[str] | None) -> int:
     keys = {_ceiling_key(wl.name, p, device) for p in seq_precisions}
     if device.type == "cuda":
         keys |= {"fp32", "tf32"}  # both recorded, whichever the rows use
+    meta["fp32_rows_ceiling"] = _ceiling_key(wl.name, "fp32", device)
     interrupted = False
     current: tuple[BenchContext, str, int] | None = None
     ref_throughput: float | None = None

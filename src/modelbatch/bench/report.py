@@ -121,6 +121,11 @@ def write_markdown(
             f"- ceilings measured in this run ({prec}): matmul {c['matmul_dtype']} "
             f"{_si(c['matmul_flops'], 'FLOP/s')}, copy {_si(c['copy_bytes_per_s'], 'B/s')}"
         )
+    if meta.get("fp32_rows_ceiling"):
+        lines.append(
+            f"- TFLOP/s fractions: bf16 rows against the bf16 matmul, fp32 rows against the "
+            f"{meta['fp32_rows_ceiling']} matmul; B/s fractions against the copy"
+        )
     for prec, ws in meta.get("working_set_bytes", {}).items():
         if ws:
             lines.append(f"- one model's training working set ({prec}): {_si(ws, 'B')}")
