@@ -45,24 +45,12 @@ from modelbatch.bench.measure import (
     synchronize,
     time_steps,
 )
+from modelbatch.bench.targets import MB_METHODS, RECIPE_METHODS
 from modelbatch.bench.workloads import Workload, get_workload, make_batches
 
 __all__ = ["ALL_METHODS", "BenchContext", "MethodResult", "run_method"]
 
-ALL_METHODS = (
-    "sequential",
-    "recipe",
-    "recipe-bf16params",
-    "processes",
-    "eager",
-    "compile",
-    "compile-opt",
-    "cudagraph",
-    "compile-opt-cudagraph",
-    "compile-cudagraph",
-    "eager-cl",
-    "cudagraph-cl",
-)
+ALL_METHODS = ("sequential", *RECIPE_METHODS, "processes", *MB_METHODS)
 
 
 @dataclass

@@ -124,6 +124,15 @@ def count_flops_per_image(model: nn.Module, input_shape: tuple[int, ...]) -> flo
         elif isinstance(mod, nn.Linear):
             macs += out.numel() * mod.in_features
 
+    _forward_with_hooks(model, input_shape, hook)
+    return 3.0 * 2.0 * macs
+
+
+def _forward_with_hooks(
+    model: nn.Module, input_shape: tuple[int, ...], hook: Callable[..., None]
+) -> None:
+    """One eval-mode forward of a ``[1, *input_shape]`` zero input with ``hook`` on every
+    leaf module (the model's train/eval mode is restored)."""
     handles = [m.register_forward_hook(hook) for m in _leaf_modules(model)]
     try:
         was = model.training
@@ -134,7 +143,6 @@ def count_flops_per_image(model: nn.Module, input_shape: tuple[int, ...]) -> flo
     finally:
         for h in handles:
             h.remove()
-    return 3.0 * 2.0 * macs
 
 
 def estimate_activation_bytes_per_image(
@@ -152,16 +160,7 @@ def estimate_activation_bytes_per_image(
         nonlocal elems
         elems += out.numel()
 
-    handles = [m.register_forward_hook(hook) for m in _leaf_modules(model)]
-    try:
-        was = model.training
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape))
-        model.train(was)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_with_hooks(model, input_shape, hook)
     return 5.0 * elems * elem_bytes + float(np.prod(input_shape)) * elem_bytes
 
 
