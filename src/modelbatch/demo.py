@@ -225,9 +225,9 @@ def run_demo(
         print(f"Plain PyTorch, one by one: {t_seq:.2f} s  ->  speedup {t_seq / t_batch:.1f}x")
         if dev.type == "cpu":
             print(
-                "  (On a CPU expect little gain, and timings that vary from run to run: one "
-                "small MLP already keeps the cores busy. The gain comes on a GPU, which one "
-                "small model leaves mostly idle.)"
+                "  (On a CPU the gain is modest and timings vary with the machine's load: a "
+                "CPU has little idle capacity to fill. The large gain comes on a GPU, which "
+                "one small model leaves mostly idle.)"
             )
         agree = rel_diffs <= 1e-4
         print(
