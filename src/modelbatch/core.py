@@ -164,6 +164,7 @@ class ModelBatch(nn.Module):
         substitute_layers(
             mirror,
             {"num_models": n, "seeds": seeds, "device": device, "conv_layout": conv_layout},
+            models,
         )
         for module in mirror.modules():
             # A sparse gradient cannot be formed for a stacked [N, ...] weight ("reshape is

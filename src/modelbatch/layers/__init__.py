@@ -9,13 +9,16 @@ names, so checkpoints and ``extract`` see the same names; they may add buffers o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
 __all__ = ["register_substitution", "substitute_layers"]
 
 # Called as fn(module, context) -> replacement module (or the same module to keep it).
+# ``context["peers"]`` holds, during that call, the N original models' submodules at the
+# same path (model i's own settings, e.g. its dropout rate), and ``context["path"]`` the
+# submodule's dotted name ("" for the root).
 Substitution = Callable[[nn.Module, dict[str, object]], nn.Module]
 _SUBSTITUTIONS: dict[type[nn.Module], Substitution] = {}
 
@@ -30,17 +33,23 @@ def _load_builtin_substitutions() -> None:
     from modelbatch.layers import batchnorm, conv, dropout  # noqa: F401
 
 
-def substitute_layers(mirror: nn.Module, context: dict[str, object]) -> None:
+def substitute_layers(
+    mirror: nn.Module, context: dict[str, object], models: Sequence[nn.Module] = ()
+) -> None:
     """Replace, in place, every submodule of ``mirror`` that has a registered substitution.
 
-    ``context`` carries batch-wide facts (``num_models``, ``seeds``, ...).
+    ``context`` carries batch-wide facts (``num_models``, ``seeds``, ...). ``models`` are
+    the N original models: each substitution sees their submodules at its path as
+    ``context["peers"]`` (empty when ``models`` is not given).
     """
     _load_builtin_substitutions()
+    per_model = [dict(m.named_modules()) for m in models]
     for name, module in list(mirror.named_modules()):
         fn = _SUBSTITUTIONS.get(type(module))
         if fn is None or not name:
             continue
-        new = fn(module, context)
+        call_context = {**context, "path": name, "peers": [mods[name] for mods in per_model]}
+        new = fn(module, call_context)
         if new is not module:
             parent_name, _, attr = name.rpartition(".")
             setattr(mirror.get_submodule(parent_name), attr, new)
