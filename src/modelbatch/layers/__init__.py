@@ -48,8 +48,10 @@ def substitute_layers(
         fn = _SUBSTITUTIONS.get(type(module))
         if fn is None or not name:
             continue
-        call_context = {**context, "path": name, "peers": [mods[name] for mods in per_model]}
-        new = fn(module, call_context)
+        # One dict for all calls: substitutions may keep batch-wide counters in it.
+        context["path"] = name
+        context["peers"] = [mods[name] for mods in per_model]
+        new = fn(module, context)
         if new is not module:
             parent_name, _, attr = name.rpartition(".")
             setattr(mirror.get_submodule(parent_name), attr, new)
