@@ -129,3 +129,150 @@ def test_low_precision_input_matches_single_module(case: str, dtype: torch.dtype
         assert rel_err(buffers["0.running_mean"][i], bn.running_mean) <= 1e-5
         assert rel_err(buffers["0.running_var"][i], bn.running_var) <= 1e-5
     assert xb.grad is not None and rel_err(xb.grad, x_grad) <= 5 * tol
+
+
+# ---------------------------------------------------------------------------- per-model settings
+SWEEPS = {
+    "momentum": [{"momentum": 0.1}, {"momentum": 0.5}, {"momentum": 0.01}],
+    "momentum_with_none": [{"momentum": 0.1}, {"momentum": None}, {"momentum": 0.3}],
+    "eps": [{"eps": 1e-5}, {"eps": 1e-2}, {"eps": 0.3}],
+    "both": [{"momentum": 0.2, "eps": 1e-3}, {"momentum": None, "eps": 0.1},
+             {"momentum": 0.9, "eps": 1e-5}],
+}
+
+
+def _sweep_models(case: str, sweep: str, option: str = "default") -> list[nn.Module]:
+    cls, _, shape = BN_CASES[case]
+    torch.manual_seed(0)
+    models = []
+    for settings in SWEEPS[sweep]:
+        kwargs = {**OPTIONS[option], **settings}
+        m = Net(cls(4, **kwargs), len(shape)).double()
+        if m.bn.affine:
+            with torch.no_grad():
+                m.bn.weight.uniform_(0.5, 1.5)
+                m.bn.bias.uniform_(-0.5, 0.5)
+        models.append(m)
+    return models
+
+
+@pytest.mark.parametrize("sweep", list(SWEEPS))
+@pytest.mark.parametrize("case", ["1d", "2d", "3d"])
+def test_per_model_momentum_and_eps_sweep_equals_each_model_alone(case: str, sweep: str) -> None:
+    """A BatchNorm momentum (or eps) sweep is one batch; each model trains with its own."""
+    models = _sweep_models(case, sweep)
+    batch = ModelBatch(models)
+    bn = batch.stacked.bn
+    assert bn.per_model_momentum == [m.bn.momentum for m in models]
+    assert bn.per_model_eps == [m.bn.eps for m in models]
+    opt = modelbatch.optim.SGD(batch, lr=0.1, momentum=0.9)
+    shape = BN_CASES[case][2]
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(*shape, generator=g, dtype=torch.float64),
+             torch.randint(0, 2, (shape[0],), generator=g)) for _ in range(3)]
+    for x, y in data:
+        loss = batch.compute_loss(batch(x), y, F.cross_entropy)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ref = train_alone(models, lambda i, m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                      data, F.cross_entropy)
+    assert_close_models(batch.extract_all(), ref, torch.float64, f"{case}/{sweep}")
+    batch.eval()
+    out = batch(data[0][0])
+    for i, m in enumerate(ref):
+        m.eval()
+        assert rel_err(out[i], m(data[0][0])) <= 1e-10
+
+
+def test_per_model_settings_follow_the_models_when_dropped() -> None:
+    models = _sweep_models("2d", "both")
+    batch = ModelBatch(models, model_ids=["a", "b", "c"])
+    batch.drop("b")
+    bn = batch.stacked.bn
+    assert bn.per_model_momentum == [0.2, 0.9] and bn.per_model_eps == [1e-3, 1e-5]
+    batch.keep_positions([1, 0])
+    assert bn.per_model_momentum == [0.9, 0.2] and bn.per_model_eps == [1e-5, 1e-3]
+    batch.double()  # a dtype change does not touch the settings
+    assert bn.per_model_eps == [1e-5, 1e-3]
+
+
+@pytest.mark.parametrize("option", ["no_affine", "no_running_stats"])
+def test_per_model_momentum_sweep_with_options(option: str) -> None:
+    models = _sweep_models("2d", "both", option)
+    batch = ModelBatch(models)
+    x = torch.randn(6, 4, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for _ in range(2):
+        out = batch(x)
+    for i, m in enumerate(models):
+        ref = copy.deepcopy(m)
+        ref(x)
+        assert rel_err(out[i], ref(x)) <= 1e-10
+        if ref.bn.running_mean is not None:
+            assert rel_err(batch.stacked.bn.running_mean[i], ref.bn.running_mean) <= 1e-10
+
+
+# ---------------------------------------------------------------------------- one native call
+def test_one_native_batch_norm_kernel_per_layer() -> None:
+    """The N models' BatchNorm is one native call: no separate affine multiply and add."""
+    from modelbatch.bench.profile import KernelCounter
+
+    batch = ModelBatch([nn.Sequential(m.bn) for m in make("2d", "default")])
+    x = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    with KernelCounter() as k:
+        batch(x)
+    ops = dict(k.ops["other"])
+    ops.pop("all", None)  # ModelBatch's check that every model is active
+    # the running-batch counter (add_), the shared input laid out per model (clone), the call
+    assert ops == {"add_": 1, "clone": 1, "native_batch_norm": 1}, ops
+
+
+def test_resnet8_saves_no_more_for_backward_than_one_model_alone() -> None:
+    """Bytes autograd saves per model (distinct storages, saved_tensors_hooks) on ResNet-8,
+    against the same model alone: at most 1.05x (vmap's own rule: 1.54x)."""
+    from modelbatch.bench.profile import saved_bytes
+    from modelbatch.bench.workloads import ResNet8
+
+    torch.manual_seed(0)
+    models = [ResNet8() for _ in range(2)]
+    x = torch.randn(16, 3, 32, 32)
+    y = torch.randint(0, 10, (16,))
+    with saved_bytes() as alone:
+        F.cross_entropy(models[0](x), y)
+    batch = ModelBatch(models)
+    with saved_bytes() as batched:
+        batch.compute_loss(batch(x), y, F.cross_entropy)
+    ratio = batched["bytes"] / 2 / alone["bytes"]
+    assert ratio <= 1.05, ratio
+
+
+def test_channels_last_conv_then_batchnorm_stays_one_call() -> None:
+    from modelbatch.bench.workloads import ResNet8
+
+    torch.manual_seed(0)
+    models = [ResNet8().double() for _ in range(2)]
+    batch = ModelBatch(models, conv_layout="channels_last")
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    out = batch(x)
+    for i, m in enumerate(models):
+        assert rel_err(out[i], copy.deepcopy(m)(x)) <= 1e-10
+
+
+def test_bf16_autocast_resnet_trains() -> None:
+    """Under CPU bf16 autocast the conv hands BatchNorm a bf16 input with float32 weights and
+    statistics: the native mixed-precision kernel runs it, as for one model alone."""
+    from modelbatch.bench.workloads import ResNet8
+
+    torch.manual_seed(0)
+    models = [ResNet8() for _ in range(2)]
+    batch = ModelBatch(models)
+    x = torch.randn(4, 3, 8, 8)
+    y = torch.randint(0, 10, (4,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = batch.compute_loss(batch(x), y, F.cross_entropy, reduction="none")
+        ref = [F.cross_entropy(copy.deepcopy(m)(x), y) for m in models]
+    loss.sum().backward()
+    for i in range(2):
+        assert abs(loss[i].item() - ref[i].item()) <= 2e-2 * abs(ref[i].item())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in batch.parameters())
+    assert batch.stacked.bn.running_mean.dtype == torch.float32
