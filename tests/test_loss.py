@@ -217,11 +217,18 @@ def test_ambiguous_targets_are_an_error_and_explicit_choice_works() -> None:
         batch.compute_loss(out, y, F.cross_entropy)
     pm = batch.compute_loss(out, y, F.cross_entropy, per_model_targets=True, reduction="none")
     assert torch.allclose(pm, torch.stack([F.cross_entropy(out[i], y[i]) for i in range(4)]))
-    # Binary labels [N, B] for [N, B] logits (the case the old rule read as shared).
+    # Binary labels [N, B] for [N, B] logits (the case the old rule read as shared): only the
+    # per-model reading gives targets of the outputs' rank.
     logits = torch.randn(4, 4, dtype=torch.float64)
     labels = torch.randint(0, 2, (4, 4), generator=G).double()
-    with pytest.raises(ValueError, match="ambiguous targets"):
-        batch.compute_loss(logits, labels, F.binary_cross_entropy_with_logits)
+    got = batch.compute_loss(logits, labels, F.binary_cross_entropy_with_logits, reduction="none")
+    expect = [F.binary_cross_entropy_with_logits(logits[i], labels[i]) for i in range(4)]
+    assert torch.allclose(got, torch.stack(expect), rtol=1e-13, atol=0)
+    # Shared [B, C] and per-model [N, B, C] soft targets: the rank decides too.
+    soft = torch.softmax(torch.randn(4, 4, C, dtype=torch.float64), -1)
+    got = batch.compute_loss(out, soft, F.cross_entropy, reduction="none")
+    expect = [F.cross_entropy(out[i], soft[i]) for i in range(4)]
+    assert torch.allclose(got, torch.stack(expect), rtol=1e-13, atol=0)
     # Unambiguous shapes need no argument.
     batch.compute_loss(out, y[0], F.cross_entropy)  # [B]: shared
     batch3 = _batch(3)

@@ -46,8 +46,12 @@ def resolve_per_model_targets(
 
     With ``per_model_targets`` given, per-model targets are checked to have the leading N;
     shared targets are passed to every model as they are. Not given, the shapes decide:
-    ``[B, ...]`` is shared, ``[N, B, ...]`` is per model; a shape that fits both (N == B) or
-    neither raises a ``ValueError`` that names the shapes and the way out.
+    ``[B, ...]`` is shared, ``[N, B, ...]`` is per model. When N == B both leading shapes fit;
+    then the reading whose per-model target has the rank of one model's output or one less
+    (what a loss takes) is chosen if only one does, e.g. ``[N, B]`` binary labels for
+    ``[N, B]`` logits are per model. A shape that still fits both (``[N, B]`` class indices
+    for ``[N, B, C]`` logits when N == B) or neither raises a ``ValueError`` that names the
+    shapes and the way out.
     """
     n = outputs.shape[0]
     b = outputs.shape[1] if outputs.dim() > 1 else None
@@ -61,6 +65,14 @@ def resolve_per_model_targets(
     can_share = targets.dim() >= 1 and targets.shape[0] == b
     can_per_model = targets.dim() >= 2 and targets.shape[0] == n and targets.shape[1] == b
     if can_share and can_per_model:
+        # Both leading shapes fit (N == B). A loss compares one model's output [B, ...] with
+        # a target of the same rank (regression, probabilities) or one less (class indices):
+        # when only one reading gives such a rank, it is the only one a loss can take.
+        out_rank = outputs.dim() - 1
+        share_fits = targets.dim() in (out_rank - 1, out_rank)
+        per_model_fits = targets.dim() - 1 in (out_rank - 1, out_rank)
+        if share_fits != per_model_fits:
+            return per_model_fits
         raise ValueError(
             f"ambiguous targets: shape {_shape(targets)} reads both as shared [B, ...] targets "
             f"and as per-model [N, B, ...] targets, since N = B = {n} (outputs "

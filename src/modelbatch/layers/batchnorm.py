@@ -129,7 +129,7 @@ def _batch_norm_vmap(
     )
     c = x.shape[2]
     flat_x = x.reshape(x.shape[0], n * c, *x.shape[3:])
-    stats: list[tuple[Tensor, Tensor]] = []  # (per-model [N, C] view, [N*C] tensor used)
+    copied: list[tuple[Tensor, Tensor]] = []  # (per-model [N, C], its [N*C] copy)
     flat_stats: list[Tensor | None] = []
     for t, dim, what in ((running_mean, m_dim, "running_mean"), (running_var, v_dim, "running_var")):
         if t is None:
@@ -141,8 +141,11 @@ def _batch_norm_vmap(
                 f"shared across the {n} models, which cannot hold each model's statistics"
             )
         per_model = t.movedim(dim, 0)
-        flat = per_model.view(-1) if per_model.is_contiguous() else per_model.reshape(-1).clone()
-        stats.append((per_model, flat))
+        if per_model.is_contiguous():  # a view: the native kernel updates it in place
+            flat = per_model.view(-1)
+        else:
+            flat = per_model.reshape(-1).clone()
+            copied.append((per_model, flat))
         flat_stats.append(flat)
     out = torch.batch_norm(
         flat_x,
@@ -156,9 +159,8 @@ def _batch_norm_vmap(
         torch.backends.cudnn.enabled,
     )
     if training:
-        for per_model, flat in stats:
-            if flat.data_ptr() != per_model.data_ptr():  # a copy: write the update back
-                per_model.copy_(flat.view(per_model.shape))
+        for per_model, flat in copied:  # write the update back
+            per_model.copy_(flat.view(per_model.shape))
     return out.unflatten(1, (n, c)), 1
 
 
