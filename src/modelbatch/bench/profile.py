@@ -115,12 +115,15 @@ class KernelCounter(TorchDispatchMode):
             self.current = previous
 
     def _host_only(self, args: Any) -> bool:
-        """Whether every tensor argument is a registered host tensor (e.g. torch.optim's CPU
-        step counters, which stay on the host when the parameters are on a GPU)."""
+        """Whether the operator works on registered host tensors (torch.optim's CPU step
+        counters, which stay on the host when the parameters are on a GPU) and host scalars
+        only: no device kernel."""
         if not self.host:
             return False
         tensors = [v for v in torch.utils._pytree.tree_leaves(args) if isinstance(v, Tensor)]
-        return bool(tensors) and all(t.data_ptr() in self.host for t in tensors)
+        host = [t.data_ptr() in self.host for t in tensors]
+        # e.g. ``_foreach_add_(steps, tensor(1.))``: host counters and host scalars only.
+        return any(host) and all(h or t.dim() == 0 for h, t in zip(host, tensors, strict=True))
 
     def __torch_dispatch__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
