@@ -144,14 +144,20 @@ _FUNCTIONS: dict[Callable[..., Tensor], tuple[str, dict[str, Any]]] = {
 
 # module class -> (function, attributes passed as keyword arguments)
 _MODULES: dict[type[nn.Module], tuple[Callable[..., Tensor], tuple[str, ...]]] = {
-    nn.CrossEntropyLoss: (F.cross_entropy, ("weight", "ignore_index", "reduction", "label_smoothing")),
+    nn.CrossEntropyLoss: (
+        F.cross_entropy,
+        ("weight", "ignore_index", "reduction", "label_smoothing"),
+    ),
     nn.NLLLoss: (F.nll_loss, ("weight", "ignore_index", "reduction")),
     nn.MSELoss: (F.mse_loss, ("reduction",)),
     nn.L1Loss: (F.l1_loss, ("reduction",)),
     nn.SmoothL1Loss: (F.smooth_l1_loss, ("reduction", "beta")),
     nn.HuberLoss: (F.huber_loss, ("reduction", "delta")),
     nn.BCELoss: (F.binary_cross_entropy, ("weight", "reduction")),
-    nn.BCEWithLogitsLoss: (F.binary_cross_entropy_with_logits, ("weight", "pos_weight", "reduction")),
+    nn.BCEWithLogitsLoss: (
+        F.binary_cross_entropy_with_logits,
+        ("weight", "pos_weight", "reduction"),
+    ),
     nn.KLDivLoss: (F.kl_div, ("reduction", "log_target")),
 }
 
@@ -227,10 +233,10 @@ def flat_losses(
         if spec.weight is not None and spec.weight.dim() > len(one):
             return None
         tgt = targets if per_model else targets.expand(n, *one)
-        kwargs = dict(spec.kwargs)
+        options = dict(spec.kwargs)
         if spec.weight is not None:
-            kwargs["weight"] = spec.weight
-        elems = spec.fn(outputs, tgt, reduction="none", **kwargs)  # [N, B, ...]
+            options["weight"] = spec.weight
+        elems = spec.fn(outputs, tgt, reduction="none", **options)  # [N, B, ...]
         if elems.shape != outputs.shape:
             return None
         per_sample = elems.reshape(n, b, -1)

@@ -72,15 +72,24 @@ def test_float64_training_equals_nn_batchnorm(case: str, option: str) -> None:
     }
     opt = modelbatch.optim.SGD(batch, lr=0.1, momentum=0.9)
     g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(*shape, generator=g, dtype=torch.float64),
-             torch.randint(0, 2, (shape[0],), generator=g)) for _ in range(3)]
+    data = [
+        (
+            torch.randn(*shape, generator=g, dtype=torch.float64),
+            torch.randint(0, 2, (shape[0],), generator=g),
+        )
+        for _ in range(3)
+    ]
     for x, y in data:
         loss = batch.compute_loss(batch(x), y, F.cross_entropy)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    ref = train_alone(models, lambda i, m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
-                      data, F.cross_entropy)
+    ref = train_alone(
+        models,
+        lambda i, m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+        data,
+        F.cross_entropy,
+    )
     extracted = batch.extract_all()
     assert type(extracted[0].bn) is BN_CASES[case][0]  # users get plain nn.BatchNorm back
     assert_close_models(extracted, ref, torch.float64, f"{case}/{option}")
@@ -136,8 +145,11 @@ SWEEPS = {
     "momentum": [{"momentum": 0.1}, {"momentum": 0.5}, {"momentum": 0.01}],
     "momentum_with_none": [{"momentum": 0.1}, {"momentum": None}, {"momentum": 0.3}],
     "eps": [{"eps": 1e-5}, {"eps": 1e-2}, {"eps": 0.3}],
-    "both": [{"momentum": 0.2, "eps": 1e-3}, {"momentum": None, "eps": 0.1},
-             {"momentum": 0.9, "eps": 1e-5}],
+    "both": [
+        {"momentum": 0.2, "eps": 1e-3},
+        {"momentum": None, "eps": 0.1},
+        {"momentum": 0.9, "eps": 1e-5},
+    ],
 }
 
 
@@ -168,15 +180,24 @@ def test_per_model_momentum_and_eps_sweep_equals_each_model_alone(case: str, swe
     opt = modelbatch.optim.SGD(batch, lr=0.1, momentum=0.9)
     shape = BN_CASES[case][2]
     g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(*shape, generator=g, dtype=torch.float64),
-             torch.randint(0, 2, (shape[0],), generator=g)) for _ in range(3)]
+    data = [
+        (
+            torch.randn(*shape, generator=g, dtype=torch.float64),
+            torch.randint(0, 2, (shape[0],), generator=g),
+        )
+        for _ in range(3)
+    ]
     for x, y in data:
         loss = batch.compute_loss(batch(x), y, F.cross_entropy)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    ref = train_alone(models, lambda i, m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
-                      data, F.cross_entropy)
+    ref = train_alone(
+        models,
+        lambda i, m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+        data,
+        F.cross_entropy,
+    )
     assert_close_models(batch.extract_all(), ref, torch.float64, f"{case}/{sweep}")
     batch.eval()
     out = batch(data[0][0])

@@ -124,14 +124,19 @@ def _batch_norm_vmap(
     """
     n = int(info.batch_size)
     x_dim, w_dim, b_dim, m_dim, v_dim = in_dims[:5]
-    x = input.movedim(x_dim, 1) if x_dim is not None else input.unsqueeze(1).expand(
-        input.shape[0], n, *input.shape[1:]
+    x = (
+        input.movedim(x_dim, 1)
+        if x_dim is not None
+        else input.unsqueeze(1).expand(input.shape[0], n, *input.shape[1:])
     )
     c = x.shape[2]
     flat_x = x.reshape(x.shape[0], n * c, *x.shape[3:])
     copied: list[tuple[Tensor, Tensor]] = []  # (per-model [N, C], its [N*C] copy)
     flat_stats: list[Tensor | None] = []
-    for t, dim, what in ((running_mean, m_dim, "running_mean"), (running_var, v_dim, "running_var")):
+    for t, dim, what in (
+        (running_mean, m_dim, "running_mean"),
+        (running_var, v_dim, "running_var"),
+    ):
         if t is None:
             flat_stats.append(None)
             continue
@@ -253,8 +258,14 @@ class VmapBatchNormMixin:
         if one_momentum or not (bn_training and track):
             momentum = momenta[0] if momenta[0] is not None else 0.0
             return batch_norm(
-                input, bn.weight, bn.bias, running_mean, running_var, bn_training,
-                float(momentum), epss[0],
+                input,
+                bn.weight,
+                bn.bias,
+                running_mean,
+                running_var,
+                bn_training,
+                float(momentum),
+                epss[0],
             )
         # Per-model momenta or momentum=None: the running statistics are updated apart.
         out = batch_norm(input, bn.weight, bn.bias, None, None, True, 0.0, epss[0])
@@ -338,10 +349,11 @@ def _substitute(module: nn.Module, context: dict[str, object]) -> nn.Module:
     if not peers:
         peers = [module] * n
     module.__class__ = _REPLACEMENTS[type(module)]
-    device = context.get("device")
-    if not isinstance(device, torch.device):
-        ref = module.running_mean if module.running_mean is not None else module.weight
-        device = ref.device if ref is not None else torch.device("cpu")
+    given = context.get("device")
+    ref = module.running_mean if module.running_mean is not None else module.weight
+    device = given if isinstance(given, torch.device) else torch.device("cpu")
+    if not isinstance(given, torch.device) and isinstance(ref, Tensor):
+        device = ref.device
     assert isinstance(module, VmapBatchNormMixin)
     module._init_per_model([p.momentum for p in peers], [p.eps for p in peers], device)
     return module
