@@ -297,3 +297,21 @@ def test_bf16_autocast_resnet_trains() -> None:
         assert abs(loss[i].item() - ref[i].item()) <= 2e-2 * abs(ref[i].item())
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in batch.parameters())
     assert batch.stacked.bn.running_mean.dtype == torch.float32
+
+
+@pytest.mark.parametrize("case", ["1d", "1d_seq", "2d", "3d"])
+def test_per_model_inputs_train_and_eval(case: str) -> None:
+    """Inputs [N, B, ...] (model dimension first, not where the rule puts it)."""
+    models = make(case, "default")
+    batch = ModelBatch(models)
+    shape = BN_CASES[case][2]
+    x = torch.randn(N, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    refs = [copy.deepcopy(m) for m in models]
+    out = batch(x, per_model=True)
+    for i, m in enumerate(refs):
+        assert rel_err(out[i], m(x[i])) <= 1e-10
+        assert rel_err(batch.stacked.bn.running_var[i], m.bn.running_var) <= 1e-10
+    batch.eval()
+    out = batch(x, per_model=True)
+    for i, m in enumerate(refs):
+        assert rel_err(out[i], m.eval()(x[i])) <= 1e-10
