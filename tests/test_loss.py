@@ -318,3 +318,28 @@ def test_flat_loss_phase_is_one_loss_call_plus_reduction_and_independent_of_n() 
     # division and one copy of the expanded gradient (all [N]- or [B]-sized).
     assert flat <= one_call() + 5
     assert flat < count(N, _general(F.cross_entropy))
+
+
+@pytest.mark.parametrize("name", ["ce", "ce_module_all", "mse", "bce_logits_pos_weight"])
+def test_float32_flat_equals_alone(name: str) -> None:
+    loss_fn, make_target, transform = LOSSES[name]
+    if isinstance(loss_fn, nn.Module):
+        loss_fn = type(loss_fn)(  # the same options with float32 weights
+            **{k: (v.float() if isinstance(v, Tensor) else v)
+               for k, v in _module_options(loss_fn).items()}
+        )
+    out = torch.randn(N, B, C, generator=G).requires_grad_()
+    t = make_target(out[0].detach().double())
+    t = t.float() if t.is_floating_point() else t
+    losses = _batch().compute_loss(out, t, loss_fn, reduction="none")
+    (g,) = torch.autograd.grad(losses.sum(), out)
+    for i in range(N):
+        alone = loss_fn(out[i], t)
+        (ga,) = torch.autograd.grad(alone, out)
+        assert abs(losses[i].item() - alone.item()) <= 1e-5 * max(1.0, abs(alone.item()))
+        assert torch.allclose(g[i], ga[i], rtol=1e-5, atol=1e-7)
+
+
+def _module_options(loss: nn.Module) -> dict[str, object]:
+    names = ("weight", "pos_weight", "ignore_index", "label_smoothing", "reduction")
+    return {k: getattr(loss, k) for k in names if hasattr(loss, k)}

@@ -315,3 +315,20 @@ def test_per_model_inputs_train_and_eval(case: str) -> None:
     out = batch(x, per_model=True)
     for i, m in enumerate(refs):
         assert rel_err(out[i], m.eval()(x[i])) <= 1e-10
+
+
+def test_float32_momentum_sweep_trains_like_alone() -> None:
+    models = [m.float() for m in _sweep_models("2d", "momentum_with_none")]
+    batch = ModelBatch(models)
+    opt = modelbatch.optim.SGD(batch, lr=0.1)
+    g = torch.Generator().manual_seed(5)
+    data = [(torch.randn(6, 4, 3, 3, generator=g), torch.randint(0, 2, (6,), generator=g))
+            for _ in range(3)]
+    for x, y in data:
+        loss = batch.compute_loss(batch(x), y, F.cross_entropy)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ref = train_alone(models, lambda i, m: torch.optim.SGD(m.parameters(), lr=0.1), data,
+                      F.cross_entropy)
+    assert_close_models(batch.extract_all(), ref, torch.float32, "float32 sweep")
