@@ -322,11 +322,13 @@ def test_flat_loss_phase_is_one_loss_call_plus_reduction_and_independent_of_n() 
 
 @pytest.mark.parametrize("name", ["ce", "ce_module_all", "mse", "bce_logits_pos_weight"])
 def test_float32_flat_equals_alone(name: str) -> None:
-    loss_fn, make_target, transform = LOSSES[name]
+    loss_fn, make_target, _ = LOSSES[name]
     if isinstance(loss_fn, nn.Module):
         loss_fn = type(loss_fn)(  # the same options with float32 weights
-            **{k: (v.float() if isinstance(v, Tensor) else v)
-               for k, v in _module_options(loss_fn).items()}
+            **{
+                k: (v.float() if isinstance(v, Tensor) else v)
+                for k, v in _module_options(loss_fn).items()
+            }
         )
     out = torch.randn(N, B, C, generator=G).requires_grad_()
     t = make_target(out[0].detach().double())

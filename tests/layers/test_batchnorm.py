@@ -322,13 +322,67 @@ def test_float32_momentum_sweep_trains_like_alone() -> None:
     batch = ModelBatch(models)
     opt = modelbatch.optim.SGD(batch, lr=0.1)
     g = torch.Generator().manual_seed(5)
-    data = [(torch.randn(6, 4, 3, 3, generator=g), torch.randint(0, 2, (6,), generator=g))
-            for _ in range(3)]
+    data = [
+        (torch.randn(6, 4, 3, 3, generator=g), torch.randint(0, 2, (6,), generator=g))
+        for _ in range(3)
+    ]
     for x, y in data:
         loss = batch.compute_loss(batch(x), y, F.cross_entropy)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    ref = train_alone(models, lambda i, m: torch.optim.SGD(m.parameters(), lr=0.1), data,
-                      F.cross_entropy)
+    ref = train_alone(
+        models, lambda i, m: torch.optim.SGD(m.parameters(), lr=0.1), data, F.cross_entropy
+    )
     assert_close_models(batch.extract_all(), ref, torch.float32, "float32 sweep")
+
+
+def test_eps_sweep_saves_what_one_model_alone_saves() -> None:
+    """Per-model eps runs modelbatch::batch_norm_eps: one pass, native backward, the same
+    saved tensors as one model alone."""
+    from modelbatch.bench.profile import saved_bytes
+
+    torch.manual_seed(0)
+    models = [
+        nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, eps=e), nn.ReLU())
+        for e in (1e-5, 1e-3, 0.1)
+    ]
+    x = torch.randn(8, 3, 10, 10)
+    with saved_bytes() as alone:
+        models[0](x).sum()
+    batch = ModelBatch(models)
+    with saved_bytes() as batched:
+        batch(x).sum()
+    assert batched["bytes"] / 3 <= 1.05 * alone["bytes"]
+
+
+def test_batch_norm_eps_op_alone_equals_f_batch_norm() -> None:
+    from modelbatch.layers.batchnorm import batch_norm_eps
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 4, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.rand(4, dtype=torch.float64, generator=g).add(0.5).requires_grad_()
+    b = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
+    eps = torch.full((4,), 0.01, dtype=torch.float64)
+    out = batch_norm_eps(x, w, b, eps)[0]
+    ref = F.batch_norm(x, None, None, w, b, True, 0.0, 0.01)
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    got = torch.autograd.grad(out, (x, w, b), grad)
+    want = torch.autograd.grad(ref, (x, w, b), grad)
+    assert rel_err(out, ref) <= 1e-12
+    for a, e in zip(got, want, strict=True):
+        assert rel_err(a, e) <= 1e-12
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: batch_norm_eps(x, w, b, eps)[0], (x, w, b), eps=1e-6, atol=1e-6
+    )
+
+
+def test_eps_sweep_with_low_precision_input() -> None:
+    torch.manual_seed(0)
+    bns = [nn.BatchNorm2d(4, eps=e) for e in (1e-5, 0.5)]
+    batch = ModelBatch([nn.Sequential(copy.deepcopy(bn)) for bn in bns])
+    x = (torch.randn(6, 4, 3, 3) * 3 + 1).bfloat16()
+    out = batch(x)
+    assert out.dtype == torch.bfloat16
+    for i, bn in enumerate(bns):
+        assert rel_err(out[i], bn(x)) <= 1e-2

@@ -26,8 +26,10 @@ so a momentum sweep is one batch. Paths:
   per model): the same native call for the output, and the running statistics updated from a
   separate ``var_mean`` of the input with each model's factor (one more pass over the input,
   nothing more saved for backward);
-* eps that differ: a composite normalisation (``var_mean``, ``rsqrt``, multiply-add) that is
-  exact but saves more for backward than one model alone.
+* eps that differ: the operator ``modelbatch::batch_norm_eps`` (training), one pass over
+  ``[B, N*C, ...]`` with a ``[N*C]`` eps (``var_mean``, ``rsqrt``, one multiply-add), whose
+  autograd formula saves what the native kernel saves and is the native backward; in eval
+  mode, ``x * scale + shift`` from the running statistics.
 
 The per-model settings are stored as Python lists indexed by the non-persistent ``[N]``
 buffer ``mb_slot`` (each model's slot among the models the batch was built with), so they follow
@@ -172,6 +174,108 @@ def _batch_norm_vmap(
 torch.library.register_vmap(batch_norm, _batch_norm_vmap)
 
 
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _stat_dtype(x: Tensor, weight: Tensor | None, eps: Tensor) -> torch.dtype:
+    """float32 statistics for a low-precision input, as the native mixed kernel."""
+    ref = weight.dtype if weight is not None else eps.dtype
+    return x.dtype if x.element_size() >= torch.finfo(ref).bits // 8 else ref
+
+
+@torch.library.custom_op("modelbatch::batch_norm_eps", mutates_args=())
+def batch_norm_eps(
+    input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode batch normalisation with one ``eps`` per channel, no running statistics.
+
+    Input ``[B, K, ...]``, weight/bias/eps ``[K]``. Returns ``(output [B, K, ...], mean [K],
+    invstd [K])``. Its autograd formula saves what the native kernel saves (input, weight,
+    mean, inverse std) and is the native ``native_batch_norm_backward``; its vmap rule runs
+    the N models as one call over ``[B, N*C, ...]``. For BatchNorm sweeps over ``eps``.
+    """
+    dims = [0, *range(2, input.dim())]
+    xs = input.to(_stat_dtype(input, weight, eps))
+    var, mean = torch.var_mean(xs, dim=dims, correction=0)
+    invstd = torch.rsqrt(var + eps.to(xs.dtype))
+    scale = invstd if weight is None else invstd * weight
+    shift = -mean * scale if bias is None else bias - mean * scale
+    shape = [1, -1, *([1] * (input.dim() - 2))]
+    out = torch.addcmul(shift.view(shape), xs, scale.view(shape)).to(input.dtype)
+    return out, mean, invstd
+
+
+@batch_norm_eps.register_fake
+def _batch_norm_eps_fake(
+    input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    stat = input.new_empty(input.shape[1], dtype=_stat_dtype(input, weight, eps))
+    return torch.empty_like(input), stat, torch.empty_like(stat)
+
+
+def _eps_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    input, weight, bias, _ = inputs
+    _, mean, invstd = output
+    ctx.save_for_backward(input, weight, mean, invstd)
+    ctx.has_bias = bias is not None
+
+
+def _eps_backward(ctx: Any, grad: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+    input, weight, mean, invstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+        grad.contiguous(memory_format=_memory_format(input)),
+        input,
+        weight,
+        None,
+        None,
+        mean,
+        invstd,
+        True,
+        0.0,
+        [bool(need[0]), weight is not None and bool(need[1]), ctx.has_bias and bool(need[2])],
+    )
+    return grad_input, grad_weight, grad_bias, None
+
+
+batch_norm_eps.register_autograd(_eps_backward, setup_context=_eps_setup_context)
+
+
+def _batch_norm_eps_vmap(
+    info: Any,
+    in_dims: tuple[int | None, ...],
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: Tensor,
+) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[int, int, int]]:
+    """Batching rule: the N models as one call over ``[B, N*C, ...]`` (eps ``[N*C]``)."""
+    n = int(info.batch_size)
+    x_dim, w_dim, b_dim, e_dim = in_dims
+    x = (
+        input.movedim(x_dim, 1)
+        if x_dim is not None
+        else input.unsqueeze(1).expand(input.shape[0], n, *input.shape[1:])
+    )
+    c = x.shape[2]
+    flat_x = x.reshape(x.shape[0], n * c, *x.shape[3:])
+    out, mean, invstd = batch_norm_eps(
+        flat_x,
+        _per_model_channels(weight, w_dim, n),
+        _per_model_channels(bias, b_dim, n),
+        _per_model_channels(eps, e_dim, n),  # type: ignore[arg-type]
+    )
+    return (out.unflatten(1, (n, c)), mean.view(n, c), invstd.view(n, c)), (1, 0, 0)
+
+
+torch.library.register_vmap(batch_norm_eps, _batch_norm_eps_vmap)
+
+
 def _under_vmap(*tensors: Tensor | None) -> bool:
     is_batched = torch._C._functorch.is_batchedtensor
     return any(t is not None and is_batched(t) for t in tensors)
@@ -193,6 +297,14 @@ def _single(
     return F.batch_norm(
         input, running_mean, running_var, bn.weight, bn.bias, bn_training, momentum, bn.eps
     )
+
+
+def _param_like(bn: nn.modules.batchnorm._BatchNorm, input: Tensor) -> Tensor:
+    """A tensor in the dtype BatchNorm computes its statistics in (float32 under autocast)."""
+    for t in (bn.weight, bn.running_mean):
+        if t is not None:
+            return t
+    return input
 
 
 class VmapBatchNormMixin:
@@ -253,8 +365,14 @@ class VmapBatchNormMixin:
         momenta, epss = self._mb_momenta, self._mb_epss
         one_eps = all(e == epss[0] for e in epss)
         one_momentum = momenta[0] is not None and all(m == momenta[0] for m in momenta)
-        if not one_eps:
-            return self._composite(input, running_mean, running_var, bn_training, track)
+        if not one_eps and not bn_training:
+            return self._composite(input, running_mean, running_var)
+        if not one_eps:  # per-model eps: one pass, native backward, running stats apart
+            eps = self._table("eps", epss, _param_like(bn, input))[self.mb_slot]
+            out = batch_norm_eps(input, bn.weight, bn.bias, eps.expand(input.shape[1]))[0]
+            if track:
+                self._update_running(input, running_mean, running_var)
+            return out
         if one_momentum or not (bn_training and track):
             momentum = momenta[0] if momenta[0] is not None else 0.0
             return batch_norm(
@@ -296,32 +414,19 @@ class VmapBatchNormMixin:
             running_var.mul_(1 - f).add_(var * f)
 
     def _composite(
-        self,
-        input: Tensor,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-        bn_training: bool,
-        track: bool,
+        self, input: Tensor, running_mean: Tensor | None, running_var: Tensor | None
     ) -> Tensor:
-        """Per-model eps: the normalisation written out (exact; saves more for backward)."""
+        """Eval mode with per-model eps: ``x * scale + shift`` from the running statistics."""
         bn: nn.modules.batchnorm._BatchNorm = self  # type: ignore[assignment]
-        ref = bn.weight if bn.weight is not None else running_mean
-        dtype = ref.dtype if ref is not None and input.dtype != ref.dtype else input.dtype
-        x = input.to(dtype)
+        assert running_mean is not None and running_var is not None
+        x = input.to(running_mean.dtype)
         eps = self._table("eps", self._mb_epss, x)[self.mb_slot]
+        scale = torch.rsqrt(running_var + eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -running_mean * scale if bn.bias is None else bn.bias - running_mean * scale
         shape = [1, -1, *([1] * (x.dim() - 2))]
-        dims = [0, *range(2, x.dim())]
-        if bn_training:
-            var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
-        else:
-            assert running_mean is not None and running_var is not None
-            mean, var = running_mean.view(shape), running_var.view(shape)
-        out = (x - mean) * torch.rsqrt(var + eps)
-        if bn.weight is not None and bn.bias is not None:
-            out = out * bn.weight.view(shape) + bn.bias.view(shape)
-        if bn_training and track:
-            self._update_running(x, running_mean, running_var)
-        return out.to(input.dtype)
+        return torch.addcmul(shift.view(shape), x, scale.view(shape)).to(input.dtype)
 
 
 class VmapBatchNorm1d(VmapBatchNormMixin, nn.BatchNorm1d):
