@@ -5,6 +5,7 @@ targets rule never guesses; errors name the shapes."""
 from __future__ import annotations
 
 import functools
+import zlib
 from collections.abc import Callable
 
 import pytest
@@ -93,6 +94,21 @@ LOSSES: dict[
         None,
     ),
     "kl_batchmean": (nn.KLDivLoss(reduction="batchmean"), _soft_targets, _log_softmax),
+    "soft_margin": (
+        nn.SoftMarginLoss(),
+        lambda o: torch.randint(0, 2, o.shape, generator=G).to(o.dtype) * 2 - 1,
+        None,
+    ),
+    "poisson_full": (
+        nn.PoissonNLLLoss(full=True),
+        lambda o: torch.randint(0, 5, o.shape, generator=G).to(o.dtype),
+        None,
+    ),
+    "poisson_rate_partial": (
+        functools.partial(F.poisson_nll_loss, log_input=False, reduction="sum"),
+        lambda o: torch.randint(0, 5, o.shape, generator=G).to(o.dtype),
+        torch.exp,
+    ),
     "kl_log_target_sum": (
         functools.partial(F.kl_div, reduction="sum", log_target=True),
         lambda o: torch.log_softmax(torch.randn(o.shape, generator=G, dtype=o.dtype), 1),
@@ -107,7 +123,14 @@ def _outputs(spatial: bool, transform: Callable[[Tensor], Tensor] | None) -> Ten
     return out
 
 
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Equal within 1e-12 (relative to max(1, |b|)); nan where the model alone gets nan (all
+    of its selected targets ignored)."""
+    return torch.allclose(a, b, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
 def _check(name: str, spatial: bool, per_model: bool, mask: Tensor | None) -> None:
+    G.manual_seed(zlib.crc32(f"{name}{spatial}{per_model}{mask}".encode()))
     loss_fn, make_target, transform = LOSSES[name]
     assert recognise(loss_fn) is not None, name
     raw = _outputs(spatial, transform)
@@ -122,8 +145,8 @@ def _check(name: str, spatial: bool, per_model: bool, mask: Tensor | None) -> No
     except RuntimeError as e:
         error, general = str(e), None
     if general is None:  # losses that vmap cannot run (the flat path can)
-        expected = ("masked_select" in error and name == "ce_module_all") or (
-            "kl_div hit the vmap fallback" in error
+        expected = ("masked_select" in error and name == "ce_module_all") or any(
+            f"{op} hit the vmap fallback" in error for op in ("kl_div", "soft_margin_loss")
         )
         assert expected, error
     g_gen = (
@@ -138,10 +161,8 @@ def _check(name: str, spatial: bool, per_model: bool, mask: Tensor | None) -> No
             oi, ti = oi[idx], ti[idx]
         alone = loss_fn(oi, ti)
         (g_alone,) = torch.autograd.grad(alone, raw, retain_graph=True)
-        assert abs(flat[i].item() - alone.item()) <= 1e-12 * max(1.0, abs(alone.item())), (name, i)
-        assert abs(general[i].item() - alone.item()) <= 1e-12 * max(1.0, abs(alone.item()))
-        assert torch.allclose(g_flat[i], g_alone[i], rtol=0, atol=1e-12), (name, i)
-        assert torch.allclose(g_gen[i], g_alone[i], rtol=0, atol=1e-12), (name, i)
+        assert _same(flat[i], alone) and _same(general[i], alone), (name, i)
+        assert _same(g_flat[i], g_alone[i]) and _same(g_gen[i], g_alone[i]), (name, i)
 
 
 @pytest.mark.parametrize("per_model", [False, True])
@@ -345,3 +366,15 @@ def test_float32_flat_equals_alone(name: str) -> None:
 def _module_options(loss: nn.Module) -> dict[str, object]:
     names = ("weight", "pos_weight", "ignore_index", "label_smoothing", "reduction")
     return {k: getattr(loss, k) for k in names if hasattr(loss, k)}
+
+
+def test_selected_samples_all_ignored_give_nan_as_alone() -> None:
+    out = torch.randn(N, B, C, dtype=torch.float64)
+    t = torch.tensor([0, 2, 2, 1, 3, 2])
+    mask = torch.zeros(N, B, dtype=torch.bool)
+    mask[0, [1, 2]] = True  # only ignored targets
+    mask[1, [0, 1]] = True
+    ce = nn.CrossEntropyLoss(ignore_index=2)
+    losses = _batch().compute_loss(out, t, ce, mask, reduction="none")
+    assert torch.isnan(ce(out[0][mask[0]], t[mask[0]])) and torch.isnan(losses[0])
+    assert _same(losses[1], ce(out[1][mask[1]], t[mask[1]])) and losses[2] == 0

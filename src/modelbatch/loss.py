@@ -140,6 +140,11 @@ _FUNCTIONS: dict[Callable[..., Tensor], tuple[str, dict[str, Any]]] = {
         {"reduction": "mean", "weight": None, "pos_weight": None},
     ),
     F.kl_div: ("elementwise", {"reduction": "mean", "log_target": False}),
+    F.soft_margin_loss: ("elementwise", {"reduction": "mean"}),
+    F.poisson_nll_loss: (
+        "elementwise",
+        {"reduction": "mean", "log_input": True, "full": False, "eps": 1e-8},
+    ),
 }
 
 # module class -> (function, attributes passed as keyword arguments)
@@ -159,6 +164,8 @@ _MODULES: dict[type[nn.Module], tuple[Callable[..., Tensor], tuple[str, ...]]] =
         ("weight", "pos_weight", "reduction"),
     ),
     nn.KLDivLoss: (F.kl_div, ("reduction", "log_target")),
+    nn.SoftMarginLoss: (F.soft_margin_loss, ("reduction",)),
+    nn.PoissonNLLLoss: (F.poisson_nll_loss, ("reduction", "log_input", "full", "eps")),
 }
 
 #: The losses that take the flat path (functions; their ``nn`` modules are in ``_MODULES``).
