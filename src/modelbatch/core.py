@@ -397,7 +397,8 @@ class ModelBatch(nn.Module):
 
         The known losses (``F.cross_entropy``, ``F.nll_loss``, ``F.mse_loss``, ``F.l1_loss``,
         ``F.smooth_l1_loss``, ``F.huber_loss``, ``F.binary_cross_entropy[_with_logits]``,
-        ``F.kl_div``, their ``nn.*Loss`` modules with their options, and ``functools.partial``
+        ``F.kl_div``, ``F.soft_margin_loss``, ``F.poisson_nll_loss``: ``modelbatch.loss.
+        FLAT_LOSSES``; their ``nn.*Loss`` modules with their options, and ``functools.partial``
         of the functions) run as one loss call over the N models' outputs (no vmap), reduced
         per model exactly as the loss's own reduction; any other ``loss_fn`` runs under vmap.
         See :mod:`modelbatch.loss`.
