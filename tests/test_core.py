@@ -205,7 +205,9 @@ def test_extract_is_a_standalone_copy_with_current_weights() -> None:
         m1[0].weight.zero_()  # no aliasing into the batch
     assert batch.stacked[0].weight[1].abs().sum() > 0
     assert len(batch.extract_all()) == 3
-    with pytest.raises(KeyError, match=r"no model with id 3 in this batch; valid ids are \[0, 1, 2\]"):
+    with pytest.raises(
+        KeyError, match=r"no model with id 3 in this batch; valid ids are \[0, 1, 2\]"
+    ):
         batch.extract(3)
     with pytest.raises(KeyError, match="no model with id -1"):
         batch.extract(-1)  # ids, not positions: no counting from the end

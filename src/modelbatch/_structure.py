@@ -177,11 +177,11 @@ class _Canon:
             path = self.module_paths.get(id(v))
             if path is not None:
                 return ("module-ref", path)
-            state = _module_state(v, self, ())
+            described = _module_state(v, self, ())
             return (
                 "module",
                 _class_key(type(v)),
-                tuple(sorted((what, c) for what, (c, _) in state.items())),
+                tuple(sorted((what, c) for what, (c, _) in described.items())),
                 tuple((k, self(t, depth)) for k, t in v._parameters.items()),
                 tuple((k, self(t, depth)) for k, t in v._buffers.items()),
                 tuple((k, self(m, depth)) for k, m in v._modules.items()),
@@ -230,7 +230,9 @@ class _Canon:
         slots = [s for c in type(v).__mro__ for s in getattr(c, "__slots__", ())]
         if isinstance(state, dict) or slots:
             slot_values = tuple(
-                (s, self(getattr(v, s), depth)) for s in slots if isinstance(s, str) and hasattr(v, s)
+                (s, self(getattr(v, s), depth))
+                for s in slots
+                if isinstance(s, str) and hasattr(v, s)
             )
             return ("object", _qualname(type(v)), self(dict(state or {}), depth), slot_values)
         try:
@@ -441,13 +443,12 @@ def _compare(ref: _Signature, sig: _Signature, who: str, compare_training: bool)
                 "(the same model.train()/.eval() calls) before building the batch."
             )
         state, ref_state = sig.states[name], ref.states[name]
-        for what in sorted(set(state) | set(ref_state)):
+        for what in [*ref_state, *(w for w in state if w not in ref_state)]:
             c, shown = state.get(what, (None, "<absent>"))
             c0, shown0 = ref_state.get(what, (None, "<absent>"))
             if c != c0:
                 raise ArchitectureMismatchError(
-                    f"{where}: {what} is {_show(shown)} where model 0 has {_show(shown0)}. "
-                    + _RULE
+                    f"{where}: {what} is {_show(shown)} where model 0 has {_show(shown0)}. " + _RULE
                 )
 
 
@@ -477,9 +478,12 @@ def check_per_model_settings(
                 continue
             sub = modules.get(path)
             recorded = getattr(sub, f"per_model_{attr}", None)
-            if recorded is not None and len(recorded) == len(values):
-                if all(same_setting(a, b) for a, b in zip(recorded, values, strict=True)):
-                    continue
+            if (
+                recorded is not None
+                and len(recorded) == len(values)
+                and all(same_setting(a, b) for a, b in zip(recorded, values, strict=True))
+            ):
+                continue
             i = next(k for k, v in enumerate(values) if not same_setting(v, values[0]))
             cls = type(sub).__name__ if sub is not None else "?"
             raise ArchitectureMismatchError(

@@ -154,9 +154,7 @@ class ModelBatch(nn.Module):
         self._model_ids: list[int | str] = model_ids
         # Each model's own per-model settings (dropout p, norm eps, ...), in position order:
         # extract() gives them back; keep_positions() keeps them in step.
-        self._model_settings: list[dict[str, dict[str, Any]]] = [
-            model_settings(m) for m in models
-        ]
+        self._model_settings: list[dict[str, dict[str, Any]]] = [model_settings(m) for m in models]
         # A pristine copy of one model: extract() clones it and fills in model i's tensors.
         template = copy.deepcopy(models[0])
         object.__setattr__(self, "_template", template)
@@ -653,10 +651,12 @@ class ModelBatch(nn.Module):
 
     def _positions(self, ids: int | str | Iterable[int | str]) -> list[int]:
         """Current positions of the models with these ids (one dict lookup per id)."""
-        scalar = isinstance(ids, (int, str)) or (
-            not isinstance(ids, Iterable) or (isinstance(ids, Tensor) and ids.dim() == 0)
+        scalar = (
+            isinstance(ids, (int, str))
+            or not isinstance(ids, Iterable)
+            or (isinstance(ids, Tensor) and ids.dim() == 0)
         )
-        ids_list = [ids] if scalar else list(ids)  # type: ignore[arg-type]
+        ids_list: list[Any] = [ids] if scalar else list(ids)  # type: ignore[arg-type]
         where = {mid: i for i, mid in enumerate(self._model_ids)}
         out = []
         for mid in ids_list:

@@ -250,7 +250,7 @@ class SeededDropout(nn.Module):
         self.counter.add_(1)
         p: float | Tensor = self.p
         if self.per_model_p is not None:
-            p = read_per_model(self._per_model_p)
+            p = read_per_model(self._per_model_p)  # type: ignore[arg-type]
         elif self.p == 0.0:
             return x
         elif self.p == 1.0:

@@ -14,16 +14,18 @@ The buffer holds the float64 bit patterns as int64 (:func:`per_model_floats`), s
 
 Numerics: LayerNorm and GroupNorm with per-model eps are computed from their definition
 (``(x - mean) / sqrt(var + eps) * weight + bias``, biased variance), equal to torch's
-kernels up to rounding (float64: about 1e-16 relative); under autocast they run in float32
-and return float32, as torch's do. LeakyReLU is exact.
+kernels up to rounding (float64: about 1e-16 relative). They return the dtype torch's op
+returns for the same input (under autocast: float32 on CUDA, the input's dtype on CPU) and
+compute half and bfloat16 in float32, as torch's kernels do. LeakyReLU is exact.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modelbatch.layers import register_substitution
@@ -58,9 +60,7 @@ def attach_per_model(module: nn.Module, attr: str, values: Sequence[float], devi
     """Record per-model ``values`` of setting ``attr`` on ``module``: the list
     ``per_model_<attr>`` and the ``[N]`` non-persistent buffer ``_per_model_<attr>``."""
     setattr(module, f"per_model_{attr}", [float(v) for v in values])
-    module.register_buffer(
-        f"_per_model_{attr}", per_model_floats(values, device), persistent=False
-    )
+    module.register_buffer(f"_per_model_{attr}", per_model_floats(values, device), persistent=False)
 
 
 def differing_values(peers: Sequence[nn.Module], attr: str) -> list[float] | None:
@@ -71,12 +71,32 @@ def differing_values(peers: Sequence[nn.Module], attr: str) -> list[float] | Non
     return values
 
 
-def _autocast_float32(t: Tensor | None) -> Tensor | None:
-    """Normalisation runs in float32 under autocast (torch lists layer_norm/group_norm as
-    float32 ops); outside autocast the tensors stay as they are."""
-    if t is None or not t.is_floating_point() or not torch.is_autocast_enabled(t.device.type):
-        return t
-    return t.float()
+_LOW = (torch.float16, torch.bfloat16)
+# (op, device type, input dtype, autocast dtype) -> the dtype torch's op returns there.
+_AUTOCAST_OUT: dict[tuple[str, str, torch.dtype, torch.dtype], torch.dtype] = {}
+
+
+def _dtypes(
+    x: Tensor, op: str, probe: Callable[[Tensor], Tensor]
+) -> tuple[torch.dtype, torch.dtype]:
+    """``(compute dtype, output dtype)`` for a normalisation of ``x``, as torch's kernel does
+    it: the output dtype is what torch's op returns for this input (under autocast, what
+    the autocast policy of this device gives: float32 on CUDA, the input's dtype on CPU;
+    learnt once from ``probe`` on an empty tensor); half and bfloat16 are computed in
+    float32, as torch's kernels do internally."""
+    out = x.dtype
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        key = (op, x.device.type, x.dtype, torch.get_autocast_dtype(x.device.type))
+        if key not in _AUTOCAST_OUT:
+            with torch.no_grad():
+                _AUTOCAST_OUT[key] = probe(torch.empty(0, device=x.device, dtype=x.dtype)).dtype
+        out = _AUTOCAST_OUT[key]
+    compute = torch.float32 if (out in _LOW or x.dtype in _LOW) else out
+    return compute, out
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
 
 
 def _normalize(x: Tensor, dims: tuple[int, ...], eps: Tensor) -> Tensor:
@@ -99,15 +119,20 @@ class PerModelLayerNorm(nn.LayerNorm):
                 f"shape [*, {', '.join(map(str, self.normalized_shape))}], but got input of "
                 f"size {list(input.shape)}"
             )
-        x = _autocast_float32(input)
-        assert x is not None
-        out = _normalize(x, tuple(range(x.dim() - k, x.dim())), read_per_model(self._per_model_eps))
-        weight, bias = _autocast_float32(self.weight), _autocast_float32(self.bias)
+        compute, out_dtype = _dtypes(
+            input,
+            "layer_norm",
+            lambda e: F.layer_norm(e.view(0, *self.normalized_shape), self.normalized_shape),
+        )
+        x = input.to(compute)
+        eps = read_per_model(self._per_model_eps)
+        out = _normalize(x, tuple(range(x.dim() - k, x.dim())), eps)
+        weight, bias = _cast(self.weight, compute), _cast(self.bias, compute)
         if weight is not None:
             out = out * weight
         if bias is not None:
             out = out + bias
-        return out
+        return out.to(out_dtype)
 
 
 class PerModelGroupNorm(nn.GroupNorm):
@@ -128,15 +153,17 @@ class PerModelGroupNorm(nn.GroupNorm):
                 f"GroupNorm({self.num_groups}, {self.num_channels}) expects an input of shape "
                 f"[B, {self.num_channels}, *], got {list(input.shape)}"
             )
-        x = _autocast_float32(input)
-        assert x is not None
+        compute, out_dtype = _dtypes(
+            input, "group_norm", lambda e: F.group_norm(e.view(0, c), self.num_groups)
+        )
+        x = input.to(compute)
         grouped = x.reshape(b, self.num_groups, -1)
         out = _normalize(grouped, (2,), read_per_model(self._per_model_eps)).reshape(x.shape)
-        weight, bias = _autocast_float32(self.weight), _autocast_float32(self.bias)
+        weight, bias = _cast(self.weight, compute), _cast(self.bias, compute)
         if weight is not None and bias is not None:
             shape = (c,) + (1,) * (x.dim() - 2)
             out = out * weight.reshape(shape) + bias.reshape(shape)
-        return out
+        return out.to(out_dtype)
 
 
 class PerModelLeakyReLU(nn.LeakyReLU):
