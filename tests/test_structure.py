@@ -329,3 +329,37 @@ def test_string_ids() -> None:
         KeyError, match=r"no model with id 0 in this batch; valid ids are \['small', 'large'\]"
     ):
         batch.extract(0)
+
+
+class FrozenStem(nn.Module):
+    """Keeps its BatchNorm in eval whatever ``train()`` is called with (fine-tuning)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+        self.fc = nn.Linear(4, 2)
+
+    def train(self, mode: bool = True) -> FrozenStem:
+        super().train(mode)
+        self.bn.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(x))
+
+
+def test_a_model_that_overrides_train_keeps_its_frozen_layer() -> None:
+    batch = ModelBatch([FrozenStem().train() for _ in range(2)])
+    batch.eval()
+    batch.train()
+    assert batch.training and not batch.stacked.bn.training and batch.stacked.fc.training
+    assert not batch.extract(0).bn.training
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+def test_old_weight_norm_models_have_equal_structure() -> None:
+    """The old ``torch.nn.utils.weight_norm`` keeps the computed weight as a plain tensor
+    attribute: it is compared by shape, not by value."""
+    a, b = (torch.nn.utils.weight_norm(nn.Linear(3, 4)) for _ in range(2))
+    check_same_structure([a, b])
+    assert structure_key(a) == structure_key(b)

@@ -132,7 +132,8 @@ class _Canon:
     """Turns the non-tensor state of one model into hashable, comparable values.
 
     Tensors that are parameters or buffers of the model are named (their values are
-    stacked, not compared); other tensors are compared by value. Submodules of the model
+    stacked, not compared), tensors computed from them (with a ``grad_fn``) are compared by
+    shape and dtype; other tensors are compared by value. Submodules of the model
     are named by path. Plain objects are compared by class and attributes, functions by
     code and captured values. Cycles and very deep objects end in a marker.
     """
@@ -244,6 +245,10 @@ class _Canon:
     @staticmethod
     def _tensor(t: torch.Tensor) -> Hashable:
         head = ("tensor", tuple(t.shape), str(t.dtype), str(t.device), t.requires_grad)
+        if t.grad_fn is not None:
+            # Computed from the parameters (e.g. the weight the old torch.nn.utils.weight_norm
+            # hook recomputes before each forward): differs with the weights, like they do.
+            return (*head, "computed")
         try:
             data = t.detach()
             if data.layout != torch.strided:

@@ -182,6 +182,10 @@ class ModelBatch(nn.Module):
             if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
                 module.sparse = False
         check_per_model_settings(mirror, self._model_settings, model_ids)
+        if next(iter([*mirror.parameters(), *mirror.buffers()]), None) is None:
+            # A model without tensors (a bare nn.Dropout): vmap needs one tensor with the
+            # model dimension to map over. Batch-only and not saved (non-persistent).
+            mirror.register_buffer("_model_index", torch.arange(n, device=device), persistent=False)
         # The mirror is a copy of model 0: per-submodule train/eval modes (a frozen BatchNorm
         # in eval inside a training model) are kept; the check made them equal in all models.
         self.stacked = mirror

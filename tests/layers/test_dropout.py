@@ -411,3 +411,13 @@ def test_masks_are_the_same_on_cuda_and_cpu() -> None:
     assert dict(on_gpu.stacked_buffers())["1.seed"].is_cuda
     x = torch.randn(5, 4)
     assert torch.equal(on_cpu(x) != 0, (on_gpu(x.cuda()) != 0).cpu())
+
+
+def test_a_model_without_tensors_runs() -> None:
+    """A bare ``nn.Dropout`` has no parameter or buffer for vmap to map over."""
+    batch = ModelBatch([nn.Dropout(0.5), nn.Dropout(0.5)])
+    out = batch(torch.ones(40, 50))
+    assert out.shape == (2, 40, 50) and not torch.equal(out[0], out[1])
+    batch.drop(0)
+    assert batch(torch.ones(2, 3)).shape == (1, 2, 3)
+    assert batch.state_dict().keys() == {"active"}
