@@ -363,3 +363,33 @@ def test_old_weight_norm_models_have_equal_structure() -> None:
     a, b = (torch.nn.utils.weight_norm(nn.Linear(3, 4)) for _ in range(2))
     check_same_structure([a, b])
     assert structure_key(a) == structure_key(b)
+
+
+class Config:
+    def __init__(self, **kw: object) -> None:
+        self.__dict__.update(kw)
+
+
+class Configured(nn.Module):
+    """Keeps its config, as Hugging Face modules do, and reads a rate from it in forward."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(self.fc(x), self.config.extra["attn_p"], self.training)  # type: ignore[attr-defined]
+
+
+def test_a_config_difference_names_the_field() -> None:
+    def make(p: float) -> nn.Module:
+        return Configured(Config(hidden=3, extra={"attn_p": p, "act": "gelu"}))
+
+    ModelBatch([make(0.1), make(0.1)])  # equal configs (distinct objects): fine
+    with pytest.raises(
+        ArchitectureMismatchError,
+        match=r"submodule '<root>' \(Configured\): attribute 'config'\.extra\['attn_p'\] is 0\.2 "
+        r"where model 0 has 0\.1",
+    ):
+        ModelBatch([make(0.1), make(0.2)])

@@ -298,7 +298,7 @@ class _Signature:
     """Everything the structure check compares for one model."""
 
     def __init__(self, model: nn.Module) -> None:
-        canon = _Canon(model)
+        self.canon = canon = _Canon(model)
         self.modules: list[tuple[str, type[nn.Module]]] = []
         self.training: dict[str, bool] = {}
         self.states: dict[str, dict[str, tuple[Hashable, Any]]] = {}
@@ -452,9 +452,50 @@ def _compare(ref: _Signature, sig: _Signature, who: str, compare_training: bool)
             c, shown = state.get(what, (None, "<absent>"))
             c0, shown0 = ref_state.get(what, (None, "<absent>"))
             if c != c0:
+                if what.startswith("attribute") and what in state and what in ref_state:
+                    # Name the innermost field that differs (a config's dropout rate, ...).
+                    inner, shown, shown0 = _first_difference(shown, shown0, sig.canon, ref.canon)
+                    what += inner
                 raise ArchitectureMismatchError(
                     f"{where}: {what} is {_show(shown)} where model 0 has {_show(shown0)}. " + _RULE
                 )
+
+
+def _fields(value: Any) -> dict[str, Any] | None:
+    """The parts of a container or plain object, named as in Python (``[0]``, ``['k']``,
+    ``.attr``); ``None`` for anything else."""
+    if isinstance(value, Mapping):
+        return {f"[{k!r}]": v for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return {f"[{i}]": v for i, v in enumerate(value)}
+    if isinstance(value, (torch.Tensor, nn.Module, type)) or callable(value):
+        return None
+    state = getattr(value, "__dict__", None)
+    if isinstance(state, dict):
+        return {f".{k}": v for k, v in state.items()}
+    return None
+
+
+def _first_difference(a: Any, b: Any, ca: _Canon, cb: _Canon) -> tuple[str, Any, Any]:
+    """``(path, a part, b part)`` of the first part where ``a`` and ``b`` differ, going
+    into containers and objects while they are too long to show whole."""
+    path = ""
+    for _ in range(_MAX_DEPTH):
+        opaque = type(a).__repr__ is object.__repr__  # "<X object at 0x...>" says nothing
+        if not opaque and len(_show(a)) < 60 and len(_show(b)) < 60:
+            break
+        fa, fb = _fields(a), _fields(b)
+        if fa is None or fb is None or type(a) is not type(b):
+            break
+        for k in [*fa, *(k for k in fb if k not in fa)]:
+            if k not in fa or k not in fb:
+                return path + k, fa.get(k, "<absent>"), fb.get(k, "<absent>")
+            if ca(fa[k]) != cb(fb[k]):
+                path, a, b = path + k, fa[k], fb[k]
+                break
+        else:
+            break
+    return path, a, b
 
 
 def _describe(t: torch.Tensor) -> str:
