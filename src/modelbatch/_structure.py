@@ -481,8 +481,10 @@ def _first_difference(a: Any, b: Any, ca: _Canon, cb: _Canon) -> tuple[str, Any,
     into containers and objects while they are too long to show whole."""
     path = ""
     for _ in range(_MAX_DEPTH):
-        opaque = type(a).__repr__ is object.__repr__  # "<X object at 0x...>" says nothing
-        if not opaque and len(_show(a)) < 60 and len(_show(b)) < 60:
+        # Mappings and plain objects ("<X object at 0x...>" says nothing) are always opened,
+        # sequences only when too long to show whole.
+        named = isinstance(a, Mapping) or type(a).__repr__ is object.__repr__
+        if not named and len(_show(a)) < 60 and len(_show(b)) < 60:
             break
         fa, fb = _fields(a), _fields(b)
         if fa is None or fb is None or type(a) is not type(b):
