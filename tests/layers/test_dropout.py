@@ -298,6 +298,8 @@ def test_per_model_rates_without_seeds() -> None:
         assert values.tolist() == ([] if p == 1 else [pytest.approx(1 / (1 - p))])
     batch.eval()
     assert torch.equal(batch(torch.ones(2, 3)), torch.ones(len(RATES), 2, 3))
+    twins = ModelBatch([nn.Dropout(p) for p in (0.3, 0.3, 0.5)])(torch.ones(20, 30))
+    assert not torch.equal(twins[0], twins[1])  # same rate, independent masks
     # randomness="same": one uniform draw shared, so a higher rate drops a superset.
     same = ModelBatch([nn.Dropout(p) for p in (0.2, 0.6)], randomness="same")
     out = same(torch.ones(50, 60))
