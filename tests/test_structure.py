@@ -393,3 +393,14 @@ def test_a_config_difference_names_the_field() -> None:
         r"where model 0 has 0\.1",
     ):
         ModelBatch([make(0.1), make(0.2)])
+
+
+def test_graph_networks_with_different_dropout_share_a_batch() -> None:
+    """torch_geometric's message-passing layers keep an inspector whose source cache is
+    filled by whichever instance comes first: a cache, not a setting."""
+    pyg = pytest.importorskip("torch_geometric.nn")
+    a, b = pyg.GCN(4, 8, 2, dropout=0.1), pyg.GCN(4, 8, 2, dropout=0.3)
+    check_same_structure([a, b])
+    assert structure_key(a) == structure_key(b)
+    with pytest.raises(ArchitectureMismatchError, match=r"attribute 'improved' is True"):
+        check_same_structure([pyg.GCNConv(4, 8), pyg.GCNConv(4, 8, improved=True)])

@@ -66,6 +66,20 @@ PER_MODEL_SETTINGS: dict[type[nn.Module], tuple[str, ...]] = {
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 _HOOK_TABLES = tuple(sorted(k for k in _MODULE_INTERNALS if "hook" in k))
 _MAX_DEPTH = 12
+# Attributes of third-party objects that are caches, filled by whichever instance runs
+# first: they say nothing about what a model computes. By qualified class name.
+_CACHES: dict[str, frozenset[str]] = {
+    "torch_geometric.inspector.Inspector": frozenset({"_source_dict"}),
+}
+
+
+@functools.cache
+def _cache_attrs(cls: type) -> frozenset[str]:
+    """The cache attributes (see ``_CACHES``) of ``cls`` and its base classes."""
+    out: frozenset[str] = frozenset()
+    for base in cls.__mro__:
+        out |= _CACHES.get(_qualname(base), frozenset())
+    return out
 _SHOWN = reprlib.Repr()
 _SHOWN.maxstring = 80
 _SHOWN.maxother = 80
@@ -230,6 +244,9 @@ class _Canon:
         state = getattr(v, "__dict__", None)
         slots = [s for c in type(v).__mro__ for s in getattr(c, "__slots__", ())]
         if isinstance(state, dict) or slots:
+            skip = _cache_attrs(type(v))
+            if skip and isinstance(state, dict):
+                state = {k: x for k, x in state.items() if k not in skip}
             slot_values = tuple(
                 (s, self(getattr(v, s), depth))
                 for s in slots
@@ -274,8 +291,9 @@ def _module_state(
     state: plain attributes (except the per-model ``allowed`` ones), hook tables,
     non-persistent buffer names and ``extra_repr()``. The ``training`` flag is separate."""
     state: dict[str, tuple[Hashable, Any]] = {}
+    skip = _cache_attrs(type(module))
     for attr, value in vars(module).items():
-        if attr in _MODULE_INTERNALS or attr in allowed:
+        if attr in _MODULE_INTERNALS or attr in allowed or attr in skip:
             continue
         state[f"attribute {attr!r}"] = (canon(value), value)
     for table in _HOOK_TABLES:
