@@ -73,13 +73,14 @@ _CACHES: dict[str, frozenset[str]] = {
 }
 
 
-@functools.cache
 def _cache_attrs(cls: type) -> frozenset[str]:
     """The cache attributes (see ``_CACHES``) of ``cls`` and its base classes."""
     out: frozenset[str] = frozenset()
     for base in cls.__mro__:
         out |= _CACHES.get(_qualname(base), frozenset())
     return out
+
+
 _SHOWN = reprlib.Repr()
 _SHOWN.maxstring = 80
 _SHOWN.maxother = 80
