@@ -219,7 +219,7 @@ FAMILY = [(nn.Dropout, (3, 4, 5)), (nn.Dropout1d, (3, 4, 5)), (nn.Dropout2d, (3,
 
 
 @pytest.mark.parametrize(("cls", "shape"), FAMILY)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_per_model_rates_draw_exactly_the_masks_of_the_model_alone(
     cls: type[nn.Module], shape: tuple[int, ...], dtype: torch.dtype
 ) -> None:

@@ -149,25 +149,47 @@ def _mask_shape(x: Tensor, feature_dims: int, alpha: bool) -> tuple[int, ...]:
     return (shape[0], *(1,) * (dim - 1))
 
 
+def _times(t: Tensor, s: Tensor) -> Tensor:
+    """``t * s`` for a per-model 0-dim float64 ``s``, rounded as torch rounds ``t * float``:
+    the scalar in the op's compute type (float32 for half/bfloat16), one rounding to
+    ``t.dtype``."""
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return (t.float() * s.float()).to(t.dtype)
+    return t * s.to(t.dtype)
+
+
+def _plus(t: Tensor, s: Tensor) -> Tensor:
+    """``t + s``, rounded as :func:`_times` rounds."""
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return (t.float() + s.float()).to(t.dtype)
+    return t + s.to(t.dtype)
+
+
+def _alpha_mask(x: Tensor, noise: Tensor, p: Tensor) -> Tensor:
+    """torch's alpha-dropout formula for a keep-``noise`` of 0/1 and a 0-dim float64 rate
+    ``p < 1``: kept entries become ``a * x + alpha * a * p``, dropped ones
+    ``alpha * a * (p - 1)``, with ``a = 1 / sqrt((alpha^2 p + 1)(1 - p))``. The same tensor
+    arithmetic for a plain float rate (a CPU 0-dim tensor) and a per-model one, so a model
+    alone and inside a batch agree bit for bit in every dtype."""
+    a = 1.0 / torch.sqrt((_ALPHA * _ALPHA * p + 1) * (1 - p))
+    b = _plus(_times(noise.add(-1), _ALPHA * a), _ALPHA * a * p)
+    return x * _times(noise, a) + b
+
+
 def _apply_mask(x: Tensor, keep: Tensor, p: float | Tensor, alpha: bool) -> Tensor:
-    """torch's dropout arithmetic with a given keep-mask and rate ``p`` (a float, or model
-    i's 0-dim float64 rate; both give bit-identical results for the same value)."""
+    """torch's dropout arithmetic with a given keep-mask and rate ``p`` (a float below 1, or
+    model i's 0-dim float64 rate; both give bit-identical results for the same value)."""
     noise = keep.to(x.dtype)
     if not isinstance(p, Tensor):
         if alpha:
-            a = 1.0 / math.sqrt((_ALPHA * _ALPHA * p + 1) * (1 - p))
-            b = noise.add(-1).mul_(_ALPHA * a).add_(_ALPHA * a * p)
-            return x * noise.mul_(a) + b
+            return _alpha_mask(x, noise, torch.tensor(p, dtype=torch.float64))
         return x * noise * (1.0 / (1.0 - p))
     dropped = p == 1.0  # torch returns input * 0 for p == 1
     if alpha:
-        q = torch.where(dropped, torch.zeros_like(p), p)
-        a_t = 1.0 / torch.sqrt((_ALPHA * _ALPHA * q + 1) * (1 - q))
-        b = noise.add(-1).mul_((_ALPHA * a_t).to(x.dtype)).add_((_ALPHA * a_t * q).to(x.dtype))
-        out = x * noise.mul_(a_t.to(x.dtype)) + b
+        out = _alpha_mask(x, noise, torch.where(dropped, torch.zeros_like(p), p))
         return torch.where(dropped, x * 0.0, out)
     scale = torch.where(dropped, torch.zeros_like(p), 1.0 / (1.0 - p))
-    return x * noise * scale.to(x.dtype)
+    return _times(x * noise, scale)
 
 
 def _check_p(p: float) -> float:
