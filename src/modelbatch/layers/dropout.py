@@ -30,7 +30,6 @@ The hash works on 32-bit lanes held in int64 tensors, so every multiplication st
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
