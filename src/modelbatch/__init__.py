@@ -4,8 +4,8 @@ The public API is re-exported here; everything else is internal.
 """
 
 from modelbatch import optim
-from modelbatch._version import __version__
 from modelbatch._structure import ArchitectureMismatchError
+from modelbatch._version import __version__
 from modelbatch.amp import BatchGradScaler, autocast
 from modelbatch.callbacks import (
     Callback,

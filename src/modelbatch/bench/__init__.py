@@ -50,14 +50,19 @@ def _slug(text: str) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     from modelbatch.bench.methods import ALL_METHODS
+    from modelbatch.cli import OneLineParser
 
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="modelbatch bench",
         description="Measure ModelBatch against sequential training, the torch.func recipe and "
         "one process per model, on one device, in one run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--arch", choices=("mlp", "resnet8"), default="mlp")
+    p.add_argument(
+        "--arch",
+        choices=("mlp", "resnet8"),
+        default="mlp",
+        help="workload: the 784-128-128-10 MLP or the CIFAR ResNet-8 with BatchNorm",
+    )
     p.add_argument(
         "--models",
         type=int,
@@ -143,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
         help="set torch.backends.cudnn.benchmark (cuDNN autotuning) for every method",
     )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the models and the data")
     return p
 
 
@@ -295,30 +300,6 @@ def _check_args(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _parse_device(name: str | None) -> Any:
-    """The torch.device to run on; raises ValueError with a one-line reason."""
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(
-            f"--device {name!r}: not a device name (use cpu, cuda or cuda:K)"
-        ) from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r}: only cpu and cuda are supported")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: this PyTorch build sees no CUDA device")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible"
-            )
-    return device
-
-
 def _unreliable(row: dict[str, Any]) -> bool:
     return row.get("status") == "ok" and row.get("reliable") is False
 
@@ -336,6 +317,7 @@ def _main(argv: Sequence[str] | None) -> int:
         load_cifar10,
         make_batches,
     )
+    from modelbatch.cli import parse_device
 
     parser = _parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -343,7 +325,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if problem:
         return _fail(problem)
     try:
-        device = _parse_device(args.device)
+        device = parse_device(args.device)
     except ValueError as e:
         return _fail(str(e))
     methods = list(dict.fromkeys(args.methods))
