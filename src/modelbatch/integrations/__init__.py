@@ -66,8 +66,8 @@ def require(module_name: str, extra: str) -> ModuleType:
     except ImportError as err:
         raise ImportError(
             f"{module_name!r} is needed for this modelbatch integration but could not be "
-            f"imported ({err}); install it with: pip install -e '.[{extra}]' (in a clone of "
-            "the ModelBatch repository)"
+            f"imported ({err}); install the modelbatch[{extra}] extra from a clone of the "
+            f"ModelBatch repository: pip install -e '.[{extra}]'"
         ) from err
 
 
