@@ -548,7 +548,7 @@ def _main(argv: Sequence[str] | None) -> int:
             "--steps."
         )
     if not with_ref:
-        print("(no 'vs sequential' column: sequential was not measured in this run)")
+        print("(no 'vs sequential' column: sequential was not measured in this run, or failed)")
     print(f"wrote {out_dir / stem}.{{csv,md,json}}" + (" and plots" if plots else ""))
     if not measured and not interrupted:
         reasons = sorted({f"{r['method']}: {r['status']} ({r.get('note', '')})" for r in rows})

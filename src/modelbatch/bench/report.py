@@ -144,7 +144,9 @@ def write_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any], path: P
             f"±{50 * spread:.0f}%; cells whose windows never did are marked *unreliable*"
         )
     if not with_ref:
-        lines.append("- no 'vs sequential' column: sequential fp32 was not measured in this run")
+        lines.append(
+            "- no 'vs sequential' column: sequential fp32 was not measured in this run, or failed"
+        )
     head = ["precision", "method", "N", "model-images/s"]
     if with_ref:
         head.append("vs sequential")
