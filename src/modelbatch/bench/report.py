@@ -208,7 +208,8 @@ def write_plots(
 
     A plot with nothing to show is not written: no throughput plot without a measured
     cell, no memory plot without a peak-memory measurement (the CPU has none).
-    Sequential (one model alone) is a dashed horizontal line with its band.
+    Sequential (one model alone) is a dotted horizontal line with its band. Unreliable cells
+    (timing windows that never agreed) have hollow markers and "[unreliable]" in the legend.
     """
     try:
         import matplotlib
@@ -274,6 +275,16 @@ def write_plots(
                         capsize=3,
                         label=label,
                     )
+                    shaky = [r for r in series if _unreliable(r)]
+                    if shaky:  # hollow markers: cells whose windows never agreed
+                        ax.scatter(
+                            [r["n_models"] for r in shaky],
+                            [r[key] for r in shaky],
+                            marker=markers.get(prec, "o"),
+                            facecolors="white",
+                            edgecolors=colour[method],
+                            zorder=3,
+                        )
                 else:
                     ax.plot(
                         [r["n_models"] for r in series],
@@ -291,7 +302,10 @@ def write_plots(
             ax.set_ylabel("model-images / s (bars: fastest to slowest window)")
         else:
             ax.set_ylabel("peak device memory (bytes)")
-        ax.set_title(f"{meta['arch']} on {meta['device_name']}, {meta['date']}", fontsize=10)
+        title = f"{meta['arch']} on {meta['device_name']}, {meta['date']}"
+        if any(_unreliable(r) for r in pts):
+            title += "\nhollow markers: unreliable (the timing windows never agreed)"
+        ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
