@@ -198,7 +198,10 @@ def test_per_model_momentum_and_eps_sweep_equals_each_model_alone(case: str, swe
         data,
         F.cross_entropy,
     )
-    assert_close_models(batch.extract_all(), ref, torch.float64, f"{case}/{sweep}")
+    extracted = batch.extract_all()
+    assert_close_models(extracted, ref, torch.float64, f"{case}/{sweep}")
+    for m, orig in zip(extracted, models, strict=True):  # each model's own settings back
+        assert (m.bn.momentum, m.bn.eps) == (orig.bn.momentum, orig.bn.eps)
     batch.eval()
     out = batch(data[0][0])
     for i, m in enumerate(ref):
@@ -386,3 +389,44 @@ def test_eps_sweep_with_low_precision_input() -> None:
     assert out.dtype == torch.bfloat16
     for i, bn in enumerate(bns):
         assert rel_err(out[i], bn(x)) <= 1e-2
+
+
+def test_momentum_sweep_through_sweep_is_one_batch_equal_to_alone() -> None:
+    """A BatchNorm-momentum sweep through ``modelbatch.sweep``: one group, one batch; each
+    model (and its extracted copy's momentum and eps) as if trained alone."""
+    from modelbatch.integrations.sweep import group_by_structure, sweep
+
+    configs = [
+        {"bn_momentum": m, "eps": e, "lr": 0.1} for m, e in ((0.1, 1e-5), (None, 1e-3), (0.7, 1e-5))
+    ]
+
+    def make_model(c: dict[str, object]) -> nn.Module:
+        torch.manual_seed(0)
+        return Net(nn.BatchNorm1d(4, momentum=c["bn_momentum"], eps=c["eps"]), 2).double()
+
+    g = torch.Generator().manual_seed(7)
+    data = [
+        (
+            torch.randn(6, 4, generator=g, dtype=torch.float64),
+            torch.randint(0, 2, (6,), generator=g),
+        )
+        for _ in range(3)
+    ]
+    models = [make_model(c) for c in configs]
+    assert len(group_by_structure(models)) == 1
+    results = sweep(
+        configs,
+        make_model,
+        train_loader=data,
+        loss_fn=F.cross_entropy,
+        epochs=1,
+        optimizer_cls=torch.optim.SGD,
+        keep_models=True,
+    )
+    ref = train_alone(
+        models, lambda i, m: torch.optim.SGD(m.parameters(), lr=0.1), data, F.cross_entropy
+    )
+    trained = [results[i].model for i in range(3)]
+    assert_close_models(trained, ref, torch.float64, "sweep")
+    for model, c in zip(trained, configs, strict=True):
+        assert model.bn.momentum == c["bn_momentum"] and model.bn.eps == c["eps"]
