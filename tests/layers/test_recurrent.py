@@ -1,0 +1,330 @@
+"""Recurrent layers in a batch: each model equals the same module trained alone."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from modelbatch import ModelBatch
+from modelbatch.layers.recurrent import VmapGRU, VmapLSTM, VmapLSTMCell
+from modelbatch.optim import Adam
+from tests.helpers import TOL, assert_close_models, rel_err
+
+N = 3
+T, B, I = 5, 2, 4  # time steps, samples, input features
+
+
+class Seq(nn.Module):
+    """A recurrent layer inside a model; returns ``(output, h_n[, c_n])``."""
+
+    def __init__(self, rnn: nn.Module) -> None:
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x: Tensor, h0: Tensor | None = None, c0: Tensor | None = None) -> Any:
+        self.rnn.flatten_parameters()  # what user code often does; a no-op in a batch
+        hx = None if h0 is None else ((h0, c0) if c0 is not None else h0)
+        out, state = self.rnn(x, hx)
+        if isinstance(state, tuple):
+            return out, state[0], state[1]
+        return out, state
+
+
+def _loss(outs: Any, weights: list[Tensor]) -> Tensor:
+    """A fixed random projection of every output (so every output carries gradient)."""
+    return sum((o * w).sum() for o, w in zip(outs, weights, strict=True))  # type: ignore[return-value]
+
+
+def _weights_like(outs: Any, seed: int = 7) -> list[Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(o.shape[1:], generator=g, dtype=o.dtype) for o in outs]
+
+
+def _check_training(
+    make: Callable[[], nn.Module],
+    inputs: tuple[Tensor, ...],
+    dtype: torch.dtype = torch.float64,
+    per_model: bool = False,
+    steps: int = 3,
+) -> None:
+    """Outputs, final states, first gradients and parameters after ``steps`` Adam steps of
+    a batch of N equal those of each model trained alone with ``torch.optim.Adam``."""
+    torch.manual_seed(0)
+    models = [make().to(dtype) for _ in range(N)]
+    alone = [copy.deepcopy(m) for m in models]
+    batch = ModelBatch(models)
+    opt = Adam(batch, lr=0.05)
+    outs = batch(*inputs, per_model=per_model)
+    weights = _weights_like(outs)
+    tol = TOL[dtype]
+    ref_opts = [torch.optim.Adam(m.parameters(), lr=0.05) for m in alone]
+    for step in range(steps):
+        if step:
+            outs = batch(*inputs, per_model=per_model)
+        opt.zero_grad()
+        _loss(outs, weights).backward()
+        for i, (m, ref_opt) in enumerate(zip(alone, ref_opts, strict=True)):
+            mine = tuple(x[i] for x in inputs) if per_model else inputs
+            ref = m(*mine)
+            for k, (o, r) in enumerate(zip(outs, ref, strict=True)):
+                err = rel_err(o[i], r)
+                assert err <= tol, f"step {step} model {i} output {k}: {err:.3g}"
+            ref_opt.zero_grad()
+            _loss(ref, weights).backward()
+            if step == 0:
+                grads = dict(batch.stacked.named_parameters())
+                for name, p in m.named_parameters():
+                    g = grads[name].grad
+                    assert g is not None and p.grad is not None
+                    err = rel_err(g[i], p.grad)
+                    assert err <= tol, f"model {i} grad {name}: {err:.3g}"
+            ref_opt.step()
+        opt.step()
+    assert_close_models(batch.extract_all(), alone, dtype, "after training")
+
+
+CONFIGS: list[tuple[str, Callable[[], nn.Module]]] = [
+    ("lstm-2layer-bidir-batch_first", lambda: nn.LSTM(I, 6, 2, bidirectional=True, batch_first=True)),
+    ("lstm-proj", lambda: nn.LSTM(I, 6, 2, proj_size=3)),
+    ("lstm-proj-bidir", lambda: nn.LSTM(I, 6, proj_size=3, bidirectional=True)),
+    ("lstm-nobias", lambda: nn.LSTM(I, 6, bias=False)),
+    ("gru-2layer-bidir", lambda: nn.GRU(I, 6, 2, bidirectional=True)),
+    ("gru-batch_first-nobias", lambda: nn.GRU(I, 6, batch_first=True, bias=False)),
+    ("rnn-relu-2layer-bidir", lambda: nn.RNN(I, 6, 2, nonlinearity="relu", bidirectional=True)),
+    ("rnn-tanh", lambda: nn.RNN(I, 6)),
+]
+
+
+@pytest.mark.parametrize("make", [c[1] for c in CONFIGS], ids=[c[0] for c in CONFIGS])
+def test_training_equals_alone_float64(make: Callable[[], nn.Module]) -> None:
+    x = torch.randn(T, B, I, dtype=torch.float64)  # batch_first reads it as [B=5, T=2, I]
+    _check_training(lambda: Seq(make()), (x,))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_training_equals_alone_float32(kind: str) -> None:
+    cls = nn.LSTM if kind == "lstm" else nn.GRU
+    x = torch.randn(T, B, I)
+    _check_training(lambda: Seq(cls(I, 6, 2, bidirectional=True)), (x,), dtype=torch.float32)
+
+
+def test_dropout_between_layers_in_eval_mode_equals_alone() -> None:
+    def make() -> nn.Module:
+        return Seq(nn.LSTM(I, 6, 3, dropout=0.4)).eval()
+
+    _check_training(make, (torch.randn(T, B, I, dtype=torch.float64),))
+
+
+def test_shared_initial_states() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, B, I, generator=g, dtype=torch.float64)
+    h0 = torch.randn(4, B, 3, generator=g, dtype=torch.float64)
+    c0 = torch.randn(4, B, 6, generator=g, dtype=torch.float64)
+    _check_training(lambda: Seq(nn.LSTM(I, 6, 2, bidirectional=True, proj_size=3)), (x, h0, c0))
+    h0 = torch.randn(2, B, 6, generator=g, dtype=torch.float64)
+    _check_training(lambda: Seq(nn.GRU(I, 6, 2)), (x, h0))
+
+
+def test_per_model_inputs_and_initial_states() -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(N, B, T, I, generator=g, dtype=torch.float64)
+    h0 = torch.randn(N, 2, B, 6, generator=g, dtype=torch.float64)
+    c0 = torch.randn(N, 2, B, 6, generator=g, dtype=torch.float64)
+    make = lambda: Seq(nn.LSTM(I, 6, bidirectional=True, batch_first=True))  # noqa: E731
+    _check_training(make, (x, h0, c0), per_model=True)
+    _check_training(lambda: Seq(nn.RNN(I, 6, 2)), (x.transpose(1, 2), h0), per_model=True)
+
+
+def test_unbatched_2d_input() -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T, I, generator=g, dtype=torch.float64)
+    h0 = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    c0 = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    _check_training(lambda: Seq(nn.LSTM(I, 6, 2)), (x,))
+    _check_training(lambda: Seq(nn.LSTM(I, 6, bidirectional=True)), (x, h0, c0))
+    _check_training(lambda: Seq(nn.GRU(I, 6, bidirectional=True)), (x, h0))
+
+
+class Packed(nn.Module):
+    """Packs a padded ``[T, B, I]`` batch of variable lengths before the recurrent layer."""
+
+    def __init__(self, rnn: nn.Module, lengths: Tensor) -> None:
+        super().__init__()
+        self.rnn = rnn
+        self.lengths = lengths
+
+    def forward(self, x: Tensor, h0: Tensor | None = None) -> Any:
+        packed = pack_padded_sequence(x, self.lengths, enforce_sorted=False)
+        hx = None if h0 is None else ((h0, torch.tanh(h0)) if isinstance(self.rnn, nn.LSTM) else h0)
+        out, state = self.rnn(packed, hx)
+        h = state[0] if isinstance(state, tuple) else state
+        return out.data, h
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_packed_sequence_input(kind: str) -> None:
+    lengths = torch.tensor([3, 5, 1, 4])
+    cls = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[kind]
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(T, 4, I, generator=g, dtype=torch.float64)
+    h0 = torch.randn(4, 4, 6, generator=g, dtype=torch.float64)
+    _check_training(lambda: Packed(cls(I, 6, 2, bidirectional=True), lengths), (x,))
+    _check_training(lambda: Packed(cls(I, 6, 2, bidirectional=True), lengths), (x, h0))
+
+
+class CellLoop(nn.Module):
+    """A cell unrolled over time by the model's own Python loop."""
+
+    def __init__(self, cell: nn.Module) -> None:
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, x: Tensor) -> Any:
+        state: Any = None
+        hs = []
+        for t in range(x.shape[0]):
+            state = self.cell(x[t], state)
+            hs.append(state[0] if isinstance(state, tuple) else state)
+        if isinstance(state, tuple):
+            return torch.stack(hs), state[1]
+        return (torch.stack(hs),)
+
+
+CELLS: list[tuple[str, Callable[[], nn.Module]]] = [
+    ("lstmcell", lambda: nn.LSTMCell(I, 6)),
+    ("grucell", lambda: nn.GRUCell(I, 6)),
+    ("rnncell-relu", lambda: nn.RNNCell(I, 6, nonlinearity="relu")),
+    ("lstmcell-nobias", lambda: nn.LSTMCell(I, 6, bias=False)),
+    ("grucell-nobias", lambda: nn.GRUCell(I, 6, bias=False)),
+]
+
+
+@pytest.mark.parametrize("make", [c[1] for c in CELLS], ids=[c[0] for c in CELLS])
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+def test_cells_equal_alone(make: Callable[[], nn.Module], batched: bool) -> None:
+    x = torch.randn(T, B, I, dtype=torch.float64) if batched else torch.randn(T, I).double()
+    _check_training(lambda: CellLoop(make()), (x,))
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+def test_names_and_extract_are_unchanged() -> None:
+    models = [Seq(nn.LSTM(I, 6, 2, bidirectional=True, proj_size=3)) for _ in range(2)]
+    batch = ModelBatch(models)
+    assert type(batch.stacked.rnn) is VmapLSTM
+    names = [n for n, _ in models[0].named_parameters()]
+    assert [n for n, _ in batch.stacked_parameters()] == names
+    assert "rnn.weight_hr_l1_reverse" in names
+    back = batch.extract(1)
+    assert type(back.rnn) is nn.LSTM
+    assert back.state_dict().keys() == models[1].state_dict().keys()
+    for name, value in models[1].state_dict().items():
+        assert torch.equal(back.state_dict()[name], value)
+    x = torch.randn(T, B, I)
+    assert torch.allclose(back(x)[0], models[1](x)[0])  # cuDNN/flat-weight path still works
+    cells = ModelBatch([CellLoop(nn.LSTMCell(I, 6)) for _ in range(2)])
+    assert type(cells.stacked.cell) is VmapLSTMCell
+
+
+class _CountMatmuls(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.addmm):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("n", [2, 7])
+def test_one_matmul_per_step_for_all_models(n: int) -> None:
+    """Forward kernels do not grow with N: per layer and direction, one matmul for the input
+    projection of all T steps and one per step for the recurrence (plus one per step for
+    the LSTM projection)."""
+    steps, layers, dirs = 6, 2, 2
+    batch = ModelBatch([Seq(nn.LSTM(I, 6, layers, bidirectional=True)) for _ in range(n)])
+    gru = ModelBatch([Seq(nn.GRU(I, 6, layers, bidirectional=True)) for _ in range(n)])
+    proj = ModelBatch([Seq(nn.LSTM(I, 6, proj_size=3)) for _ in range(n)])
+    x = torch.randn(steps, B, I)
+    for mb, expected in (
+        (batch, layers * dirs * (1 + steps)),
+        (gru, layers * dirs * (1 + steps)),
+        (proj, 1 + 2 * steps),
+    ):
+        with torch.no_grad(), _CountMatmuls() as counter:
+            mb(x)
+        assert counter.count == expected
+
+
+def _dropout_lstm() -> nn.Module:
+    return Seq(nn.LSTM(I, 6, 3, dropout=0.5))
+
+
+def test_dropout_between_layers_trains_with_per_model_masks() -> None:
+    torch.manual_seed(0)
+    model = _dropout_lstm().double()
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    for seeds in (None, [5, 6, 7]):
+        batch = ModelBatch([copy.deepcopy(model) for _ in range(N)], seeds=seeds)
+        out = batch(x)[0]
+        # Same weights, same input: only the dropout masks can tell the models apart.
+        assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[1], out[2])
+        batch.eval()
+        evals = batch(x)[0]
+        assert torch.allclose(evals[0], evals[1])
+        assert rel_err(evals[0], model.eval()(x)[0]) <= TOL[torch.float64]
+        batch.train()
+        model.train()
+        opt = Adam(batch, lr=0.05)
+        target = torch.zeros(T, B, 6, dtype=torch.float64)
+        losses = []
+        for _ in range(30):
+            loss = ((batch(x)[0] - target) ** 2).mean(dim=(1, 2, 3))
+            opt.zero_grad()
+            loss.sum().backward()
+            opt.step()
+            losses.append(loss.detach())
+        assert bool((torch.stack(losses[-5:]).mean(0) < 0.5 * losses[0]).all())
+
+
+def test_seeded_dropout_masks_depend_on_the_models_own_seed_only() -> None:
+    torch.manual_seed(0)
+    models = [_dropout_lstm().double() for _ in range(4)]
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    small = ModelBatch([models[1], models[3]], seeds=[11, 13])
+    big = ModelBatch(models, seeds=[10, 11, 12, 13])
+    names = [n for n, _ in big.stacked_buffers()]
+    assert names == [f"rnn.inter_layer_dropout.{k}.{b}" for k in (0, 1) for b in ("seed", "counter")]
+    for _ in range(2):  # successive calls advance each model's own counters
+        a, b = small(x), big(x)
+        for k in range(len(a)):
+            assert torch.equal(a[k][0], b[k][1])
+            assert torch.equal(a[k][1], b[k][3])
+    assert big.extract(2).state_dict().keys() == models[2].state_dict().keys()
+
+
+def test_errors_name_the_cause() -> None:
+    batch = ModelBatch([Seq(nn.LSTM(I, 6, 2)) for _ in range(2)])
+    with pytest.raises(RuntimeError, match="input_size. Expected 4, got 3"):
+        batch(torch.randn(T, B, 3))
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(2, 2, 6\), got \[1, 2, 6\]"):
+        batch(torch.randn(T, B, I), torch.zeros(1, B, 6), torch.zeros(2, B, 6))
+    with pytest.raises(RuntimeError, match="For batched 3-D input, hx and cx should also be 3-D"):
+        batch(torch.randn(T, B, I), torch.zeros(2, 6), torch.zeros(2, 6))
+    with pytest.raises(ValueError, match="Expected input to be 2D or 3D, got 4D"):
+        batch(torch.randn(1, T, B, I))
+    gru = ModelBatch([Seq(nn.GRU(I, 6)) for _ in range(2)])
+    with pytest.raises(ValueError, match="does not match weight dtype"):
+        gru(torch.randn(T, B, I, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"model 1's LSTM at 'rnn' has dropout=0.2 .* dropout=0.1"):
+        ModelBatch([Seq(nn.LSTM(I, 6, 2, dropout=p)) for p in (0.1, 0.2)])
+    with pytest.raises(ValueError, match="batch_first"):
+        ModelBatch([Seq(nn.GRU(I, 6, batch_first=bf)) for bf in (False, True)])
+    assert isinstance(gru.stacked.rnn, VmapGRU)
