@@ -18,13 +18,13 @@ from modelbatch.optim import Adam
 from tests.helpers import TOL, assert_close_models, rel_err
 
 N = 3
-T, B, I = 5, 2, 4  # time steps, samples, input features
+T, B, F = 5, 2, 4  # time steps, samples, input features
 
 
 class Seq(nn.Module):
     """A recurrent layer inside a model; returns ``(output, h_n[, c_n])``."""
 
-    def __init__(self, rnn: nn.Module) -> None:
+    def __init__(self, rnn: nn.RNNBase) -> None:
         super().__init__()
         self.rnn = rnn
 
@@ -90,66 +90,95 @@ def _check_training(
     assert_close_models(batch.extract_all(), alone, dtype, "after training")
 
 
-CONFIGS: list[tuple[str, Callable[[], nn.Module]]] = [
-    ("lstm-2layer-bidir-batch_first", lambda: nn.LSTM(I, 6, 2, bidirectional=True, batch_first=True)),
-    ("lstm-proj", lambda: nn.LSTM(I, 6, 2, proj_size=3)),
-    ("lstm-proj-bidir", lambda: nn.LSTM(I, 6, proj_size=3, bidirectional=True)),
-    ("lstm-nobias", lambda: nn.LSTM(I, 6, bias=False)),
-    ("gru-2layer-bidir", lambda: nn.GRU(I, 6, 2, bidirectional=True)),
-    ("gru-batch_first-nobias", lambda: nn.GRU(I, 6, batch_first=True, bias=False)),
-    ("rnn-relu-2layer-bidir", lambda: nn.RNN(I, 6, 2, nonlinearity="relu", bidirectional=True)),
-    ("rnn-tanh", lambda: nn.RNN(I, 6)),
+CONFIGS: list[tuple[str, Callable[[], nn.RNNBase]]] = [
+    (
+        "lstm-2layer-bidir-batch_first",
+        lambda: nn.LSTM(F, 6, 2, bidirectional=True, batch_first=True),
+    ),
+    ("lstm-proj", lambda: nn.LSTM(F, 6, 2, proj_size=3)),
+    ("lstm-proj-bidir", lambda: nn.LSTM(F, 6, proj_size=3, bidirectional=True)),
+    ("lstm-nobias", lambda: nn.LSTM(F, 6, bias=False)),
+    ("gru-2layer-bidir", lambda: nn.GRU(F, 6, 2, bidirectional=True)),
+    ("gru-batch_first-nobias", lambda: nn.GRU(F, 6, batch_first=True, bias=False)),
+    ("rnn-relu-2layer-bidir", lambda: nn.RNN(F, 6, 2, nonlinearity="relu", bidirectional=True)),
+    ("rnn-tanh", lambda: nn.RNN(F, 6)),
 ]
 
 
 @pytest.mark.parametrize("make", [c[1] for c in CONFIGS], ids=[c[0] for c in CONFIGS])
-def test_training_equals_alone_float64(make: Callable[[], nn.Module]) -> None:
-    x = torch.randn(T, B, I, dtype=torch.float64)  # batch_first reads it as [B=5, T=2, I]
+def test_training_equals_alone_float64(make: Callable[[], nn.RNNBase]) -> None:
+    x = torch.randn(T, B, F, dtype=torch.float64)  # batch_first reads it as [B=5, T=2, I]
     _check_training(lambda: Seq(make()), (x,))
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_training_equals_alone_float32(kind: str) -> None:
     cls = nn.LSTM if kind == "lstm" else nn.GRU
-    x = torch.randn(T, B, I)
-    _check_training(lambda: Seq(cls(I, 6, 2, bidirectional=True)), (x,), dtype=torch.float32)
+    x = torch.randn(T, B, F)
+    _check_training(lambda: Seq(cls(F, 6, 2, bidirectional=True)), (x,), dtype=torch.float32)
+
+
+class OnlyPart(nn.Module):
+    """Uses only the output sequence's last step, or only the final hidden state (the
+    gradients of the unused outputs are None in backward)."""
+
+    def __init__(self, rnn: nn.Module, part: str) -> None:
+        super().__init__()
+        self.rnn = rnn
+        self.part = part
+
+    def forward(self, x: Tensor) -> tuple[Tensor]:
+        out, state = self.rnn(x)
+        if self.part == "output":
+            return (out[-1],)
+        h = state[0] if isinstance(state, tuple) else state
+        return (h[-1],)
+
+
+@pytest.mark.parametrize("part", ["output", "state"])
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN], ids=["lstm", "gru", "rnn"])
+def test_unused_outputs(cls: type[nn.Module], part: str) -> None:
+    x = torch.randn(T, B, F, dtype=torch.float64)
+    _check_training(lambda: OnlyPart(cls(F, 6, 2, bidirectional=True), part), (x,))
+    if cls is nn.LSTM:
+        _check_training(lambda: OnlyPart(nn.LSTM(F, 6, proj_size=3), part), (x,))
 
 
 def test_dropout_between_layers_in_eval_mode_equals_alone() -> None:
     def make() -> nn.Module:
-        return Seq(nn.LSTM(I, 6, 3, dropout=0.4)).eval()
+        return Seq(nn.LSTM(F, 6, 3, dropout=0.4)).eval()
 
-    _check_training(make, (torch.randn(T, B, I, dtype=torch.float64),))
+    _check_training(make, (torch.randn(T, B, F, dtype=torch.float64),))
 
 
 def test_shared_initial_states() -> None:
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(T, B, I, generator=g, dtype=torch.float64)
+    x = torch.randn(T, B, F, generator=g, dtype=torch.float64)
     h0 = torch.randn(4, B, 3, generator=g, dtype=torch.float64)
     c0 = torch.randn(4, B, 6, generator=g, dtype=torch.float64)
-    _check_training(lambda: Seq(nn.LSTM(I, 6, 2, bidirectional=True, proj_size=3)), (x, h0, c0))
+    _check_training(lambda: Seq(nn.LSTM(F, 6, 2, bidirectional=True, proj_size=3)), (x, h0, c0))
     h0 = torch.randn(2, B, 6, generator=g, dtype=torch.float64)
-    _check_training(lambda: Seq(nn.GRU(I, 6, 2)), (x, h0))
+    _check_training(lambda: Seq(nn.GRU(F, 6, 2)), (x, h0))
 
 
 def test_per_model_inputs_and_initial_states() -> None:
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(N, B, T, I, generator=g, dtype=torch.float64)
+    x = torch.randn(N, B, T, F, generator=g, dtype=torch.float64)
     h0 = torch.randn(N, 2, B, 6, generator=g, dtype=torch.float64)
     c0 = torch.randn(N, 2, B, 6, generator=g, dtype=torch.float64)
-    make = lambda: Seq(nn.LSTM(I, 6, bidirectional=True, batch_first=True))  # noqa: E731
+    make = lambda: Seq(nn.LSTM(F, 6, bidirectional=True, batch_first=True))  # noqa: E731
     _check_training(make, (x, h0, c0), per_model=True)
-    _check_training(lambda: Seq(nn.RNN(I, 6, 2)), (x.transpose(1, 2), h0), per_model=True)
+    _check_training(lambda: Seq(nn.RNN(F, 6, 2)), (x.transpose(1, 2), h0), per_model=True)
 
 
 def test_unbatched_2d_input() -> None:
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(T, I, generator=g, dtype=torch.float64)
+    x = torch.randn(T, F, generator=g, dtype=torch.float64)
     h0 = torch.randn(2, 6, generator=g, dtype=torch.float64)
     c0 = torch.randn(2, 6, generator=g, dtype=torch.float64)
-    _check_training(lambda: Seq(nn.LSTM(I, 6, 2)), (x,))
-    _check_training(lambda: Seq(nn.LSTM(I, 6, bidirectional=True)), (x, h0, c0))
-    _check_training(lambda: Seq(nn.GRU(I, 6, bidirectional=True)), (x, h0))
+    _check_training(lambda: Seq(nn.LSTM(F, 6, 2)), (x,))
+    _check_training(lambda: Seq(nn.LSTM(F, 6, bidirectional=True)), (x, h0, c0))
+    _check_training(lambda: Seq(nn.GRU(F, 6, bidirectional=True)), (x, h0))
 
 
 class Packed(nn.Module):
@@ -173,10 +202,10 @@ def test_packed_sequence_input(kind: str) -> None:
     lengths = torch.tensor([3, 5, 1, 4])
     cls = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[kind]
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(T, 4, I, generator=g, dtype=torch.float64)
+    x = torch.randn(T, 4, F, generator=g, dtype=torch.float64)
     h0 = torch.randn(4, 4, 6, generator=g, dtype=torch.float64)
-    _check_training(lambda: Packed(cls(I, 6, 2, bidirectional=True), lengths), (x,))
-    _check_training(lambda: Packed(cls(I, 6, 2, bidirectional=True), lengths), (x, h0))
+    _check_training(lambda: Packed(cls(F, 6, 2, bidirectional=True), lengths), (x,))
+    _check_training(lambda: Packed(cls(F, 6, 2, bidirectional=True), lengths), (x, h0))
 
 
 class CellLoop(nn.Module):
@@ -198,24 +227,24 @@ class CellLoop(nn.Module):
 
 
 CELLS: list[tuple[str, Callable[[], nn.Module]]] = [
-    ("lstmcell", lambda: nn.LSTMCell(I, 6)),
-    ("grucell", lambda: nn.GRUCell(I, 6)),
-    ("rnncell-relu", lambda: nn.RNNCell(I, 6, nonlinearity="relu")),
-    ("lstmcell-nobias", lambda: nn.LSTMCell(I, 6, bias=False)),
-    ("grucell-nobias", lambda: nn.GRUCell(I, 6, bias=False)),
+    ("lstmcell", lambda: nn.LSTMCell(F, 6)),
+    ("grucell", lambda: nn.GRUCell(F, 6)),
+    ("rnncell-relu", lambda: nn.RNNCell(F, 6, nonlinearity="relu")),
+    ("lstmcell-nobias", lambda: nn.LSTMCell(F, 6, bias=False)),
+    ("grucell-nobias", lambda: nn.GRUCell(F, 6, bias=False)),
 ]
 
 
 @pytest.mark.parametrize("make", [c[1] for c in CELLS], ids=[c[0] for c in CELLS])
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
 def test_cells_equal_alone(make: Callable[[], nn.Module], batched: bool) -> None:
-    x = torch.randn(T, B, I, dtype=torch.float64) if batched else torch.randn(T, I).double()
+    x = torch.randn(T, B, F, dtype=torch.float64) if batched else torch.randn(T, F).double()
     _check_training(lambda: CellLoop(make()), (x,))
 
 
 @pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 def test_names_and_extract_are_unchanged() -> None:
-    models = [Seq(nn.LSTM(I, 6, 2, bidirectional=True, proj_size=3)) for _ in range(2)]
+    models = [Seq(nn.LSTM(F, 6, 2, bidirectional=True, proj_size=3)) for _ in range(2)]
     batch = ModelBatch(models)
     assert type(batch.stacked.rnn) is VmapLSTM
     names = [n for n, _ in models[0].named_parameters()]
@@ -226,9 +255,9 @@ def test_names_and_extract_are_unchanged() -> None:
     assert back.state_dict().keys() == models[1].state_dict().keys()
     for name, value in models[1].state_dict().items():
         assert torch.equal(back.state_dict()[name], value)
-    x = torch.randn(T, B, I)
+    x = torch.randn(T, B, F)
     assert torch.allclose(back(x)[0], models[1](x)[0])  # cuDNN/flat-weight path still works
-    cells = ModelBatch([CellLoop(nn.LSTMCell(I, 6)) for _ in range(2)])
+    cells = ModelBatch([CellLoop(nn.LSTMCell(F, 6)) for _ in range(2)])
     assert type(cells.stacked.cell) is VmapLSTMCell
 
 
@@ -243,34 +272,52 @@ class _CountMatmuls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("n", [2, 7])
-def test_one_matmul_per_step_for_all_models(n: int) -> None:
-    """Forward kernels do not grow with N: per layer and direction, one matmul for the input
-    projection of all T steps and one per step for the recurrence (plus one per step for
-    the LSTM projection)."""
+def _count_matmuls(n: int, make: Callable[[], nn.Module], x: Tensor) -> tuple[int, int]:
+    """Matmul kernels (mm/bmm/addmm) in the forward and in the backward of a batch of n."""
+    batch = ModelBatch([make() for _ in range(n)])
+    with _CountMatmuls() as fwd:
+        outs = batch(x)
+    loss = sum(o.sum() for o in outs)
+    with _CountMatmuls() as bwd:
+        loss.backward()  # type: ignore[union-attr]
+    return fwd.count, bwd.count
+
+
+def test_matmuls_per_step_do_not_grow_with_n() -> None:
+    """Per layer and direction: one matmul for the input projection of all T steps and one
+    per step for the recurrence (plus one per step for the LSTM projection); the same
+    number for any N. The backward's weight gradients are one matmul over all steps."""
     steps, layers, dirs = 6, 2, 2
-    batch = ModelBatch([Seq(nn.LSTM(I, 6, layers, bidirectional=True)) for _ in range(n)])
-    gru = ModelBatch([Seq(nn.GRU(I, 6, layers, bidirectional=True)) for _ in range(n)])
-    proj = ModelBatch([Seq(nn.LSTM(I, 6, proj_size=3)) for _ in range(n)])
-    x = torch.randn(steps, B, I)
-    for mb, expected in (
-        (batch, layers * dirs * (1 + steps)),
-        (gru, layers * dirs * (1 + steps)),
-        (proj, 1 + 2 * steps),
-    ):
-        with torch.no_grad(), _CountMatmuls() as counter:
-            mb(x)
-        assert counter.count == expected
+    x = torch.randn(steps, B, F)
+    cases: list[tuple[Callable[[], nn.Module], int, int]] = [
+        # backward: per layer and direction, T for dh, 1 for W_hh, 1 for W_ih and, above
+        # the first layer, 1 for the layer input
+        (
+            lambda: Seq(nn.LSTM(F, 6, layers, bidirectional=True)),
+            layers * dirs * (1 + steps),
+            layers * dirs * (steps + 2) + dirs,
+        ),
+        (
+            lambda: Seq(nn.GRU(F, 6, layers, bidirectional=True)),
+            layers * dirs * (1 + steps),
+            layers * dirs * (steps + 2) + dirs,
+        ),
+        (lambda: Seq(nn.RNN(F, 6)), 1 + steps, steps + 2),
+        (lambda: Seq(nn.LSTM(F, 6, proj_size=3)), 1 + 2 * steps, 2 * steps + 3),
+    ]
+    for make, fwd, bwd in cases:
+        assert _count_matmuls(2, make, x) == (fwd, bwd)
+        assert _count_matmuls(7, make, x) == (fwd, bwd)
 
 
 def _dropout_lstm() -> nn.Module:
-    return Seq(nn.LSTM(I, 6, 3, dropout=0.5))
+    return Seq(nn.LSTM(F, 6, 3, dropout=0.5))
 
 
 def test_dropout_between_layers_trains_with_per_model_masks() -> None:
     torch.manual_seed(0)
     model = _dropout_lstm().double()
-    x = torch.randn(T, B, I, dtype=torch.float64)
+    x = torch.randn(T, B, F, dtype=torch.float64)
     for seeds in (None, [5, 6, 7]):
         batch = ModelBatch([copy.deepcopy(model) for _ in range(N)], seeds=seeds)
         out = batch(x)[0]
@@ -297,11 +344,13 @@ def test_dropout_between_layers_trains_with_per_model_masks() -> None:
 def test_seeded_dropout_masks_depend_on_the_models_own_seed_only() -> None:
     torch.manual_seed(0)
     models = [_dropout_lstm().double() for _ in range(4)]
-    x = torch.randn(T, B, I, dtype=torch.float64)
+    x = torch.randn(T, B, F, dtype=torch.float64)
     small = ModelBatch([models[1], models[3]], seeds=[11, 13])
     big = ModelBatch(models, seeds=[10, 11, 12, 13])
     names = [n for n, _ in big.stacked_buffers()]
-    assert names == [f"rnn.inter_layer_dropout.{k}.{b}" for k in (0, 1) for b in ("seed", "counter")]
+    assert names == [
+        f"rnn.inter_layer_dropout.{k}.{b}" for k in (0, 1) for b in ("seed", "counter")
+    ]
     for _ in range(2):  # successive calls advance each model's own counters
         a, b = small(x), big(x)
         for k in range(len(a)):
@@ -311,20 +360,22 @@ def test_seeded_dropout_masks_depend_on_the_models_own_seed_only() -> None:
 
 
 def test_errors_name_the_cause() -> None:
-    batch = ModelBatch([Seq(nn.LSTM(I, 6, 2)) for _ in range(2)])
-    with pytest.raises(RuntimeError, match="input_size. Expected 4, got 3"):
+    batch = ModelBatch([Seq(nn.LSTM(F, 6, 2)) for _ in range(2)])
+    with pytest.raises(RuntimeError, match=r"input_size\. Expected 4, got 3"):
         batch(torch.randn(T, B, 3))
-    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(2, 2, 6\), got \[1, 2, 6\]"):
-        batch(torch.randn(T, B, I), torch.zeros(1, B, 6), torch.zeros(2, B, 6))
+    with pytest.raises(
+        RuntimeError, match=r"Expected hidden\[0\] size \(2, 2, 6\), got \[1, 2, 6\]"
+    ):
+        batch(torch.randn(T, B, F), torch.zeros(1, B, 6), torch.zeros(2, B, 6))
     with pytest.raises(RuntimeError, match="For batched 3-D input, hx and cx should also be 3-D"):
-        batch(torch.randn(T, B, I), torch.zeros(2, 6), torch.zeros(2, 6))
+        batch(torch.randn(T, B, F), torch.zeros(2, 6), torch.zeros(2, 6))
     with pytest.raises(ValueError, match="Expected input to be 2D or 3D, got 4D"):
-        batch(torch.randn(1, T, B, I))
-    gru = ModelBatch([Seq(nn.GRU(I, 6)) for _ in range(2)])
+        batch(torch.randn(1, T, B, F))
+    gru = ModelBatch([Seq(nn.GRU(F, 6)) for _ in range(2)])
     with pytest.raises(ValueError, match="does not match weight dtype"):
-        gru(torch.randn(T, B, I, dtype=torch.float64))
+        gru(torch.randn(T, B, F, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"model 1's LSTM at 'rnn' has dropout=0.2 .* dropout=0.1"):
-        ModelBatch([Seq(nn.LSTM(I, 6, 2, dropout=p)) for p in (0.1, 0.2)])
+        ModelBatch([Seq(nn.LSTM(F, 6, 2, dropout=p)) for p in (0.1, 0.2)])
     with pytest.raises(ValueError, match="batch_first"):
-        ModelBatch([Seq(nn.GRU(I, 6, batch_first=bf)) for bf in (False, True)])
+        ModelBatch([Seq(nn.GRU(F, 6, batch_first=bf)) for bf in (False, True)])
     assert isinstance(gru.stacked.rnn, VmapGRU)

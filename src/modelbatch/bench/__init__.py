@@ -50,13 +50,14 @@ def _slug(text: str) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     from modelbatch.bench.methods import ALL_METHODS
+    from modelbatch.bench.workloads import ARCHS
 
     p = argparse.ArgumentParser(
         prog="modelbatch bench",
         description="Measure ModelBatch against sequential training, the torch.func recipe and "
         "one process per model, on one device, in one run.",
     )
-    p.add_argument("--arch", choices=("mlp", "resnet8"), default="mlp")
+    p.add_argument("--arch", choices=ARCHS, default="mlp")
     p.add_argument(
         "--models",
         type=int,
@@ -103,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=None,
-        help="images per model per step (default 256 for mlp, 128 for resnet8)",
+        help="images (sequences) per model per step (default 256 for mlp, 128 for resnet8, "
+        "64 for lstm and gru)",
     )
     p.add_argument("--steps", type=int, default=20, help="steps per timing window (max)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")

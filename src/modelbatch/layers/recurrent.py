@@ -101,6 +101,230 @@ def _gates_rnn(xg: Tensor, h: Tensor, w_hh: Tensor, relu: bool) -> Tensor:
     return torch.relu(pre) if relu else torch.tanh(pre)
 
 
+# ---------------------------------------------------------------------------- whole layers
+# One direction of one layer over a full (unpacked) sequence, as an autograd.Function whose
+# backward is written out: the per-step work in backward is one matmul (the gradient with
+# respect to h) plus the gate derivatives, and the weight gradients are ONE matmul over all
+# time steps (``dGates^T @ H_prev`` over ``[T*B, ...]``) instead of T matmuls and T - 1 sums
+# of ``[4H, H]`` matrices that plain autograd through the loop would give.
+# ``generate_vmap_rule=True``: under vmap, forward and backward run with batched tensors, so
+# every matmul is one bmm over the N models.
+
+
+def _mm_all_steps(a: Tensor, b: Tensor) -> Tensor:
+    """``sum_t a[t]^T @ b[t]`` for ``a`` ``[T, B, X]``, ``b`` ``[T, B, Y]``: ``[X, Y]``."""
+    return torch.matmul(a.reshape(-1, a.shape[-1]).t(), b.reshape(-1, b.shape[-1]))
+
+
+def _zeros_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def _h_prev(h0: Tensor, out: Tensor) -> Tensor:
+    """``[h_0, h_1, ..., h_{T-1}]`` as ``[T, B, P]`` from ``h0`` ``[B, P]`` and the
+    outputs ``[T, B, P]``."""
+    return torch.cat([h0.unsqueeze(0).expand_as(out[:1]), out[:-1]])
+
+
+class _LSTMSequence(torch.autograd.Function):
+    """LSTM over ``xg`` ``[T, B, 4H]`` (input projection, both biases included) from
+    ``h0`` ``[B, P]``, ``c0`` ``[B, H]``; ``w_hh`` ``[4H, P]``, ``w_hr`` ``[P, H]`` or None.
+    Returns ``(out [T, B, P], h_T [B, P], c_T [B, H])`` and, for the backward only, the
+    gate activations ``[T, B, 4H]`` (sigmoid of every gate; the g slot is unused),
+    ``tanh(g)``, ``c_t``, ``tanh(c_t)`` and the unprojected ``o * tanh(c_t)``
+    (``[T, B, H]`` each)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Tensor | None
+    ) -> tuple[Tensor, ...]:
+        h, c = h0, c0
+        hid = c0.shape[-1]
+        w_hh_t = w_hh.t()
+        hs, cs, sig, tgs, tcs, ms = [], [], [], [], [], []
+        for x_t in xg.unbind(0):
+            gates = x_t + torch.matmul(h, w_hh_t)
+            s = torch.sigmoid(gates)
+            g = torch.tanh(gates[..., 2 * hid : 3 * hid])
+            c = torch.addcmul(s[..., hid : 2 * hid] * c, s[..., :hid], g)
+            tc = torch.tanh(c)
+            m = s[..., 3 * hid :] * tc
+            h = torch.matmul(m, w_hr.t()) if w_hr is not None else m
+            hs.append(h)
+            cs.append(c)
+            sig.append(s)
+            tgs.append(g)
+            tcs.append(tc)
+            ms.append(m)
+        stacks = [torch.stack(v) for v in (hs, sig, tgs, cs, tcs)]
+        m_all = torch.stack(ms) if w_hr is not None else stacks[-1][:0]
+        return stacks[0], h, c, *stacks[1:], m_all
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+        _, h0, c0, w_hh, w_hr = inputs
+        out, _, _, sig, tgs, cs, tcs, ms = output
+        ctx.has_proj = w_hr is not None
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(sig, tgs, cs, tcs, ms)
+        ctx.save_for_backward(h0, c0, w_hh, w_hr, out, sig, tgs, cs, tcs, ms)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, d_out: Tensor | None, d_h: Tensor | None, d_c: Tensor | None, *_: Any
+    ) -> tuple[Tensor | None, ...]:
+        h0, c0, w_hh, w_hr, out, sig, tgs, cs, tcs, ms = ctx.saved_tensors
+        steps, hid = out.shape[0], c0.shape[-1]
+        # Gate derivatives for all steps at once: sigmoid' = s (1 - s), tanh' = 1 - t^2.
+        d_act = torch.cat(
+            [
+                sig[..., : 2 * hid] * (1 - sig[..., : 2 * hid]),
+                1 - tgs * tgs,
+                sig[..., 3 * hid :] * (1 - sig[..., 3 * hid :]),
+            ],
+            dim=-1,
+        )
+        d_c_from_m = sig[..., 3 * hid :] * (1 - tcs * tcs)  # dc_t / dm_t
+        c_prev = torch.cat([c0.unsqueeze(0).expand_as(cs[:1]), cs[:-1]])
+        d_outs = d_out.unbind(0) if d_out is not None else None
+        d_gates: list[Tensor] = []
+        d_hs: list[Tensor] = []
+        dh = _zeros_if_none(d_h, out[0])
+        dc = _zeros_if_none(d_c, cs[0])
+        for t in range(steps - 1, -1, -1):
+            dh_t = dh + d_outs[t] if d_outs is not None else dh
+            dm = torch.matmul(dh_t, w_hr) if ctx.has_proj else dh_t
+            d_hs.append(dh_t)
+            s_t = sig[t]
+            dc = dc + dm * d_c_from_m[t]
+            d_pre = torch.cat([dc * tgs[t], dc * c_prev[t], dc * s_t[..., :hid], dm * tcs[t]], -1)
+            d_pre = d_pre * d_act[t]
+            dc = dc * s_t[..., hid : 2 * hid]
+            d_gates.append(d_pre)
+            dh = torch.matmul(d_pre, w_hh)
+        d_xg = torch.stack(d_gates[::-1])
+        d_w_hh = _mm_all_steps(d_xg, _h_prev(h0, out))
+        d_w_hr = _mm_all_steps(torch.stack(d_hs[::-1]), ms) if ctx.has_proj else None
+        return d_xg, dh, dc, d_w_hh, d_w_hr
+
+
+class _GRUSequence(torch.autograd.Function):
+    """GRU over ``xg`` ``[T, B, 3H]`` (input projection with ``b_ih``) from ``h0`` ``[B, H]``;
+    ``w_hh`` ``[3H, H]``, ``b_hh`` ``[3H]`` or None. Returns ``(out [T, B, H], h_T)`` and,
+    for the backward only, ``sigmoid([r, z])`` ``[T, B, 2H]``, ``n`` and ``W_hn h + b_hn``
+    (``[T, B, H]``)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        xg: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor | None
+    ) -> tuple[Tensor, ...]:
+        h = h0
+        hid = h0.shape[-1]
+        w_hh_t = w_hh.t()
+        hs, rzs, ns, hns = [], [], [], []
+        for x_t in xg.unbind(0):
+            hg = torch.matmul(h, w_hh_t)
+            if b_hh is not None:
+                hg = hg + b_hh
+            rz = torch.sigmoid(x_t[..., : 2 * hid] + hg[..., : 2 * hid])
+            h_n = hg[..., 2 * hid :]
+            n = torch.tanh(torch.addcmul(x_t[..., 2 * hid :], rz[..., :hid], h_n))
+            h = torch.addcmul(n, rz[..., hid:], h - n)
+            hs.append(h)
+            rzs.append(rz)
+            ns.append(n)
+            hns.append(h_n)
+        return torch.stack(hs), h, torch.stack(rzs), torch.stack(ns), torch.stack(hns)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+        _, h0, w_hh, b_hh = inputs
+        out, _, rzs, ns, hns = output
+        ctx.has_bias = b_hh is not None
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(rzs, ns, hns)
+        ctx.save_for_backward(h0, w_hh, out, rzs, ns, hns)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, d_out: Tensor | None, d_h: Tensor | None, *_: Any
+    ) -> tuple[Tensor | None, ...]:
+        h0, w_hh, out, rzs, ns, hns = ctx.saved_tensors
+        steps, hid = out.shape[0], h0.shape[-1]
+        r, z = rzs[..., :hid], rzs[..., hid:]
+        h_prev = _h_prev(h0, out)
+        # Per-step factors, for all steps at once.
+        d_n_factor = (1 - z) * (1 - ns * ns)  # d n_pre / d h_t
+        d_r_factor = hns * r * (1 - r)  # d r_pre / d n_pre
+        d_z_factor = (h_prev - ns) * z * (1 - z)  # d z_pre / d h_t
+        d_outs = d_out.unbind(0) if d_out is not None else None
+        d_hgs: list[Tensor] = []
+        d_ns: list[Tensor] = []
+        dh = _zeros_if_none(d_h, out[0])
+        for t in range(steps - 1, -1, -1):
+            dh_t = dh + d_outs[t] if d_outs is not None else dh
+            d_n = dh_t * d_n_factor[t]
+            d_hg = torch.cat([d_n * d_r_factor[t], dh_t * d_z_factor[t], d_n * r[t]], dim=-1)
+            d_hgs.append(d_hg)
+            d_ns.append(d_n)
+            dh = dh_t * z[t] + torch.matmul(d_hg, w_hh)
+        d_hg_all = torch.stack(d_hgs[::-1])
+        d_xg = torch.cat([d_hg_all[..., : 2 * hid], torch.stack(d_ns[::-1])], dim=-1)
+        d_w_hh = _mm_all_steps(d_hg_all, h_prev)
+        d_b_hh = d_hg_all.sum(dim=(0, 1)) if ctx.has_bias else None
+        return d_xg, dh, d_w_hh, d_b_hh
+
+
+class _RNNSequence(torch.autograd.Function):
+    """Elman RNN over ``xg`` ``[T, B, H]`` (input projection, both biases included) from
+    ``h0`` ``[B, H]``; ``w_hh`` ``[H, H]``. Returns ``(out [T, B, H], h_T)``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        xg: Tensor, h0: Tensor, w_hh: Tensor, relu: bool
+    ) -> tuple[Tensor, Tensor]:
+        h = h0
+        w_hh_t = w_hh.t()
+        hs = []
+        for x_t in xg.unbind(0):
+            pre = x_t + torch.matmul(h, w_hh_t)
+            h = torch.relu(pre) if relu else torch.tanh(pre)
+            hs.append(h)
+        return torch.stack(hs), h
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+        _, h0, w_hh, relu = inputs
+        out, _ = output
+        ctx.relu = relu
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(h0, w_hh, out)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, d_out: Tensor | None, d_h: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        h0, w_hh, out = ctx.saved_tensors
+        steps = out.shape[0]
+        d_act = (out > 0).to(out.dtype) if ctx.relu else 1 - out * out
+        d_outs = d_out.unbind(0) if d_out is not None else None
+        d_pres: list[Tensor] = []
+        dh = _zeros_if_none(d_h, out[0])
+        for t in range(steps - 1, -1, -1):
+            dh_t = dh + d_outs[t] if d_outs is not None else dh
+            d_pre = dh_t * d_act[t]
+            d_pres.append(d_pre)
+            dh = torch.matmul(d_pre, w_hh)
+        d_pre_all = torch.stack(d_pres[::-1])
+        return d_pre_all, dh, _mm_all_steps(d_pre_all, _h_prev(h0, out)), None
+
+
 class _VmapRNNMixin:
     """Forward shared by :class:`VmapLSTM`, :class:`VmapGRU` and :class:`VmapRNN`."""
 
@@ -154,7 +378,6 @@ class _VmapRNNMixin:
         h_size = rnn.hidden_size
         h_out = rnn.proj_size if rnn.proj_size > 0 else h_size
 
-        packed = isinstance(input, PackedSequence)
         sorted_indices: Tensor | None = None
         unsorted_indices: Tensor | None = None
         batch_sizes: list[int] | None = None
@@ -203,13 +426,15 @@ class _VmapRNNMixin:
             if sorted_indices is not None:
                 h0 = h0.index_select(1, sorted_indices)
                 c0 = c0.index_select(1, sorted_indices) if c0 is not None else None
-            msg = "Expected hidden[0] size {}, got {}" if is_lstm else "Expected hidden size {}, got {}"
+            msg = (
+                "Expected hidden[0] size {}, got {}"
+                if is_lstm
+                else "Expected hidden size {}, got {}"
+            )
             if tuple(h0.shape) != expected_h:
                 raise RuntimeError(msg.format(expected_h, list(h0.shape)))
             if c0 is not None and tuple(c0.shape) != expected_c:
-                raise RuntimeError(
-                    "Expected hidden[1] size {}, got {}".format(expected_c, list(c0.shape))
-                )
+                raise RuntimeError(f"Expected hidden[1] size {expected_c}, got {list(c0.shape)}")
 
         h_n: list[Tensor] = []
         c_n: list[Tensor] = []
@@ -282,11 +507,15 @@ class _VmapRNNMixin:
         w_hr = self._weight("weight_hr" + suffix)
         assert w_ih is not None and w_hh is not None
         # The input projection of every time step in one matmul (one for all N under vmap).
-        xg = torch.matmul(x, w_ih.t())
+        # As a 2-D matmul: a 3-D (e.g. batch_first, transposed) input would make vmap
+        # broadcast the weight to [N, T, I, G] instead.
+        xg = torch.matmul(x.reshape(-1, x.shape[-1]), w_ih.t()).view(*x.shape[:-1], -1)
         if b_ih is not None:
             xg = xg + b_ih
         if mode != "GRU" and b_hh is not None:
             xg = xg + b_hh  # for LSTM/RNN both biases simply add to the gates
+        if batch_sizes is None and xg.size(0) > 0:
+            return self._run_full(xg, h0, c0, w_hh, b_hh, w_hr, reverse)
         if batch_sizes is None:
             steps = list(xg.unbind(0))
             sizes = [x.size(1)] * len(steps)
@@ -326,6 +555,33 @@ class _VmapRNNMixin:
                 c = torch.cat([c, *reversed(finished_c)])
         output = torch.stack(outs) if batch_sizes is None else torch.cat(outs)
         return output, h, c
+
+    def _run_full(
+        self,
+        xg: Tensor,
+        h0: Tensor,
+        c0: Tensor | None,
+        w_hh: Tensor,
+        b_hh: Tensor | None,
+        w_hr: Tensor | None,
+        reverse: bool,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """One direction over a full ``[T, B, G]`` input projection, through the layer
+        functions above (the reverse direction runs on the time-flipped sequence)."""
+        rnn: nn.RNNBase = self  # type: ignore[assignment]
+        if reverse:
+            xg = xg.flip(0)
+        c_last: Tensor | None = None
+        if rnn.mode == "LSTM":
+            assert c0 is not None
+            out, h_last, c_last = _LSTMSequence.apply(xg, h0, c0, w_hh, w_hr)[:3]
+        elif rnn.mode == "GRU":
+            out, h_last = _GRUSequence.apply(xg, h0, w_hh, b_hh)[:2]
+        else:
+            out, h_last = _RNNSequence.apply(xg, h0, w_hh, rnn.mode == "RNN_RELU")
+        if reverse:
+            out = out.flip(0)
+        return out, h_last, c_last
 
 
 class VmapLSTM(_VmapRNNMixin, nn.LSTM):
