@@ -511,9 +511,8 @@ class _VmapRNNMixin:
         # broadcast the weight to [N, T, I, G] instead.
         xg = torch.matmul(x.reshape(-1, x.shape[-1]), w_ih.t()).view(*x.shape[:-1], -1)
         if b_ih is not None:
-            xg = xg + b_ih
-        if mode != "GRU" and b_hh is not None:
-            xg = xg + b_hh  # for LSTM/RNN both biases simply add to the gates
+            # For LSTM/RNN both biases simply add to the gates: one pass over [T, B, G].
+            xg = xg + (b_ih + b_hh if mode != "GRU" and b_hh is not None else b_ih)
         if batch_sizes is None and xg.size(0) > 0:
             return self._run_full(xg, h0, c0, w_hh, b_hh, w_hr, reverse)
         if batch_sizes is None:
