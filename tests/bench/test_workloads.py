@@ -34,11 +34,9 @@ def test_recurrent_workload_shapes_and_flops(arch: str) -> None:
 
 
 def test_bench_lstm_smoke(tmp_path: Path) -> None:
-    code = cli_main(
-        ["bench", "--arch", "lstm", "--models", "2", "--batch-size", "2", "--steps", "1"]
-        + ["--repeats", "1", "--warmup", "1", "--no-plots", "--out", str(tmp_path)]
-        + ["--methods", "sequential", "eager", "--device", "cpu"]
-    )
+    args = "bench --arch lstm --models 2 --batch-size 2 --steps 1 --repeats 1 --warmup 1"
+    args += " --no-plots --methods sequential eager --device cpu --out"
+    code = cli_main([*args.split(), str(tmp_path)])
     assert code == 0
     with open(tmp_path / "bench-lstm.csv") as f:
         rows = {(r["method"], r["n_models"]): r for r in csv.DictReader(f)}

@@ -286,28 +286,22 @@ def _count_matmuls(n: int, make: Callable[[], nn.Module], x: Tensor) -> tuple[in
 def test_matmuls_per_step_do_not_grow_with_n() -> None:
     """Per layer and direction: one matmul for the input projection of all T steps and one
     per step for the recurrence (plus one per step for the LSTM projection); the same
-    number for any N. The backward's weight gradients are one matmul over all steps."""
-    steps, layers, dirs = 6, 2, 2
-    x = torch.randn(steps, B, F)
-    cases: list[tuple[Callable[[], nn.Module], int, int]] = [
-        # backward: per layer and direction, T for dh, 1 for W_hh, 1 for W_ih and, above
-        # the first layer, 1 for the layer input
-        (
-            lambda: Seq(nn.LSTM(F, 6, layers, bidirectional=True)),
-            layers * dirs * (1 + steps),
-            layers * dirs * (steps + 2) + dirs,
-        ),
-        (
-            lambda: Seq(nn.GRU(F, 6, layers, bidirectional=True)),
-            layers * dirs * (1 + steps),
-            layers * dirs * (steps + 2) + dirs,
-        ),
-        (lambda: Seq(nn.RNN(F, 6)), 1 + steps, steps + 2),
-        (lambda: Seq(nn.LSTM(F, 6, proj_size=3)), 1 + 2 * steps, 2 * steps + 3),
+    number for any N. Backward, per layer and direction: 2T - 1 for the recurrence (no
+    gradient for the zero initial state), one for W_ih, one more for the layer's input
+    above the first layer (the shared input needs none), 2T for the projection."""
+    t, layers, dirs = 6, 2, 2
+    x = torch.randn(t, B, F)
+    stack_fwd = layers * dirs * (1 + t)
+    stack_bwd = layers * dirs * 2 * t + (layers - 1) * dirs
+    cases: list[tuple[Callable[[], nn.Module], tuple[int, int]]] = [
+        (lambda: Seq(nn.LSTM(F, 6, layers, bidirectional=True)), (stack_fwd, stack_bwd)),
+        (lambda: Seq(nn.GRU(F, 6, layers, bidirectional=True)), (stack_fwd, stack_bwd)),
+        (lambda: Seq(nn.RNN(F, 6)), (1 + t, 2 * t)),
+        (lambda: Seq(nn.LSTM(F, 6, proj_size=3)), (1 + 2 * t, 4 * t)),
     ]
-    for make, fwd, bwd in cases:
-        assert _count_matmuls(2, make, x) == (fwd, bwd)
-        assert _count_matmuls(7, make, x) == (fwd, bwd)
+    for make, expected in cases:
+        assert _count_matmuls(2, make, x) == expected
+        assert _count_matmuls(7, make, x) == expected
 
 
 def _dropout_lstm() -> nn.Module:
