@@ -396,10 +396,10 @@ class _VmapCellMixin:
             if unbatched:
                 return h_new.squeeze(0), c_new.squeeze(0)
             return h_new, c_new
-        relu = getattr(cell, "nonlinearity", "tanh") == "relu"
-        if getattr(cell, "nonlinearity", "tanh") not in ("tanh", "relu"):
-            raise RuntimeError(f"Unknown nonlinearity: {cell.nonlinearity}")  # type: ignore[attr-defined]
-        out = _gates_rnn(xg, h, cell.weight_hh, relu)
+        nonlinearity = getattr(cell, "nonlinearity", "tanh")
+        if nonlinearity not in ("tanh", "relu"):
+            raise RuntimeError(f"Unknown nonlinearity: {nonlinearity}")
+        out = _gates_rnn(xg, h, cell.weight_hh, nonlinearity == "relu")
         return out.squeeze(0) if unbatched else out
 
 
