@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from modelbatch import ModelBatch
@@ -206,6 +206,43 @@ def test_packed_sequence_input(kind: str) -> None:
     h0 = torch.randn(4, 4, 6, generator=g, dtype=torch.float64)
     _check_training(lambda: Packed(cls(F, 6, 2, bidirectional=True), lengths), (x,))
     _check_training(lambda: Packed(cls(F, 6, 2, bidirectional=True), lengths), (x, h0))
+
+
+class PackPad(nn.Module):
+    """Embedding -> pack (per-model data) -> LSTM -> pad_packed_sequence -> linear head."""
+
+    def __init__(self, lengths: Tensor | None = None) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, F)
+        self.rnn = nn.LSTM(F, 6, 2, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(12, 3)
+        self.lengths = lengths
+
+    def forward(self, tokens: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        lengths = self.lengths if lengths is None else lengths
+        packed = pack_padded_sequence(
+            self.embed(tokens), lengths, batch_first=True, enforce_sorted=False
+        )
+        out, (h, _) = self.rnn(packed)
+        padded, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
+        return self.head(padded), h
+
+
+def test_pack_and_pad_of_per_model_tensors_run_batched() -> None:
+    """pack_padded_sequence of a per-model tensor and pad_packed_sequence of the layer's
+    output have batching rules (no per-model fallback, which the suite turns into an
+    error): the model trains as alone."""
+    tokens = torch.randint(0, 10, (4, T))
+    lengths = torch.tensor([3, 5, 1, 4])
+    _check_training(lambda: PackPad(lengths).double(), (tokens,))
+
+
+def test_per_model_lengths_are_refused() -> None:
+    batch = ModelBatch([PackPad() for _ in range(2)])
+    tokens = torch.randint(0, 10, (2, 4, T))
+    lengths = torch.tensor([[3, 5, 1, 4], [2, 5, 1, 4]])
+    with pytest.raises(ValueError, match=r"lengths differ per model .* pad the sequences"):
+        batch(tokens, lengths, per_model=True)
 
 
 class CellLoop(nn.Module):

@@ -27,6 +27,11 @@ per-layer counter and the element index; extra ``[N]`` buffers ``inter_layer_dro
 / ``.counter``); without seeds they come from vmap's randomness, as for ``nn.Dropout``.
 ``flatten_parameters()`` is a no-op: the substituted modules never use torch's flattened
 weight buffer.
+
+Importing this module also registers vmap batching rules for ``aten::_pack_padded_sequence``
+and ``aten::_pad_packed_sequence`` (``pack_padded_sequence`` / ``pad_packed_sequence``), which
+torch lacks, so packing a per-model tensor and padding a recurrent layer's packed output run
+once for all N models instead of vmap's per-model fallback.
 """
 
 from __future__ import annotations
@@ -413,6 +418,66 @@ class VmapGRUCell(_VmapCellMixin, nn.GRUCell):
 
 class VmapRNNCell(_VmapCellMixin, nn.RNNCell):
     """``nn.RNNCell`` (tanh or relu) computed with batchable ops."""
+
+
+# ---------------------------------------------------------------------------- packing
+# torch has no vmap batching rule for packing and padding, so ``pack_padded_sequence`` of a
+# per-model tensor (e.g. after an embedding) and ``pad_packed_sequence`` of a recurrent
+# layer's packed output would run vmap's per-model fallback loop. Both ops treat every
+# dimension after the (time, batch) ones as features, so the rules below move the model
+# dimension there and make one call for all N models. The lengths / batch sizes must be
+# the same for every model (a per-model one is refused).
+
+
+def _refuse_batched_lengths(op: str, what: str) -> None:
+    raise ValueError(
+        f"{op} under a ModelBatch: the {what} differ per model (a batched tensor). Pass "
+        f"one {what} tensor shared by every model (not an input given with "
+        "per_model=True), or pad the sequences and mask instead of packing"
+    )
+
+
+def _pack_padded_sequence_vmap(
+    info: Any, in_dims: tuple[int | None, ...], input: Tensor, lengths: Tensor, batch_first: bool
+) -> tuple[tuple[Tensor, Tensor], tuple[int | None, None]]:
+    """vmap rule of ``aten::_pack_padded_sequence`` (input ``[T, B, *]`` or ``[B, T, *]``
+    per model -> ``(data [sum_t B_t, *], batch_sizes [T])``)."""
+    x_dim, len_dim = in_dims[0], in_dims[1]
+    if len_dim is not None:
+        _refuse_batched_lengths("pack_padded_sequence", "lengths")
+    if x_dim is None:
+        return torch.ops.aten._pack_padded_sequence(input, lengths, batch_first), (None, None)
+    data, batch_sizes = torch.ops.aten._pack_padded_sequence(
+        input.movedim(x_dim, -1), lengths, batch_first
+    )
+    return (data, batch_sizes), (data.dim() - 1, None)
+
+
+def _pad_packed_sequence_vmap(
+    info: Any,
+    in_dims: tuple[int | None, ...],
+    data: Tensor,
+    batch_sizes: Tensor,
+    batch_first: bool,
+    padding_value: float,
+    total_length: int,
+) -> tuple[tuple[Tensor, Tensor], tuple[int | None, None]]:
+    """vmap rule of ``aten::_pad_packed_sequence`` (``data [sum_t B_t, *]`` per model ->
+    ``(padded [T, B, *] or [B, T, *], lengths [B])``)."""
+    d_dim, bs_dim = in_dims[0], in_dims[1]
+    if bs_dim is not None:
+        _refuse_batched_lengths("pad_packed_sequence", "batch sizes")
+    pad = torch.ops.aten._pad_packed_sequence
+    if d_dim is None:
+        return pad(data, batch_sizes, batch_first, padding_value, total_length), (None, None)
+    padded, lengths = pad(
+        data.movedim(d_dim, -1), batch_sizes, batch_first, padding_value, total_length
+    )
+    return (padded, lengths), (padded.dim() - 1, None)
+
+
+torch.library.register_vmap("aten::_pack_padded_sequence", _pack_padded_sequence_vmap)
+torch.library.register_vmap("aten::_pad_packed_sequence", _pad_packed_sequence_vmap)
 
 
 _REPLACEMENTS: dict[type[nn.Module], type[nn.Module]] = {
