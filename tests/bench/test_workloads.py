@@ -27,9 +27,11 @@ def test_recurrent_workload_shapes_and_flops(arch: str) -> None:
     model = wl.make_model()
     assert model(x).shape == (4, 10)
     gates = 4 if arch == "lstm" else 3
-    # Each weight matrix once per time step, plus the classifier; x 3 (backward) x 2.
-    macs = 32 * gates * 128 * (96 + 128) + 128 * 10
-    assert count_flops_per_image(model, wl.input_shape) == 6.0 * macs
+    # Each weight matrix once per time step: W_ih fed by the data (forward + weight
+    # gradient), W_hh and the classifier (forward + weight and input gradients); 2 FLOPs
+    # per multiply-add.
+    macs = 2 * 32 * gates * 128 * 96 + 3 * 32 * gates * 128 * 128 + 3 * 128 * 10
+    assert count_flops_per_image(model, wl.input_shape) == 2.0 * macs
     assert estimate_activation_bytes_per_image(model, wl.input_shape, 4) > 0
 
 

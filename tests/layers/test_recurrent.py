@@ -405,7 +405,9 @@ def test_errors_name_the_cause() -> None:
     gru = ModelBatch([Seq(nn.GRU(F, 6)) for _ in range(2)])
     with pytest.raises(ValueError, match="does not match weight dtype"):
         gru(torch.randn(T, B, F, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"model 1's LSTM at 'rnn' has dropout=0.2 .* dropout=0.1"):
+    with pytest.raises(
+        ValueError, match=r"'rnn' \(LSTM\): attribute 'dropout' is 0.2 where model 0 has 0.1"
+    ):
         ModelBatch([Seq(nn.LSTM(F, 6, 2, dropout=p)) for p in (0.1, 0.2)])
     with pytest.raises(ValueError, match="batch_first"):
         ModelBatch([Seq(nn.GRU(F, 6, batch_first=bf)) for bf in (False, True)])

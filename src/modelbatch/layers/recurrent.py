@@ -56,20 +56,6 @@ __all__ = [
     "VmapRNNCell",
 ]
 
-# Settings of a recurrent module that every model of a batch must share.
-_RNN_SETTINGS = (
-    "mode",
-    "input_size",
-    "hidden_size",
-    "num_layers",
-    "bias",
-    "batch_first",
-    "dropout",
-    "bidirectional",
-    "proj_size",
-    "nonlinearity",
-)
-
 
 def _gates_lstm(
     xg: Tensor, h: Tensor, c: Tensor, w_hh: Tensor, w_hr: Tensor | None
@@ -490,26 +476,7 @@ _REPLACEMENTS: dict[type[nn.Module], type[nn.Module]] = {
 }
 
 
-def _check_peers(module: nn.Module, context: dict[str, Any]) -> None:
-    """Refuse models whose recurrent settings differ from model 0's (the batch would run
-    model 0's for all of them)."""
-    peers: Sequence[nn.Module] = context.get("peers") or ()  # type: ignore[assignment]
-    path = context.get("path", "")
-    for i, peer in enumerate(peers):
-        for attr in _RNN_SETTINGS:
-            if not hasattr(module, attr):
-                continue
-            mine, theirs = getattr(module, attr), getattr(peer, attr, None)
-            if mine != theirs:
-                raise ValueError(
-                    f"model {i}'s {type(peer).__name__} at '{path}' has {attr}={theirs!r} but "
-                    f"model 0's has {attr}={mine!r}: the models of one batch must share every "
-                    "setting of a recurrent layer; put models that differ in separate batches"
-                )
-
-
 def _substitute(module: nn.Module, context: dict[str, Any]) -> nn.Module:
-    _check_peers(module, context)
     module.__class__ = _REPLACEMENTS[type(module)]
     if isinstance(module, nn.RNNBase):
         # Drop the references to model 0's original (unstacked) weights: the substituted
