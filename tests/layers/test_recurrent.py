@@ -412,3 +412,27 @@ def test_errors_name_the_cause() -> None:
     with pytest.raises(ValueError, match="batch_first"):
         ModelBatch([Seq(nn.GRU(F, 6, batch_first=bf)) for bf in (False, True)])
     assert isinstance(gru.stacked.rnn, VmapGRU)
+
+
+def test_a_model_that_is_an_lstm_trains_as_alone() -> None:
+    """The root module itself is substituted: a bare ``nn.LSTM`` as the model."""
+    x = torch.randn(T, B, F, dtype=torch.float64)
+
+    models = [nn.LSTM(F, 6, 2).double() for _ in range(N)]
+    alone = [copy.deepcopy(m) for m in models]
+    batch = ModelBatch(models)
+    assert isinstance(batch.stacked, VmapLSTM)
+    opt = Adam(batch, lr=0.05)
+    ref_opts = [torch.optim.Adam(m.parameters(), lr=0.05) for m in alone]
+    for _ in range(2):
+        out, (h, c) = batch(x)
+        opt.zero_grad()
+        (out.square().sum() + h.sum() + c.sum()).backward()
+        opt.step()
+        for m, ref_opt in zip(alone, ref_opts, strict=True):
+            o, (hh, cc) = m(x)
+            ref_opt.zero_grad()
+            (o.square().sum() + hh.sum() + cc.sum()).backward()
+            ref_opt.step()
+    assert_close_models(batch.extract_all(), alone, torch.float64, "after training")
+    assert type(batch.extract(0)) is nn.LSTM
