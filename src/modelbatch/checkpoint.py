@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import hmac
+import inspect
 import json
 import math
 import os
@@ -524,7 +525,9 @@ def _write_checkpoint(
             write(f"{base}/{_BATCH_FILE}", st_save(batch_sd))
         if optimizer is not None:
             tensors, scalars = _per_model_optimizer_state(optimizer, i)
-            write(f"{base}/{_OPT_FILE}", st_save(tensors, metadata={"scalars": json.dumps(scalars)}))
+            write(
+                f"{base}/{_OPT_FILE}", st_save(tensors, metadata={"scalars": json.dumps(scalars)})
+            )
             group = {k: v for k, v in optimizer.param_groups[i].items() if k != "params"}
             group["model_id"] = mid
             write(f"{base}/{_HP_FILE}", _json_bytes(_json_ready(group, f"param group of {mid!r}")))
@@ -591,7 +594,9 @@ class _Dir:
                 except FileNotFoundError:
                     raise CheckpointError(f"no checkpoint at {root}") from None
                 except OSError as e:
-                    raise CheckpointError(f"cannot open the checkpoint folder {root}: {e}") from None
+                    raise CheckpointError(
+                        f"cannot open the checkpoint folder {root}: {e}"
+                    ) from None
                 stack.callback(os.close, fd)
             elif not root.is_dir():
                 raise CheckpointError(f"no checkpoint at {root}")
@@ -633,7 +638,13 @@ class _Dir:
             self._stack.callback(os.close, fd)
         return _Dir(self.path / name, fd, self._stack)
 
-    def read(self, name: str, size: int | None, limit: int = _MAX_POINTER) -> bytes:
+    def read(
+        self,
+        name: str,
+        size: int | None,
+        limit: int = _MAX_POINTER,
+        recorded_by: str = "the manifest",
+    ) -> bytes:
         """The bytes of the regular file ``name``: exactly ``size`` of them (or, without a
         recorded size, at most ``limit``); nothing else is read."""
         where = self.path / name
@@ -647,7 +658,7 @@ class _Dir:
                 size = actual
             elif actual != size:
                 raise CheckpointError(
-                    f"{where} is corrupt: it has {actual} bytes, the manifest records {size}"
+                    f"{where} is corrupt: it has {actual} bytes, {recorded_by} records {size}"
                 )
             chunks = []
             left = size
@@ -668,15 +679,21 @@ def _check_kind(st: os.stat_result, want_dir: bool, where: Path, fd: int | None 
     mode = st.st_mode
     problem = None
     if stat.S_ISLNK(mode):
-        problem = "is a symbolic link; a checkpoint is read only from regular files inside its folder"
+        problem = (
+            "is a symbolic link; a checkpoint is read only from regular files inside its folder"
+        )
     elif want_dir and not stat.S_ISDIR(mode):
         problem = "is not a folder"
     elif not want_dir and not stat.S_ISREG(mode):
         what = (
-            "a FIFO" if stat.S_ISFIFO(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-            else "a socket" if stat.S_ISSOCK(mode)
-            else "a folder" if stat.S_ISDIR(mode)
+            "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "a folder"
+            if stat.S_ISDIR(mode)
             else "not a regular file"
         )
         problem = f"is {what}; a checkpoint is read only from regular files"
@@ -704,26 +721,48 @@ def _read_pointer(root_dir: _Dir, root: Path) -> list[dict[str, Any]]:
             f"format version {VERSION}"
         )
     versions = pointer.get("versions")
-    _need(isinstance(versions, list) and versions, where, "versions", "a non-empty list")
+    if not isinstance(versions, list) or not versions:
+        _need(False, where, "versions", "a non-empty list")
+    assert isinstance(versions, list)
     seen = set()
     for k, e in enumerate(versions):
         field = f"versions[{k}]"
         _need(isinstance(e, dict), where, field, "an object")
         folder = e.get("folder")
-        _need(isinstance(folder, str) and _version_number(folder) is not None, where,
-              f"{field}.folder", "a version folder name vNNNNNNNN")
+        _need(
+            isinstance(folder, str) and _version_number(folder) is not None,
+            where,
+            f"{field}.folder",
+            "a version folder name vNNNNNNNN",
+        )
         _need(folder not in seen, where, f"{field}.folder", "unique")
         seen.add(folder)
-        _need(e.get("step") is None or _is_int(e.get("step")), where, f"{field}.step",
-              "an int or null")
-        _need(isinstance(e.get("manifest_sha256"), str)
-              and _HEX64.fullmatch(e["manifest_sha256"]) is not None, where,
-              f"{field}.manifest_sha256", "a SHA-256 hex digest")
-        _need(_is_int(e.get("manifest_size")) and 0 < e["manifest_size"] <= 1 << 30, where,
-              f"{field}.manifest_size", "a positive int")
+        _need(
+            e.get("step") is None or _is_int(e.get("step")),
+            where,
+            f"{field}.step",
+            "an int or null",
+        )
+        _need(
+            isinstance(e.get("manifest_sha256"), str)
+            and _HEX64.fullmatch(e["manifest_sha256"]) is not None,
+            where,
+            f"{field}.manifest_sha256",
+            "a SHA-256 hex digest",
+        )
+        _need(
+            _is_int(e.get("manifest_size")) and 0 < e["manifest_size"] <= 1 << 30,
+            where,
+            f"{field}.manifest_size",
+            "a positive int",
+        )
         sig = e.get("signature")
-        _need(sig is None or (isinstance(sig, str) and _HEX64.fullmatch(sig) is not None),
-              where, f"{field}.signature", "null or an HMAC-SHA256 hex digest")
+        _need(
+            sig is None or (isinstance(sig, str) and _HEX64.fullmatch(sig) is not None),
+            where,
+            f"{field}.signature",
+            "null or an HMAC-SHA256 hex digest",
+        )
     return versions
 
 
@@ -761,7 +800,9 @@ class _Version:
             d = d.sub(part)
         data = d.read(name, record["size"])
         if hashlib.sha256(data).hexdigest() != record["sha256"]:
-            raise CheckpointError(f"{where} ({what}) is corrupt: its SHA-256 does not match the manifest")
+            raise CheckpointError(
+                f"{where} ({what}) is corrupt: its SHA-256 does not match the manifest"
+            )
         return data
 
     def tensors(self, rel: str, what: str) -> dict[str, Tensor]:
@@ -799,10 +840,7 @@ def _open_version(
             if isinstance(version, bool) or not isinstance(version, int):
                 raise TypeError(f"version must be an int, got {version!r}")
             matches = [e for e in entries if _version_number(e["folder"]) == version]
-            if matches:
-                entry = matches[0]
-            else:
-                entry = _orphan_entry(d, root, version)
+            entry = matches[0] if matches else _orphan_entry(d, root, version)
         folder = entry["folder"]
         if not d.exists(folder):
             raise CheckpointError(
@@ -812,7 +850,7 @@ def _open_version(
             )
         vdir = d.sub(folder)
         where = vdir.path / _MANIFEST
-        data = vdir.read(_MANIFEST, entry["manifest_size"])
+        data = vdir.read(_MANIFEST, entry["manifest_size"], recorded_by=str(root / _POINTER))
         if entry["manifest_sha256"] is not None and (
             hashlib.sha256(data).hexdigest() != entry["manifest_sha256"]
         ):
@@ -841,8 +879,13 @@ def _orphan_entry(d: _Dir, root: Path, version: int) -> dict[str, Any]:
     st = d.sub(folder)._lstat(_MANIFEST)
     if st is None:
         raise CheckpointError(f"version {version} at {root} is incomplete: no {_MANIFEST}")
-    return {"folder": folder, "step": None, "manifest_sha256": None,
-            "manifest_size": int(st.st_size), "signature": None}
+    return {
+        "folder": folder,
+        "step": None,
+        "manifest_sha256": None,
+        "manifest_size": int(st.st_size),
+        "signature": None,
+    }
 
 
 def list_versions(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -890,41 +933,72 @@ def _check_manifest(m: Any, where: Path, folder: str) -> None:
         f = f"models[{k}]"
         _need(isinstance(e, dict), where, f, "an object")
         mid = e.get("id")
-        _need(_is_int(mid) or (isinstance(mid, str) and mid != ""), where, f"{f}.id",
-              "an int or a non-empty string")
-        _need(e.get("folder") == model_folder_name(mid), where, f"{f}.folder",
-              f"{model_folder_name(mid)!r} (the folder of id {mid!r})")
+        _need(
+            _is_int(mid) or (isinstance(mid, str) and mid != ""),
+            where,
+            f"{f}.id",
+            "an int or a non-empty string",
+        )
+        _need(
+            e.get("folder") == model_folder_name(mid),
+            where,
+            f"{f}.folder",
+            f"{model_folder_name(mid)!r} (the folder of id {mid!r})",
+        )
         _need(isinstance(e.get("active"), bool), where, f"{f}.active", "true or false")
         seed = e.get("seed")
-        _need(seed is None or (_is_int(seed) and seed >= 0), where, f"{f}.seed",
-              "null or a non-negative int")
+        _need(
+            seed is None or (_is_int(seed) and seed >= 0),
+            where,
+            f"{f}.seed",
+            "null or a non-negative int",
+        )
         ids.append(mid)
     _need(len(set(map(json.dumps, ids))) == len(ids), where, "models[].id", "unique")
     arch = m.get("architecture")
-    _need(isinstance(arch, dict) and isinstance(arch.get("tensors"), list), where,
-          "architecture.tensors", "a list")
+    _need(
+        isinstance(arch, dict) and isinstance(arch.get("tensors"), list),
+        where,
+        "architecture.tensors",
+        "a list",
+    )
     names = set()
     for k, e in enumerate(arch["tensors"]):
         f = f"architecture.tensors[{k}]"
-        _need(isinstance(e, dict) and isinstance(e.get("name"), str), where, f"{f}.name",
-              "a string")
+        _need(
+            isinstance(e, dict) and isinstance(e.get("name"), str), where, f"{f}.name", "a string"
+        )
         _need(e["name"] not in names, where, f"{f}.name", "unique")
         names.add(e["name"])
-        _need(e.get("kind") in ("parameter", "buffer"), where, f"{f}.kind",
-              "'parameter' or 'buffer'")
+        _need(
+            e.get("kind") in ("parameter", "buffer"), where, f"{f}.kind", "'parameter' or 'buffer'"
+        )
         shape = e.get("shape")
-        _need(isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape), where,
-              f"{f}.shape", "a list of non-negative ints")
+        _need(
+            isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape),
+            where,
+            f"{f}.shape",
+            "a list of non-negative ints",
+        )
         _need(isinstance(e.get("dtype"), str), where, f"{f}.dtype", "a string")
         _need(isinstance(e.get("in_model"), bool), where, f"{f}.in_model", "true or false")
-    _need(m.get("optimizer") is None or isinstance(m.get("optimizer"), str), where,
-          "optimizer", "null or a class name")
+    _need(
+        m.get("optimizer") is None or isinstance(m.get("optimizer"), str),
+        where,
+        "optimizer",
+        "null or a class name",
+    )
     scheds = m.get("schedulers")
     _need(isinstance(scheds, list), where, "schedulers", "a list")
     for k, s in enumerate(scheds):
-        _need(isinstance(s, dict) and isinstance(s.get("class"), str)
-              and isinstance(s.get("state"), dict), where, f"schedulers[{k}]",
-              "an object with a 'class' string and a 'state' object")
+        _need(
+            isinstance(s, dict)
+            and isinstance(s.get("class"), str)
+            and isinstance(s.get("state"), dict),
+            where,
+            f"schedulers[{k}]",
+            "an object with a 'class' string and a 'state' object",
+        )
     _check_scaler_meta(m.get("scaler"), ids, where)
     _check_rng_meta(m.get("rng"), where)
     _need(m.get("step") is None or _is_int(m.get("step")), where, "step", "null or an int")
@@ -938,35 +1012,63 @@ def _check_manifest(m: Any, where: Path, folder: str) -> None:
     }
     for rel, rec in files.items():
         _need(rel in allowed, where, f"files[{rel!r}]", "a file of this checkpoint's layout")
-        _need(isinstance(rec, dict) and isinstance(rec.get("sha256"), str)
-              and _HEX64.fullmatch(rec["sha256"]) is not None
-              and _is_int(rec.get("size")) and rec["size"] >= 0, where, f"files[{rel!r}]",
-              "an object with a 'sha256' hex digest and a non-negative 'size'")
+        _need(
+            isinstance(rec, dict)
+            and isinstance(rec.get("sha256"), str)
+            and _HEX64.fullmatch(rec["sha256"]) is not None
+            and _is_int(rec.get("size"))
+            and rec["size"] >= 0,
+            where,
+            f"files[{rel!r}]",
+            "an object with a 'sha256' hex digest and a non-negative 'size'",
+        )
 
 
 def _check_scaler_meta(s: Any, ids: list[Any], where: Path) -> None:
     if s is None:
         return
-    _need(isinstance(s, dict) and isinstance(s.get("enabled"), bool), where,
-          "scaler.enabled", "true or false")
+    _need(
+        isinstance(s, dict) and isinstance(s.get("enabled"), bool),
+        where,
+        "scaler.enabled",
+        "true or false",
+    )
     if not s["enabled"]:
         return
     for name in ("growth_factor", "backoff_factor"):
         v = s.get(name)
-        _need(_is_number(v) and math.isfinite(v) and v > 0, where, f"scaler.{name}",
-              "a finite positive number")
+        _need(
+            _is_number(v) and math.isfinite(v) and v > 0,
+            where,
+            f"scaler.{name}",
+            "a finite positive number",
+        )
     gi = s.get("growth_interval")
     _need(_is_int(gi) and gi > 0, where, "scaler.growth_interval", "a positive int")
     per = s.get("per_model")
     keys = {json.dumps(mid) for mid in ids}
-    _need(isinstance(per, dict) and set(per) == keys, where, "scaler.per_model",
-          f"an object with one entry per model id {sorted(keys)}")
+    _need(
+        isinstance(per, dict) and set(per) == keys,
+        where,
+        "scaler.per_model",
+        f"an object with one entry per model id {sorted(keys)}",
+    )
     for key, e in per.items():
-        _need(isinstance(e, dict) and _is_number(e.get("scale"))
-              and math.isfinite(e["scale"]) and e["scale"] > 0, where,
-              f"scaler.per_model[{key}].scale", "a finite positive number")
-        _need(_is_int(e.get("growth_tracker")) and e["growth_tracker"] >= 0, where,
-              f"scaler.per_model[{key}].growth_tracker", "a non-negative int")
+        _need(
+            isinstance(e, dict)
+            and _is_number(e.get("scale"))
+            and math.isfinite(e["scale"])
+            and e["scale"] > 0,
+            where,
+            f"scaler.per_model[{key}].scale",
+            "a finite positive number",
+        )
+        _need(
+            _is_int(e.get("growth_tracker")) and e["growth_tracker"] >= 0,
+            where,
+            f"scaler.per_model[{key}].growth_tracker",
+            "a non-negative int",
+        )
 
 
 def _check_rng_meta(r: Any, where: Path) -> None:
@@ -974,36 +1076,52 @@ def _check_rng_meta(r: Any, where: Path) -> None:
     cuda = r.get("cuda_devices")
     _need(_is_int(cuda) and cuda >= 0, where, "rng.cuda_devices", "a non-negative int")
     py = r.get("python")
-    _need(isinstance(py, list) and len(py) == 3 and isinstance(py[1], list), where,
-          "rng.python", "[version, [state ints], gauss]")
+    _need(
+        isinstance(py, list) and len(py) == 3 and isinstance(py[1], list),
+        where,
+        "rng.python",
+        "[version, [state ints], gauss]",
+    )
     try:
         random.Random().setstate((py[0], tuple(py[1]), py[2]))
-    except (TypeError, ValueError, OverflowError) as e:
-        raise CheckpointError(f"{where} is malformed: rng.python is not a Python random "
-                              f"state: {e}") from None
+    except (TypeError, ValueError, OverflowError, IndexError) as e:
+        raise CheckpointError(
+            f"{where} is malformed: rng.python is not a Python random state: {e}"
+        ) from None
     nps = r.get("numpy")
     _need(isinstance(nps, dict), where, "rng.numpy", "an object")
     try:
         keys = nps["keys"]
-        _need(isinstance(keys, list) and all(_is_int(k) and 0 <= k < 2**32 for k in keys),
-              where, "rng.numpy.keys", "a list of uint32")
+        _need(
+            isinstance(keys, list) and all(_is_int(k) and 0 <= k < 2**32 for k in keys),
+            where,
+            "rng.numpy.keys",
+            "a list of uint32",
+        )
         for name in ("pos", "has_gauss"):
             _need(_is_int(nps[name]), where, f"rng.numpy.{name}", "an int")
         _need(_is_number(nps["cached_gaussian"]), where, "rng.numpy.cached_gaussian", "a number")
         np.random.RandomState().set_state(
-            (nps["name"], np.asarray(keys, dtype=np.uint32), nps["pos"], nps["has_gauss"],
-             nps["cached_gaussian"])
+            (
+                nps["name"],
+                np.asarray(keys, dtype=np.uint32),
+                nps["pos"],
+                nps["has_gauss"],
+                nps["cached_gaussian"],
+            )
         )
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{where} is malformed: rng.numpy is not a NumPy random "
-                              f"state: {e!r}") from None
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError) as e:
+        raise CheckpointError(
+            f"{where} is malformed: rng.numpy is not a NumPy random state: {e!r}"
+        ) from None
 
 
-def _check_like(saved: Any, current: Any, where: str) -> Any:
+def _check_like(saved: Any, current: Any, where: str, none_matches: bool = True) -> Any:
     """``saved`` (from JSON) shaped like ``current`` (the live object's state): same keys,
     same list lengths, same kinds of scalars; returns it with tuples where ``current``
-    has tuples. Raises CheckpointError naming the field."""
-    if current is None or saved is None:
+    has tuples. ``None`` on either side matches anything unless ``none_matches`` is off
+    (then only ``current`` may be None). Raises CheckpointError naming the field."""
+    if current is None or (saved is None and none_matches):
         return saved
     if isinstance(current, bool):
         ok = isinstance(saved, bool)
@@ -1015,7 +1133,10 @@ def _check_like(saved: Any, current: Any, where: str) -> Any:
         if not isinstance(saved, list) or len(saved) != len(current):
             n = len(saved) if isinstance(saved, list) else type(saved).__name__
             raise CheckpointError(f"{where}: expected a list of {len(current)} entries, got {n}")
-        out = [_check_like(s, c, f"{where}[{k}]") for k, (s, c) in enumerate(zip(saved, current))]
+        out = [
+            _check_like(s, c, f"{where}[{k}]", none_matches)
+            for k, (s, c) in enumerate(zip(saved, current, strict=True))
+        ]
         return tuple(out) if isinstance(current, tuple) else out
     elif isinstance(current, Mapping):
         if not isinstance(saved, dict):
@@ -1024,13 +1145,14 @@ def _check_like(saved: Any, current: Any, where: str) -> Any:
         unexpected = sorted(set(saved) - set(map(str, current)))
         if missing or unexpected:
             raise CheckpointError(f"{where}: missing entries {missing}, unexpected {unexpected}")
-        return {k: _check_like(saved[str(k)], v, f"{where}.{k}") for k, v in current.items()}
+        return {
+            k: _check_like(saved[str(k)], v, f"{where}.{k}", none_matches)
+            for k, v in current.items()
+        }
     else:
         ok = False
     if not ok:
-        raise CheckpointError(
-            f"{where}: expected a {type(current).__name__}, got {saved!r}"
-        )
+        raise CheckpointError(f"{where}: expected a {type(current).__name__}, got {saved!r}")
     return saved
 
 
@@ -1061,7 +1183,7 @@ def _check_hparams(
             cur = (0.0, 0.0)
         elif isinstance(optimizer, BatchOptimizer) and k in optimizer._float_hparams:
             cur = 0.0
-        v = _check_like(v, cur, field)
+        v = _check_like(v, cur, field, none_matches=False)
         flat = list(v) if isinstance(v, (list, tuple)) else [v]
         for x in flat:
             if _is_number(x) and not math.isfinite(x):
@@ -1071,12 +1193,16 @@ def _check_hparams(
         if isinstance(optimizer, BatchOptimizer):
             optimizer._validate({k: v for k, v in out.items()}, i)
         else:
+            # The constructor validates its keyword arguments (not param-group entries).
             like = next(p for _, p in optimizer.batch.stacked_parameters())
             dummy = torch.zeros(1, dtype=like.dtype, device=like.device, requires_grad=True)
-            params = {k: v for k, v in out.items() if k != "model_id"}
-            optimizer.optimizer_cls([{"params": [dummy], **params}])
+            accepted = inspect.signature(optimizer.optimizer_cls).parameters
+            kwargs = {k: v for k, v in out.items() if k in accepted and k != "params"}
+            optimizer.optimizer_cls([dummy], **kwargs)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{where} (model {mid!r}) has invalid hyper-parameters: {e}") from None
+        raise CheckpointError(
+            f"{where} (model {mid!r}) has invalid hyper-parameters: {e}"
+        ) from None
     return out
 
 
@@ -1121,9 +1247,7 @@ def load_all(
         ``{"step": ..., "extra": {...}, "model_ids": [...], "version": int, "manifest": {...}}``.
     """
     with _open_version(directory, version, signing_key) as ck:
-        plan = _plan_load(
-            batch, ck, optimizer, _as_list(scheduler), scaler, model_ids, restore_rng
-        )
+        plan = _plan_load(batch, ck, optimizer, _as_list(scheduler), scaler, model_ids, restore_rng)
     _commit_load(batch, optimizer, _as_list(scheduler), scaler, restore_rng, plan)
     m = ck.manifest
     return {
@@ -1202,8 +1326,9 @@ def _plan_load(
                     f"scheduler {k} is a {cls}, the checkpoint has {saved['class']}"
                 )
             sched_states.append(
-                _check_like(saved["state"], s.state_dict(),
-                            f"{root / _MANIFEST}: schedulers[{k}].state")
+                _check_like(
+                    saved["state"], s.state_dict(), f"{root / _MANIFEST}: schedulers[{k}].state"
+                )
             )
 
     scaler_state = None
@@ -1277,11 +1402,14 @@ def _check_rng_tensors(ck: _Version, meta: Mapping[str, Any]) -> dict[str, Tenso
     n_cuda = meta["cuda_devices"]
     want = {"torch_cpu"} | {f"torch_cuda_{d}" for d in range(n_cuda)}
     if set(tensors) != want:
-        raise CheckpointError(f"{where} holds {sorted(tensors)}, the manifest implies {sorted(want)}")
+        raise CheckpointError(
+            f"{where} holds {sorted(tensors)}, the manifest implies {sorted(want)}"
+        )
     for name, t in tensors.items():
         if t.dtype != torch.uint8 or t.dim() != 1:
-            raise CheckpointError(f"{where}: {name} must be a 1-d uint8 tensor, got {t.dtype} "
-                                  f"{tuple(t.shape)}")
+            raise CheckpointError(
+                f"{where}: {name} must be a 1-d uint8 tensor, got {t.dtype} {tuple(t.shape)}"
+            )
     try:
         torch.Generator().set_state(tensors["torch_cpu"])
     except (RuntimeError, ValueError) as e:
@@ -1310,18 +1438,26 @@ def _commit_load(
     try:
         _apply(batch, optimizer, schedulers, scaler, restore_rng, plan)
     except Exception as e:
-        _apply(batch, optimizer, schedulers, scaler, True, before)
+        try:
+            _apply(batch, optimizer, schedulers, scaler, True, before)
+        except Exception as undo:
+            raise CheckpointError(
+                f"loading failed ({e!r}) and undoing it failed too ({undo!r}): the batch, "
+                "optimizer, schedulers or scaler may be inconsistent; rebuild them"
+            ) from e
         raise CheckpointError(f"loading failed and was undone: {e!r}") from e
 
 
-def _snapshot(batch: ModelBatch, optimizer: Any, schedulers: list[Any], scaler: Any) -> dict[str, Any]:
+def _snapshot(
+    batch: ModelBatch, optimizer: Any, schedulers: list[Any], scaler: Any
+) -> dict[str, Any]:
     stacked = batch.stacked.state_dict()
     n = len(batch)
     return {
         "ids": batch.model_ids,
         "weights": [{k: v[i].clone() for k, v in stacked.items()} for i in range(n)],
         "active": batch.active.tolist(),
-        "seeds": list(batch.seeds) if getattr(batch, "seeds", None) is not None else [None] * n,
+        "seeds": [None] * n if batch.seeds is None else list(batch.seeds),
         "opt_state": None if optimizer is None else copy.deepcopy(optimizer.state_dict()),
         "sched_states": [copy.deepcopy(s.state_dict()) for s in schedulers],
         "scaler_state": None if scaler is None else copy.deepcopy(scaler.state_dict()),
@@ -1546,6 +1682,7 @@ def load_model(
         module.load_state_dict(weights, strict=True)
     except RuntimeError as e:
         raise CheckpointError(
-            f"model {model_id!r} of {ck.path} does not fit the template {type(template).__name__}: {e}"
+            f"model {model_id!r} of {ck.path} does not fit the template "
+            f"{type(template).__name__}: {e}"
         ) from None
     return module

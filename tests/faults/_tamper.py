@@ -28,13 +28,15 @@ def _repoint(root: Path, manifest_bytes: bytes) -> None:
 
 
 def write_manifest(root: Path, manifest: Any, *, rehash: bool = True) -> None:
-    data = json.dumps(manifest).encode()
+    data = json.dumps(manifest, indent=1).encode()  # as written: small edits keep the size
     (latest(root) / "manifest.json").write_bytes(data)
     if rehash:
         _repoint(root, data)
 
 
-def edit_manifest(root: Path, edit: Callable[[dict[str, Any]], Any], *, rehash: bool = True) -> None:
+def edit_manifest(
+    root: Path, edit: Callable[[dict[str, Any]], Any], *, rehash: bool = True
+) -> None:
     """Apply ``edit`` to the latest manifest (in place) and write it back."""
     manifest = json.loads((latest(root) / "manifest.json").read_text())
     edit(manifest)
@@ -46,6 +48,7 @@ def replace_file(root: Path, rel: str, data: bytes, *, rehash: bool = True) -> N
     manifest and the manifest's digest in the pointer."""
     (latest(root) / rel).write_bytes(data)
     if rehash:
+
         def edit(m: dict[str, Any]) -> None:
             m["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
 

@@ -31,7 +31,9 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (
 class Server:
     def __init__(self) -> None:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")]
+        )
         env["OMP_NUM_THREADS"] = "1"
         self.proc = subprocess.Popen(
             [sys.executable, str(SERVER)],
@@ -175,7 +177,7 @@ def test_deleting_the_folder_resurrects_nothing(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         loaded_step(root)
     os.makedirs(root)
-    with pytest.raises(CheckpointError, match="latest.json is missing"):
+    with pytest.raises(CheckpointError, match=r"latest\.json is missing"):
         loaded_step(root)
     assert os.listdir(tmp_path) == ["ck"]  # nothing was ever stored beside the folder
 
@@ -195,5 +197,6 @@ def test_deleting_the_latest_version_does_not_fall_back(tmp_path: Path) -> None:
     save_all(make(3)[0], root, step=3)  # a new save commits again; the orphan goes
     assert [(v["version"], v["step"]) for v in list_versions(root)] == [(2, 3)]
     assert sorted(n for n in os.listdir(root) if not n.startswith(".")) == [
-        "latest.json", "v00000002"
+        "latest.json",
+        "v00000002",
     ]
