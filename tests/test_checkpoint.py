@@ -399,3 +399,28 @@ def test_cuda_checkpoint_loads_on_cpu_and_back(tmp_path: Path) -> None:
     back = ModelBatch([m.cuda() for m in seeded_models(mlp, [4, 5, 6])], seeds=[7, 8, 9])
     back.load_all(tmp_path / "ck")
     assert torch.equal(back.stacked[0].weight, on_gpu.stacked[0].weight)
+
+
+# --------------------------------------------------------------------------- state_dict
+def test_state_dict_carries_and_checks_model_ids() -> None:
+    """``ModelBatch.state_dict()`` names the models of its [N, ...] rows; loading it into a
+    batch of other models is refused before anything is copied."""
+    src = ModelBatch([nn.Linear(2, 2) for _ in range(2)], model_ids=[1, 2])
+    sd = src.state_dict()
+    assert json.loads(bytes(sd["model_ids"].tolist())) == [1, 2]
+    other = ModelBatch([nn.Linear(2, 2) for _ in range(2)])
+    before = snapshot(other)
+    with pytest.raises(RuntimeError, match=r"holds models \[1, 2\], this batch holds \[0, 1\]"):
+        other.load_state_dict(sd)
+    same_tensors(other.state_dict(), before)
+    legacy = {k: v for k, v in sd.items() if k != "model_ids"}
+    with pytest.raises(RuntimeError, match='Missing key.* "model_ids"'):
+        other.load_state_dict(legacy)
+    other.load_state_dict({**legacy, "model_ids": other.state_dict()["model_ids"]})  # by position
+    same_tensors(other.stacked.state_dict(), src.stacked.state_dict())
+    other.load_state_dict(legacy, strict=False)
+    twin = ModelBatch([nn.Linear(2, 2) for _ in range(2)], model_ids=[1, 2])
+    twin.load_state_dict(sd)
+    outer = nn.ModuleDict({"batch": twin})
+    assert "batch.model_ids" in outer.state_dict()
+    outer.load_state_dict(outer.state_dict())

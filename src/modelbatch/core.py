@@ -590,13 +590,9 @@ class ModelBatch(nn.Module):
         missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
     ) -> None:
         key = prefix + "model_ids"
-        if key not in state_dict and strict:
-            raise RuntimeError(
-                f"the state_dict has no {key!r} entry (the ids of its models), so it cannot be "
-                f"checked against this batch's {self._model_ids}; to load it by position, set "
-                f"state_dict[{key!r}] = batch.state_dict()[{key!r}]"
-            )
-        if key in state_dict:
+        if key not in state_dict:  # a missing key: only load_state_dict(strict=False) loads it
+            missing_keys.append(key)
+        else:
             t = state_dict[key]
             try:
                 saved = json.loads(bytes(t.to("cpu", torch.uint8).tolist()).decode("utf-8"))
