@@ -414,7 +414,7 @@ def test_state_dict_carries_and_checks_model_ids() -> None:
         other.load_state_dict(sd)
     same_tensors(other.state_dict(), before)
     legacy = {k: v for k, v in sd.items() if k != "model_ids"}
-    with pytest.raises(RuntimeError, match='Missing key.* "model_ids"'):
+    with pytest.raises(RuntimeError, match=r'Missing key.* "model_ids"'):
         other.load_state_dict(legacy)
     other.load_state_dict({**legacy, "model_ids": other.state_dict()["model_ids"]})  # by position
     same_tensors(other.stacked.state_dict(), src.stacked.state_dict())

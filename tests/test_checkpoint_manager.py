@@ -23,7 +23,9 @@ def build(seed: int) -> tuple[ModelBatch, Any, Any]:
     return batch, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
 
 
-def train(manager: CheckpointManager | None, objs: tuple[ModelBatch, Any, Any], steps: range) -> None:
+def train(
+    manager: CheckpointManager | None, objs: tuple[ModelBatch, Any, Any], steps: range
+) -> None:
     batch, opt, sched = objs
     for step in steps:
         x = torch.randn(5, 3, dtype=torch.float64)
@@ -72,7 +74,7 @@ def test_restore_refuses_a_folder_without_its_pointer(tmp_path: Path) -> None:
     batch = build(0)[0]
     manager.save(batch, 0)
     (tmp_path / "run" / "latest.json").unlink()
-    with pytest.raises(CheckpointError, match="latest.json is missing"):
+    with pytest.raises(CheckpointError, match=r"latest\.json is missing"):
         manager.restore(batch)
     with pytest.raises(ValueError, match="every must be a positive int"):
         CheckpointManager(tmp_path, every=0)

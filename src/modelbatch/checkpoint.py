@@ -1665,7 +1665,7 @@ def load_model(
     ``template`` is any instance of the architecture (its weights are not used). Without
     ModelBatch the same is::
 
-        folder = json.load(open("ckpt/latest.json"))["versions"][-1]["folder"]
+        folder = json.loads(Path("ckpt/latest.json").read_text())["versions"][-1]["folder"]
         model.load_state_dict(safetensors.torch.load_file(f"ckpt/{folder}/models/<id>/model.safetensors"))
     """
     with _open_version(directory, version, None) as ck:

@@ -141,6 +141,4 @@ class CheckpointManager:
         return _POINTER in names or any(_version_number(n) is not None for n in names)
 
     def __repr__(self) -> str:
-        return (
-            f"CheckpointManager({str(self.directory)!r}, every={self.every}, keep={self.keep})"
-        )
+        return f"CheckpointManager({str(self.directory)!r}, every={self.every}, keep={self.keep})"

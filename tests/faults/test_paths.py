@@ -105,7 +105,9 @@ def test_keep_versions_and_orphans(tmp_path: Path) -> None:
         save_all(batch_of(k), root, step=k, keep=3)
     assert [(v["version"], v["step"]) for v in list_versions(root)] == [(3, 3), (4, 4), (5, 5)]
     assert sorted(n for n in os.listdir(root) if n.startswith("v")) == [
-        "v00000003", "v00000004", "v00000005"
+        "v00000003",
+        "v00000004",
+        "v00000005",
     ]
     assert value_of(root, version=3) == 3.0
     with pytest.raises(CheckpointError, match="no version 1 in the checkpoint"):
