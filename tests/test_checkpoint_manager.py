@@ -69,12 +69,22 @@ def test_save_every_keep_and_resume(tmp_path: Path) -> None:
     assert manager.steps() == [6, 11]
 
 
-def test_restore_refuses_a_folder_without_its_pointer(tmp_path: Path) -> None:
+def test_restore_after_a_first_save_killed_before_its_commit(tmp_path: Path) -> None:
+    """No ``latest.json``: nothing was committed, the run starts afresh (and its first save
+    removes the uncommitted version), while ``load_all`` says there is no checkpoint."""
     manager = CheckpointManager(tmp_path / "run", keep=1)
     batch = build(0)[0]
     manager.save(batch, 0)
-    (tmp_path / "run" / "latest.json").unlink()
+    (tmp_path / "run" / "latest.json").unlink()  # the state right before the first commit
+    assert manager.restore(batch) is None and manager.steps() == []
     with pytest.raises(CheckpointError, match=r"latest\.json is missing"):
-        manager.restore(batch)
+        batch.load_all(tmp_path / "run")
+    manager.save(batch, 1)
+    assert manager.steps() == [1]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        ".lock",
+        "latest.json",
+        "v00000002",
+    ]
     with pytest.raises(ValueError, match="every must be a positive int"):
         CheckpointManager(tmp_path, every=0)

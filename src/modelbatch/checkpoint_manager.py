@@ -16,7 +16,6 @@ import torch
 from modelbatch.checkpoint import (
     _POINTER,
     _checkpoint_root,
-    _version_number,
     list_versions,
     load_all,
     save_all,
@@ -99,7 +98,7 @@ class CheckpointManager:
 
     def steps(self) -> list[int | None]:
         """The steps of the kept versions, oldest first (``[]`` before the first save)."""
-        if not self._has_versions():
+        if not self._committed():
             return []
         return [v["step"] for v in list_versions(self.directory)]
 
@@ -118,10 +117,10 @@ class CheckpointManager:
         **kwargs: Any,
     ) -> dict[str, Any] | None:
         """Load the latest version into ``batch`` (and the optimizer, schedulers, scaler,
-        RNG), returning :func:`~modelbatch.checkpoint.load_all`'s dict; None when the folder
-        holds no checkpoint yet (a fresh start). A folder with version folders but no
-        ``latest.json`` (deleted by hand) is an error, not a fresh start."""
-        if not self._has_versions():
+        RNG), returning :func:`~modelbatch.checkpoint.load_all`'s dict; None when nothing
+        was committed yet (no folder, or no ``latest.json`` in it: e.g. the first save was
+        killed before its commit), so the run starts afresh."""
+        if not self._committed():
             return None
         return load_all(
             batch,
@@ -133,12 +132,8 @@ class CheckpointManager:
             **kwargs,
         )
 
-    def _has_versions(self) -> bool:
-        root = _checkpoint_root(self.directory)
-        if not root.is_dir():
-            return False
-        names = os.listdir(root)
-        return _POINTER in names or any(_version_number(n) is not None for n in names)
+    def _committed(self) -> bool:
+        return (_checkpoint_root(self.directory) / _POINTER).exists()
 
     def __repr__(self) -> str:
         return f"CheckpointManager({str(self.directory)!r}, every={self.every}, keep={self.keep})"

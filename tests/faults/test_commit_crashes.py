@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from modelbatch import CheckpointError
+from modelbatch import CheckpointError, CheckpointManager
 from modelbatch.checkpoint import list_versions, load_all, save_all
 from tests.faults._crash_server import make
 
@@ -200,3 +200,27 @@ def test_deleting_the_latest_version_does_not_fall_back(tmp_path: Path) -> None:
         "latest.json",
         "v00000002",
     ]
+
+
+def test_kill_the_first_save_then_rerun(tmp_path: Path, server: Server) -> None:
+    """The first save into a folder is killed at each step: before its commit there is no
+    checkpoint (a re-run's CheckpointManager starts afresh and its save succeeds), from
+    the commit on it loads exactly."""
+    n = server(root=str(tmp_path / "count"), op="save", step=1, keep=1, crash_at=-1)["events"]
+    committed_at = None
+    for k in range(0, n, 2):
+        root = tmp_path / f"r{k}"
+        assert server(root=str(root), op="save", step=1, keep=1, crash_at=k)["killed"]
+        manager = CheckpointManager(root, keep=1)
+        batch, opt = make(-1)
+        if manager.restore(batch, optimizer=opt) is None:
+            assert committed_at is None, k  # once committed, always committed
+            with pytest.raises(CheckpointError, match="no checkpoint at"):
+                loaded_step(root)
+            again, again_opt = make(2)
+            manager.save(again, 2, optimizer=again_opt)
+            assert loaded_step(root) == 2
+        else:
+            committed_at = k if committed_at is None else committed_at
+            assert loaded_step(root) == 1
+    assert committed_at is not None
