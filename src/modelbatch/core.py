@@ -560,9 +560,9 @@ class ModelBatch(nn.Module):
     def save_all(
         self, directory: str | os.PathLike[str], optimizer: Any = None, **kwargs: Any
     ) -> Any:
-        """Save every model (one folder per id), atomically: see
-        :func:`modelbatch.checkpoint.save_all` (``scheduler=``, ``scaler=``, ``step=``,
-        ``extra=``)."""
+        """Save every model (one folder per id) as a new version of ``directory``,
+        atomically: see :func:`modelbatch.checkpoint.save_all` (``scheduler=``, ``scaler=``,
+        ``step=``, ``extra=``, ``keep=``, ``signing_key=``)."""
         from modelbatch.checkpoint import save_all
 
         return save_all(self, directory, optimizer=optimizer, **kwargs)
@@ -572,7 +572,7 @@ class ModelBatch(nn.Module):
     ) -> dict[str, Any]:
         """Load a checkpoint into this batch, checking it first: see
         :func:`modelbatch.checkpoint.load_all` (``scheduler=``, ``scaler=``, ``model_ids=``,
-        ...)."""
+        ``version=``, ``signing_key=``, ...)."""
         from modelbatch.checkpoint import load_all
 
         return load_all(self, directory, optimizer=optimizer, **kwargs)
