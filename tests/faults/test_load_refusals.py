@@ -457,3 +457,25 @@ def test_a_version_1_checkpoint_is_refused_clearly(ck: Path, tmp_path: Path) -> 
     batch = build(0)[0]
     with pytest.raises(CheckpointError, match="format version 1"):
         save_all(batch, old)
+
+
+def test_the_path_based_fallback_refuses_alike(
+    ck: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where ``dir_fd`` is unavailable (Windows), the reads go by path with ``lstat``
+    checks: the same refusals."""
+    import modelbatch.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "_DIR_FD", False)
+    assert loads(ck)["step"] == 5
+    folder = latest(ck) / "models" / "b"
+    outside = _outside_copy(folder, tmp_path)
+    shutil.rmtree(folder)
+    os.symlink(outside, folder)
+    refused(ck, "b is a symbolic link")
+    folder.unlink()
+    shutil.copytree(outside, folder)
+    weights = folder / "model.safetensors"
+    weights.unlink()
+    os.mkfifo(weights)
+    refused(ck, "model.safetensors is a FIFO")
