@@ -116,11 +116,10 @@ def test_kill_at_every_step_of_a_save(tmp_path: Path, server: Server) -> None:
         save_all(batch, root, optimizer=opt, step=4, keep=2)
         assert loaded_step(root) == 4
         assert leftovers(root) == [".lock"], (k, leftovers(root))
-        steps = [v["step"] for v in list_versions(root)]
-        assert steps == [seen[-1], 4], (k, steps)  # the previous latest is kept
-        assert sorted(d for d in os.listdir(root) if d.startswith("v")) == [
-            v["path"].name for v in list_versions(root)
-        ]
+        versions = list_versions(root)
+        assert [v["step"] for v in versions] == [seen[-1], 4], k  # the previous latest is kept
+        on_disk = sorted(d for d in os.listdir(root) if d.startswith("v"))
+        assert on_disk == [v["path"].name for v in versions], k
     # Old up to the commit (the rename of latest.json), new from then on: one switch.
     switch = seen.index(3)
     assert 0 < switch < n and seen == [2] * switch + [3] * (n + 1 - switch), seen
@@ -134,13 +133,13 @@ def test_kill_then_makedirs_then_kill_again(tmp_path: Path, server: Server) -> N
     n = server(root=str(tmp_path / "count"), op="save", step=2, keep=1, crash_at=-1)["events"]
     rng = random.Random(0)
     outcomes = set()
-    for k1 in range(n):
+    for k1 in range(0, n, 2):  # every other first crash point (all are in the test above)
         root = tmp_path / f"r{k1}"
         shutil.copytree(template, root)
         assert server(root=str(root), op="save", step=2, keep=1, crash_at=k1)["killed"]
         first = loaded_step(root)
         os.makedirs(root, exist_ok=True)
-        for k2 in [n - 1 - k1 % 3 if k1 % 2 else rng.randrange(n)]:
+        for k2 in [n - 1 - k1 % 3 if k1 % 4 else rng.randrange(n)]:
             assert server(root=str(root), op="save", step=3, keep=1, crash_at=k2)["killed"]
             second = loaded_step(root)
             assert second >= first, (k1, k2)
