@@ -74,3 +74,22 @@ def check_same_structure(models: Sequence[nn.Module]) -> None:
                         f"model {i}, {kind} {name!r}: requires_grad={t.requires_grad}, "
                         f"model 0 has requires_grad={t0.requires_grad}"
                     )
+
+
+# Provisional (sweeps branch): the settings helper writes the real structure_key; theirs wins
+# at merge. Two models can share a ModelBatch when their keys are equal.
+def structure_key(model: nn.Module) -> tuple:  # type: ignore[type-arg]
+    """A hashable description of a model's full signature: for every submodule its path,
+    class and ``extra_repr()`` (hyper-parameters such as ``eps``, ``momentum``, ``stride``),
+    and for every parameter and buffer its name, shape, dtype, device and ``requires_grad``.
+    """
+    modules = tuple(
+        (name, f"{type(m).__module__}.{type(m).__qualname__}", m.extra_repr())
+        for name, m in model.named_modules()
+    )
+    tensors = tuple(
+        (kind, name, tuple(t.shape), str(t.dtype), str(t.device), t.requires_grad)
+        for kind, named in (("p", model.named_parameters()), ("b", model.named_buffers()))
+        for name, t in named
+    )
+    return (modules, tensors)

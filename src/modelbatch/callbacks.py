@@ -98,6 +98,10 @@ class Callback:
     def on_keep_positions(self, keep: Sequence[int]) -> None:
         """The batch now holds only the models formerly at positions ``keep``."""
 
+    def on_models_replaced(self, pack: CallbackPack, positions: Sequence[int]) -> None:
+        """Fresh models now sit at ``positions`` (a sweep refilled freed slots): reset any
+        per-model state kept for those positions."""
+
 
 class CallbackPack:
     """Runs callbacks at the hook points of a training loop and applies their verdicts.

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from optuna.trial import TrialState
 
 from modelbatch.integrations.optuna import create_sqlite_study, optimize_batched
-from modelbatch.integrations.sweep import sweep
+from modelbatch.integrations.sweeping import sweep
 from tests.integrations._toy import make_loader, make_mlp64
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

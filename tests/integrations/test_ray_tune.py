@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from modelbatch.integrations.ray_tune import make_bundles, trial_resources, tune_bundles
-from modelbatch.integrations.sweep import sweep
+from modelbatch.integrations.sweeping import sweep
 from tests.integrations._toy import make_loader, make_mlp64
 
 ray = pytest.importorskip("ray")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from modelbatch.integrations import require
-from modelbatch.integrations.sweep import (
+from modelbatch.integrations.sweeping import (
     ConfigResult,
     EvalFn,
     LossFn,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from modelbatch.integrations import require
-from modelbatch.integrations.sweep import (
+from modelbatch.integrations.sweeping import (
     ConfigResult,
     EvalFn,
     LossFn,
@@ -192,7 +192,7 @@ def tune_bundles(
 
     ``make_model(config)`` builds a model; the config entries the optimizer accepts
     (``lr``, ``weight_decay``, ...) become its per-model hyper-parameters, exactly as in
-    :func:`modelbatch.integrations.sweep.sweep` (which is the one-device version of this).
+    :func:`modelbatch.integrations.sweeping.sweep` (which is the one-device version of this).
     ``make_model``, the loaders and ``eval_fn`` are shipped to the workers, so they must
     be picklable (module-level functions of an importable module, not lambdas in tests).
 
@@ -201,7 +201,7 @@ def tune_bundles(
         configs: the K x N configs.
         models_per_trial: N, configs trained together in one Tune trial.
         train_loader, loss_fn, epochs, val_loader, metric, eval_fn, optimizer_cls: as for
-            :func:`~modelbatch.integrations.sweep.train_bundle`.
+            :func:`~modelbatch.integrations.sweeping.train_bundle`.
         mode: ``"min"`` or ``"max"`` for ``metric`` (default: ``min`` for loss, ``max`` for
             accuracy); Tune's own ``metric`` is ``best_<metric>`` of each bundle.
         resources_per_trial: Ray resources of one trial, default ``{"cpu": 1}``; use
