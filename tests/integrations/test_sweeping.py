@@ -398,3 +398,76 @@ def test_from_integrations_import_sweep_is_the_function():
 
     assert callable(sweep_fn) and sweep_fn is sweep
     assert callable(optimize_batched)
+
+
+# ---------------------------------------------------------------------- kill and resume
+_KILL_SCRIPT = r"""
+import os, signal, sys
+import torch, torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from modelbatch.integrations import sweep, SuccessiveHalving
+
+torch.manual_seed(123)
+kill_at = int(sys.argv[2])
+calls = [0]
+g = torch.Generator().manual_seed(0)
+x = torch.randn(64, 4, generator=g, dtype=torch.float64)
+y = (x @ torch.randn(4, 3, generator=g, dtype=torch.float64)).argmax(1)
+loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)  # global RNG
+
+def make_model(config):  # unseeded: draws from the global RNG
+    return nn.Sequential(nn.Linear(4, config["hidden"]), nn.Tanh(),
+                         nn.Linear(config["hidden"], 3)).double()
+
+def loss_fn(out, target):
+    calls[0] += 1
+    if calls[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return F.cross_entropy(out, target)
+
+configs = [{"hidden": h, "lr": lr} for h in (4, 6) for lr in (0.003, 0.03, 0.3)]
+res = sweep(configs, make_model, train_loader=loader, loss_fn=loss_fn, epochs=4,
+            models_per_batch=2, pruner=SuccessiveHalving((1, 2)), patience=2,
+            scheduler_fn=lambda o: torch.optim.lr_scheduler.StepLR(o, 3, 0.5),
+            folder=sys.argv[1], progress=False, top_k=2)
+"""
+
+
+def _run_child(script, folder, kill_at):
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(script), str(folder), str(kill_at)],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def _run_here(script, folder, monkeypatch):
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [str(script), str(folder), "0"])
+    runpy.run_path(str(script), run_name="__main__")
+    return (folder / "results.csv").read_text().replace(str(folder), "")
+
+
+def test_a_sweep_killed_at_any_moment_resumes_to_the_same_results(tmp_path, monkeypatch):
+    """SIGKILL in a child process (mid-epoch, during validation, twice in a row around an
+    epoch boundary); the resumed sweep ends with the uninterrupted sweep's table and best
+    models, byte for byte (shuffled data and unseeded models: the RNG resumes too)."""
+    import signal
+
+    script = tmp_path / "run.py"
+    script.write_text(_KILL_SCRIPT)
+    expected = _run_here(script, tmp_path / "ref", monkeypatch)
+    for n, kills in enumerate([(20,), (41, 30)]):
+        folder = tmp_path / f"run{n}"
+        for k in kills:
+            out = _run_child(script, folder, k)
+            assert out.returncode == -signal.SIGKILL, out.stderr
+        assert _run_here(script, folder, monkeypatch) == expected, f"kill points {kills}"
+        for rank in range(2):
+            a = tmp_path / "ref" / "best" / str(rank)
+            b = folder / "best" / str(rank)
+            ma = next(a.glob("models/*/model.safetensors")).read_bytes()
+            mb = next(b.glob("models/*/model.safetensors")).read_bytes()
+            assert ma == mb
