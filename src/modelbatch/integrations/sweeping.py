@@ -923,15 +923,17 @@ class _SweepRun:
         probe = ModelBatch([copy.deepcopy(model)])
         OptimizerFactory(self.o["optimizer_cls"], **self.hparams(i)).build(probe)
 
-    def _take_valid(self) -> int | None:
-        """The next config of the queue whose optimizer builds; others fail alone."""
+    def _take_valid(self, probe: bool) -> int | None:
+        """The next config of the queue; with ``probe``, the next whose optimizer builds
+        (others fail alone)."""
         while self.queue:
             i = self.queue.pop(0)
-            try:
-                self._check_hparams(i)
-            except (ValueError, TypeError) as e:
-                self._fail(i, f"optimizer: {type(e).__name__}: {e}")
-                continue
+            if probe:
+                try:
+                    self._check_hparams(i)
+                except (ValueError, TypeError) as e:
+                    self._fail(i, f"optimizer: {type(e).__name__}: {e}")
+                    continue
             return i
         return None
 
@@ -943,20 +945,31 @@ class _SweepRun:
     # ------------------------------------------------------------------ groups
     def start_group(self) -> bool:
         """Fill a new batch with up to N configs of the current group's queue; False when
-        the group has nothing left."""
+        the group has nothing left. If the optimizer refuses the N configs together, each
+        is probed alone and the bad ones fail alone."""
         n_max = self.o["models_per_batch"] or len(self.groups[self.g])
-        chosen: list[int] = []
-        while len(chosen) < n_max:
-            i = self._take_valid()
-            if i is None:
-                break
-            chosen.append(i)
-        if not chosen:
-            return False
-        slots = list(range(self.next_slot, self.next_slot + len(chosen)))
+        queue_before = list(self.queue)
+        for probe in (False, True):
+            self.queue = list(queue_before)
+            chosen: list[int] = []
+            while len(chosen) < n_max:
+                i = self._take_valid(probe)
+                if i is None:
+                    break
+                chosen.append(i)
+            if not chosen:
+                return False
+            slots = list(range(self.next_slot, self.next_slot + len(chosen)))
+            try:
+                self._build_batch([self.models[i] for i in chosen], slots,
+                                  [self.hparams(i) for i in chosen])
+            except (ValueError, TypeError):
+                if probe:
+                    raise
+                continue
+            break
         self.next_slot += len(chosen)
         self.slot_cfg = dict(zip(slots, chosen, strict=True))
-        self._build_batch([self.models[i] for i in chosen], slots, [self.hparams(i) for i in chosen])
         for slot, i in self.slot_cfg.items():
             self.results[i].status = "running"
             self._attach_scheduler(slot, i)
@@ -1083,7 +1096,10 @@ class _SweepRun:
         assert batch is not None and optimizer is not None
         empty: list[int] = []
         for pos in free:
-            i = self._take_valid() if self.o["refill"] else None
+            from modelbatch.optim.base import BatchOptimizer
+
+            generic = not isinstance(optimizer, BatchOptimizer)
+            i = self._take_valid(generic) if self.o["refill"] else None
             if i is None:
                 empty.append(pos)
                 continue
