@@ -394,7 +394,8 @@ def test_successive_halving_prunes_and_refill_keeps_n_in_flight():
 
 
 def test_from_integrations_import_sweep_is_the_function():
-    from modelbatch.integrations import optimize_batched, sweep as sweep_fn
+    from modelbatch.integrations import optimize_batched
+    from modelbatch.integrations import sweep as sweep_fn
 
     assert callable(sweep_fn) and sweep_fn is sweep
     assert callable(optimize_batched)

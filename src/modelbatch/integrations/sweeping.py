@@ -402,7 +402,7 @@ def _check_config_keys(
         f"{optimizer_cls.__name__} takes {sorted(accepted)}, make_model/scheduler_fn read "
         f"{sorted(read & set(config)) or 'none of its keys'}"
         + (f"; {' '.join(hints)}" if hints else "")
-        + ". Fix the key, or pass extra_keys=[...] for keys kept only for the record"
+        + "; fix the key, or pass extra_keys=[...] for keys kept only for the record"
     )
 
 
@@ -442,7 +442,11 @@ class _SlotSchedulers:
         self.slots: dict[ModelId, tuple[_ShadowOptimizer, Any]] = {}
 
     def attach(
-        self, slot: ModelId, fn: Callable[..., Any], config: Mapping[str, Any], group: dict[str, Any]
+        self,
+        slot: ModelId,
+        fn: Callable[..., Any],
+        config: Mapping[str, Any],
+        group: dict[str, Any],
     ) -> None:
         """Build slot's scheduler over a shadow of its param group ``group``."""
         shadow = _ShadowOptimizer({k: v for k, v in group.items() if k not in _NOT_HPARAMS})
@@ -816,7 +820,7 @@ def _save_model(module: nn.Module, directory: Path, model_id: int | str) -> str:
 
 
 def _rng_get() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
@@ -894,10 +898,10 @@ class _SweepRun:
             try:
                 model = o["make_model"](_ReadTracker(cfg, read))
                 if not isinstance(model, nn.Module):
-                    raise TypeError(f"make_model returned a {type(model).__name__}, not an nn.Module")
+                    raise TypeError(
+                        f"make_model returned a {type(model).__name__}, not an nn.Module"
+                    )
             except Exception as e:  # a bad config fails alone
-                if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                    raise
                 self.models.append(None)
                 self.results[i].status = "failed"
                 self.results[i].error = f"make_model: {type(e).__name__}: {e}"
@@ -1042,7 +1046,9 @@ class _SweepRun:
                 leaving[pos] = "diverged"
             elif len(res.history) >= self.epochs:
                 leaving[pos] = "completed"
-            elif self.o["pruner"] is not None and self.o["pruner"](self.keys[i], epoch, self.by_key):
+            elif self.o["pruner"] is not None and self.o["pruner"](
+                self.keys[i], epoch, self.by_key
+            ):
                 leaving[pos] = "pruned"
             elif (
                 self.o["patience"] is not None
@@ -1067,7 +1073,9 @@ class _SweepRun:
         assert self.batch is not None
         if not self.state_keys:
             self.state_keys = list(self.batch.extract(0).state_dict())
-        stacked = dict(self.batch.stacked.named_parameters(remove_duplicate=False))
+        stacked: dict[str, Tensor] = dict(
+            self.batch.stacked.named_parameters(remove_duplicate=False)
+        )
         stacked.update(dict(self.batch.stacked.named_buffers(remove_duplicate=False)))
         return {k: stacked[k][pos].detach().to("cpu", copy=True) for k in self.state_keys}
 
@@ -1126,11 +1134,10 @@ class _SweepRun:
             return
         if empty:
             gone = [batch.model_ids[p] for p in empty]
-            schedulers = []
             if self.pack is not None:
                 self.pack.drop(gone, "finished")
             else:
-                batch.drop(gone, schedulers=schedulers)
+                batch.drop(gone)
             if self.scheds is not None:
                 for slot in gone:
                     self.scheds.slots.pop(slot, None)  # type: ignore[arg-type]
@@ -1366,15 +1373,17 @@ def sweep(
         ``records()``, ``to_pandas()``, ``write_csv()``, ``plot()``, ``best_models``,
         ``best_weights(key)`` and ``best_model(key)``.
     """
-    configs = [dict(c) for c in configs]
-    if not configs:
+    config_list = [dict(c) for c in configs]
+    if not config_list:
         raise ValueError("sweep needs at least one config")
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     if models_per_batch is not None and models_per_batch < 1:
         raise ValueError(f"models_per_batch must be at least 1, got {models_per_batch}")
     if scheduler_interval not in ("step", "epoch"):
-        raise ValueError(f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}")
+        raise ValueError(
+            f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}"
+        )
     if patience is not None and patience < 1:
         raise ValueError(f"patience must be at least 1, got {patience}")
     if top_k < 0:
@@ -1385,15 +1394,16 @@ def sweep(
         mode = "max" if metric == "accuracy" else "min"
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-    keys: list[Any] = list(range(len(configs)))
+    keys: list[Any] = list(range(len(config_list)))
     if key is not None:
-        missing = [i for i, c in enumerate(configs) if key not in c]
+        missing = [i for i, c in enumerate(config_list) if key not in c]
         if missing:
             raise ValueError(f"configs {missing} have no {key!r} entry to key the results by")
-        keys = [c[key] for c in configs]
+        keys = [c[key] for c in config_list]
         if len(set(keys)) != len(keys):
             raise ValueError(f"config[{key!r}] values must be unique, got {keys}")
-    metric_name = metric if eval_fn is not None else ("val_" if val_loader is not None else "") + metric
+    prefix = "val_" if val_loader is not None and eval_fn is None else ""
+    metric_name = prefix + metric
     opts = {
         "make_model": make_model, "train_loader": train_loader, "loss_fn": loss_fn,
         "epochs": epochs, "models_per_batch": models_per_batch, "val_loader": val_loader,
@@ -1406,4 +1416,4 @@ def sweep(
         "progress": progress,
         "allowed_keys": {*extra_keys, *([key] if key is not None else [])},
     }
-    return _SweepRun(configs, keys, opts).run()
+    return _SweepRun(config_list, keys, opts).run()
