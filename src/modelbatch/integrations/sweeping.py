@@ -1252,6 +1252,7 @@ class _SweepRun:
             else:
                 _rng_set(state["rng"])
             finished = state is not None and state["done"]
+            saved = False
             while not finished:
                 if self.batch is None:
                     if self.g >= len(self.groups):
@@ -1260,9 +1261,16 @@ class _SweepRun:
                         self.g += 1
                         self.queue = list(self.groups[self.g]) if self.g < len(self.groups) else []
                         continue
-                if self.folder is not None:
+                if self.folder is not None and not saved:
                     self.save_state()
                 self.train_round()
+                saved = False
+                on_round = self.o.get("on_round")
+                if on_round is not None:
+                    if self.folder is not None:
+                        self.save_state()
+                        saved = True
+                    on_round(self)
             if self.folder is not None and not finished:
                 self.save_state(done=True)
         finally:
