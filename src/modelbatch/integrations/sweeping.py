@@ -1285,6 +1285,13 @@ class _SweepRun:
         top = out.ranked()[: self.o["top_k"]]
         out.best_keys = top
         out.best_models = [out.best_model(k) for k in top]
+        log_hparams = getattr(self.o["logger"], "log_hparams", None)
+        if log_hparams is not None:
+            log_hparams(
+                {k: r.config for k, r in out.items()},
+                {k: {self.metric_name: r.value, f"best_{self.metric_name}": r.best_value,
+                     "epochs": float(r.epochs)} for k, r in out.items()},
+            )
         if self.folder is not None:
             out.write_csv(self.folder / "results.csv")
             for rank, (k, m) in enumerate(zip(top, out.best_models, strict=True)):
