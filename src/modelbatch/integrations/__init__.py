@@ -18,6 +18,7 @@ __all__ = [
     "ConfigResult",
     "HFTrainerMixin",
     "JSONLLogger",
+    "PerModelEarlyStopping",
     "SuccessiveHalving",
     "SweepResults",
     "TensorBoardLogger",
@@ -33,6 +34,7 @@ __all__ = [
 # Public name -> the integration module (relative to this package) that defines it.
 _LAZY: dict[str, str] = {
     "BatchLightningModule": "lightning",
+    "PerModelEarlyStopping": "lightning",
     "BundledTrainer": "huggingface",
     "HFTrainerMixin": "huggingface",
     "CSVLogger": "logging",
