@@ -1015,35 +1015,46 @@ class _SweepRun:
         )
         values = _objective(batch, o["train_loader"], o["val_loader"], o["loss_fn"],
                             o["metric"], o["eval_fn"])
-        if self.pack is not None:
-            self.pack.on_validation_end({self.metric_name: values})
         self.end_round(losses, values)
 
     def end_round(self, losses: Tensor, values: Tensor) -> None:
+        """Record the round of every model in flight, let the callbacks see the objective,
+        then decide who leaves (diverged, completed, pruned, early-stopped, stopped by a
+        callback) and refill their slots."""
         batch = self.batch
         assert batch is not None
-        ids = batch.model_ids
-        active = batch.active.tolist()
-        leaving: dict[int, str] = {}
-        for pos, slot in enumerate(ids):
+        finite: dict[int, bool] = {}
+        for pos, slot in enumerate(batch.model_ids):
             i = self.slot_cfg[slot]  # type: ignore[index]
             res = self.results[i]
             tl, v = float(losses[pos]), float(values[pos])
             res.train_loss.append(tl)
             res.history.append(v)
             res.value = v
-            finite = math.isfinite(tl) and math.isfinite(v) and bool(active[pos])
-            if finite and _improves(v, res.best_value, self.mode, 0.0):
+            finite[slot] = math.isfinite(tl) and math.isfinite(v)  # type: ignore[index]
+            if finite[slot] and _improves(v, res.best_value, self.mode, 0.0):  # type: ignore[index]
                 res.best_value = v
                 res.best_epoch = len(res.history) - 1
                 self.best_states[i] = self._snapshot(pos)
-            epoch = len(res.history) - 1
             if self.o["logger"] is not None:
                 self.o["logger"].log(
                     [{"model_id": self.keys[i], "train_loss": tl, self.metric_name: v,
-                      "lr": self._lr(pos)}], epoch)
-            if not finite:
+                      "lr": self._lr(pos)}], len(res.history) - 1)
+        if self.pack is not None:  # e.g. EarlyStopping: may quarantine or drop models
+            self.pack.on_validation_end({self.metric_name: values})
+        ids = batch.model_ids
+        for slot in [s for s in self.slot_cfg if s not in ids]:  # dropped by a callback
+            self._finish_gone(slot)
+        active = batch.active.tolist()
+        leaving: dict[int, str] = {}
+        for pos, slot in enumerate(ids):
+            i = self.slot_cfg[slot]  # type: ignore[index]
+            res = self.results[i]
+            epoch = len(res.history) - 1
+            if not finite[slot]:  # type: ignore[index]
                 leaving[pos] = "diverged"
+            elif not active[pos]:  # quarantined by a callback
+                leaving[pos] = "stopped"
             elif len(res.history) >= self.epochs:
                 leaving[pos] = "completed"
             elif self.o["pruner"] is not None and self.o["pruner"](
@@ -1057,7 +1068,8 @@ class _SweepRun:
                 leaving[pos] = "early_stopped"
         if self.scheds is not None and self.o["scheduler_fn"] is not None:
             self.scheds.epoch_end(
-                {slot: float(values[p]) for p, slot in enumerate(ids) if p not in leaving}  # type: ignore[misc]
+                {slot: self.results[self.slot_cfg[slot]].value  # type: ignore[index]
+                 for p, slot in enumerate(ids) if p not in leaving}
             )
         for pos, status in leaving.items():
             self._finish(pos, status)
@@ -1090,6 +1102,18 @@ class _SweepRun:
         if self.folder is not None and i in self.best_states:
             res.checkpoint = self._save_best(i)
         self.progress.update(self.best_so_far())
+
+    def _finish_gone(self, slot: int) -> None:
+        """A model a callback dropped from the batch (e.g. ``EarlyStopping(action="drop")``):
+        status ``"stopped"``, its best weights kept; its slot is gone."""
+        i = self.slot_cfg.pop(slot)
+        res = self.results[i]
+        res.status = "stopped"
+        if self.folder is not None and i in self.best_states:
+            res.checkpoint = self._save_best(i)
+        self.progress.update(self.best_so_far())
+        if self.scheds is not None:
+            self.scheds.slots.pop(slot, None)
 
     def _save_best(self, i: int) -> str:
         assert self.folder is not None
