@@ -226,7 +226,7 @@ def test_early_stopping_keeps_each_models_best_weights_after_it_is_dropped(
         val = modelbatch.evaluate(batch, [(xv, yv)], F.cross_entropy)["loss"]
         for pos, mid in enumerate(batch.model_ids):
             history[mid].append(float(val[pos]))
-            state = batch.extract(pos).state_dict()
+            state = batch.extract(mid).state_dict()
             snapshots[mid].append({k: v.clone() for k, v in state.items()})
         pack.on_validation_end({"val_loss": val})
     dropped = [e["model_id"] for e in pack.events if e["action"] == "drop"]

@@ -463,7 +463,7 @@ class EarlyStopping(Callback):
                                dtype=torch.float64)
         self._wait = torch.zeros(n, dtype=torch.int64)
         if self.keep_best:
-            template = pack.batch.extract(0).to("cpu")
+            template = pack.batch.extract(pack.batch.model_ids[0]).to("cpu")
             self._state_keys = list(template.state_dict())
             self._template = template
             if self.directory is not None:
@@ -554,7 +554,7 @@ class EarlyStopping(Callback):
             for pos in positions:
                 if ids[pos] in self.best_values:
                     module = self.best_model(ids[pos]).to(pack.batch.device)
-                    pack.batch.insert(pos, module)
+                    pack.batch.insert(ids[pos], module)
         if self.action == "quarantine" or len(positions) == len(pack.batch):
             pack.flag(stop, reason, restore_buffers=False)
             return

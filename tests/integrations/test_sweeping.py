@@ -492,3 +492,27 @@ def test_user_callbacks_run_and_a_model_they_drop_is_recorded():
     assert [r.status for r in res.values()] == ["completed", "stopped", "completed"]
     assert res[1].epochs == 2 and res[1].best_value == res[1].history[0]
     assert res.best_model(1) is not None
+
+
+def test_a_freed_slot_only_takes_a_config_with_the_same_per_model_settings():
+    """Dropout rates may differ inside a batch, but are fixed per slot once it is built: the
+    slot config 0 (p=0.1) frees goes to config 3 (p=0.1), not config 2 (p=0.2), which
+    starts in the next batch."""
+    from torch import nn
+
+    def build(c):
+        torch.manual_seed(c["seed"])
+        return nn.Sequential(nn.Linear(4, 8), nn.Dropout(c["p"]), nn.Linear(8, 3))
+
+    order = []
+
+    class Rows:
+        def log(self, rows, step):
+            order.append((rows[0]["model_id"], step))
+
+    configs = [{"seed": s, "p": p, "lr": 0.01} for s, p in enumerate([0.1, 0.2, 0.2, 0.1])]
+    res = sweep(configs, build, train_loader=make_loader(), loss_fn=F.cross_entropy, epochs=2,
+                models_per_batch=2, pruner=lambda k, e, r: k == 0, logger=Rows(),
+                progress=False)
+    assert [r.status for r in res.values()] == ["pruned", "completed", "completed", "completed"]
+    assert order.index((3, 0)) < order.index((2, 0))  # 3 refilled 0's slot; 2 waited

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from modelbatch._structure import structure_key
+from modelbatch._structure import model_settings, structure_key
 from modelbatch.core import ModelBatch
 from modelbatch.integrations import require
 from modelbatch.integrations.sweeping import (
@@ -262,7 +262,9 @@ class _OptunaRun:
             except self.catch as e:
                 self.finish(run, "fail", error=f"{type(e).__name__}: {e}")
                 continue
-            return structure_key(run.model), run
+            # Per-model settings (dropout rate, eps, ...) are fixed per slot: a trial only
+            # refills a slot of a batch with the same structure and settings.
+            return (structure_key(run.model), repr(sorted(model_settings(run.model).items()))), run
         return None
 
     def fail_open(self) -> None:
@@ -282,7 +284,7 @@ class _OptunaRun:
         if position is not None and self.batch is not None and (
             self.save_dir is not None or self.o["return_models"]
         ):
-            model = self.batch.extract(position)
+            model = self.batch.extract(self.batch.model_ids[position])
             if self.o["return_models"]:
                 self.models[trial.number] = model
             if self.save_dir is not None:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from modelbatch._structure import structure_key
+from modelbatch._structure import model_settings, structure_key
 from modelbatch.core import ModelBatch
 from modelbatch.optim.factory import OptimizerFactory
 from modelbatch.train import evaluate, train_one_epoch
@@ -337,7 +337,7 @@ def train_bundle(
             elif last_epoch:
                 results[mid].status = "completed"
             if keep_models and (mid in leaving or last_epoch):
-                results[mid].model = batch.extract(batch.index_of(mid))
+                results[mid].model = batch.extract(mid)
         if on_epoch_end is not None:
             on_epoch_end(epoch, results)
         if last_epoch or len(leaving) == len(current):
@@ -540,7 +540,7 @@ def reset_slot(
         hparams: the new model's hyper-parameters; those not given take the optimizer
             class's defaults.
     """
-    batch.insert(position, model)
+    batch.insert(batch.model_ids[position], model)
     batch.unquarantine(batch.model_ids[position])
     group = optimizer.param_groups[position]
     n = len(batch)
@@ -875,10 +875,14 @@ class _SweepRun:
         self.by_key = {keys[i]: r for i, r in self.results.items()}
         self.best_states: dict[int, dict[str, Tensor]] = {}
         self.models: list[nn.Module | None] = []
+        # Per-model settings (dropout rate, eps, ...) are fixed per slot when a batch is
+        # built: a freed slot only takes a config with the same settings.
+        self.settings: dict[int, str] = {}
         self.groups: list[list[int]] = []
         self.g = 0
         self.queue: list[int] = []
         self.slot_cfg: dict[int, int] = {}
+        self.slot_cfg_gone: dict[int, int] = {}  # slot -> the config that just left it
         self.next_slot = 0
         self.batch: ModelBatch | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -913,6 +917,7 @@ class _SweepRun:
                 _call_scheduler_fn(o["scheduler_fn"], shadow, _ReadTracker(cfg, read))
             _check_config_keys(i, cfg, read, accepted, o["optimizer_cls"], o["allowed_keys"])
             self.models.append(model)
+            self.settings[i] = repr(sorted(model_settings(model).items()))
             groups.setdefault(structure_key(model), []).append(i)
         self.groups = list(groups.values())
 
@@ -927,11 +932,15 @@ class _SweepRun:
         probe = ModelBatch([copy.deepcopy(model)])
         OptimizerFactory(self.o["optimizer_cls"], **self.hparams(i)).build(probe)
 
-    def _take_valid(self, probe: bool) -> int | None:
-        """The next config of the queue; with ``probe``, the next whose optimizer builds
-        (others fail alone)."""
-        while self.queue:
-            i = self.queue.pop(0)
+    def _take_valid(self, probe: bool, settings: str | None = None) -> int | None:
+        """The next config of the queue (with ``settings``: the next with those per-model
+        settings); with ``probe``, the next whose optimizer builds (others fail alone)."""
+        while True:
+            fits = [i for i in self.queue if settings is None or self.settings[i] == settings]
+            if not fits:
+                return None
+            i = fits[0]
+            self.queue.remove(i)
             if probe:
                 try:
                     self._check_hparams(i)
@@ -1084,7 +1093,7 @@ class _SweepRun:
         """Slot ``pos``'s state dict (names as in the plain model), copied to the CPU."""
         assert self.batch is not None
         if not self.state_keys:
-            self.state_keys = list(self.batch.extract(0).state_dict())
+            self.state_keys = list(self.batch.extract(self.batch.model_ids[0]).state_dict())
         stacked: dict[str, Tensor] = dict(
             self.batch.stacked.named_parameters(remove_duplicate=False)
         )
@@ -1095,10 +1104,11 @@ class _SweepRun:
         assert self.batch is not None
         slot = self.batch.model_ids[pos]
         i = self.slot_cfg.pop(slot)  # type: ignore[arg-type]
+        self.slot_cfg_gone[slot] = i  # type: ignore[index]
         res = self.results[i]
         res.status = status
         if self.o["keep_models"]:
-            res.model = self.batch.extract(pos)
+            res.model = self.batch.extract(self.batch.model_ids[pos])
         if self.folder is not None and i in self.best_states:
             res.checkpoint = self._save_best(i)
         self.progress.update(self.best_so_far())
@@ -1131,7 +1141,8 @@ class _SweepRun:
             from modelbatch.optim.base import BatchOptimizer
 
             generic = not isinstance(optimizer, BatchOptimizer)
-            i = self._take_valid(generic) if self.o["refill"] else None
+            slot_settings = self.settings[self.slot_cfg_gone[batch.model_ids[pos]]]  # type: ignore[index]
+            i = self._take_valid(generic, slot_settings) if self.o["refill"] else None
             if i is None:
                 empty.append(pos)
                 continue
