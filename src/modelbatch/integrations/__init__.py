@@ -8,6 +8,7 @@ its library through :func:`require`, which names the extra to install when the l
 from __future__ import annotations
 
 import importlib
+import sys
 from types import ModuleType
 from typing import Any
 
@@ -88,3 +89,11 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     """List the public names, including the lazily imported ones."""
     return sorted(set(globals()) | set(__all__))
+
+
+# ``sweep`` is the function. Its module is ``sweeping``; the old module path
+# ``modelbatch.integrations.sweep`` still imports (``from modelbatch.integrations.sweep import
+# sweep, ConfigResult`` keeps working) as an alias that does not shadow the function.
+from modelbatch.integrations import sweeping as _sweeping  # noqa: E402
+
+sys.modules[f"{__name__}.sweep"] = _sweeping
