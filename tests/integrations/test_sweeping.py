@@ -453,8 +453,9 @@ def _run_here(script, folder, monkeypatch):
 
 def test_a_sweep_killed_at_any_moment_resumes_to_the_same_results(tmp_path, monkeypatch):
     """SIGKILL in a child process, twice in a row (mid-epoch, then during the validation of
-    the resumed run's first round); the resumed sweep ends with the uninterrupted sweep's table and best
-    models, byte for byte (shuffled data and unseeded models: the RNG resumes too)."""
+    the resumed run's first round); the resumed sweep ends with the uninterrupted sweep's
+    table and best models, byte for byte (shuffled data and unseeded models: the RNG
+    resumes too)."""
     import signal
 
     script = tmp_path / "run.py"
