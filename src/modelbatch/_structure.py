@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 __all__ = ["ArchitectureMismatchError", "check_same_structure"]
 
@@ -16,6 +17,15 @@ class ArchitectureMismatchError(ValueError):
 
 def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def _module_class(m: nn.Module) -> type[nn.Module]:
+    """The class to compare: a parametrized module (``torch.nn.utils.parametrize``) gets a
+    class of its own, created per module instance; compare the class it was made from."""
+    cls = type(m)
+    if parametrize.is_parametrized(m) and cls.__name__.startswith("Parametrized"):
+        return cls.__bases__[0]
+    return cls
 
 
 def check_same_structure(models: Sequence[nn.Module]) -> None:
@@ -31,7 +41,7 @@ def check_same_structure(models: Sequence[nn.Module]) -> None:
         if not isinstance(m, nn.Module):
             raise TypeError(f"model {i} is a {type(m).__name__}, not a torch.nn.Module")
     ref = models[0]
-    ref_modules = [(n, type(m)) for n, m in ref.named_modules()]
+    ref_modules = [(n, _module_class(m)) for n, m in ref.named_modules()]
     ref_params = dict(ref.named_parameters())
     ref_buffers = dict(ref.named_buffers())
     for i, model in enumerate(models[1:], start=1):
@@ -40,7 +50,7 @@ def check_same_structure(models: Sequence[nn.Module]) -> None:
                 f"model {i} is the same object as an earlier model; pass independent copies "
                 "(e.g. copy.deepcopy) so that each model has its own weights"
             )
-        modules = [(n, type(m)) for n, m in model.named_modules()]
+        modules = [(n, _module_class(m)) for n, m in model.named_modules()]
         if modules != ref_modules:
             for (n0, cls0), (n1, cls1) in zip(ref_modules, modules, strict=False):
                 if (n0, cls0) != (n1, cls1):

@@ -1,0 +1,213 @@
+"""Calling one model's forward with one model's slice of the stacked tensors (under vmap).
+
+:func:`torch.func.functional_call` does this for plain modules, but three things that real
+models do break it, so the batch swaps the tensors in itself:
+
+* **A submodule registered under two names** (``nn.ModuleList([block] * k)``, a backbone
+  referenced twice): ``functional_call`` restores the original tensors in the wrong order and
+  leaves a per-model tensor inside the module (pytorch#164759). Here every
+  ``(module, slot)`` pair is swapped exactly once, whatever the number of names it has, and
+  tied tensors (one tensor under two names, e.g. GPT-2's embedding and LM head) receive the
+  same per-model tensor.
+* **A buffer re-assigned in forward** (``self.ema = 0.9 * self.ema + 0.1 * x.mean(0)``):
+  ``functional_call`` writes the new value into its own dict only, so the stacked buffer
+  never changes. Here the new values are read back after the call and returned, so the
+  batch can write them into the stacked ``[N, ...]`` buffers.
+* **Tensor attributes set in forward** (the older ``torch.nn.utils.weight_norm`` sets
+  ``module.weight`` before every call, caches): a per-model tensor would escape vmap. Plain
+  tensor attributes are restored to their values from before the call.
+
+Activation checkpointing (``torch.utils.checkpoint``) re-runs the checkpointed function in
+``backward``, outside vmap, where the module holds the stacked ``[N, ...]`` tensors, so it
+cannot recompute one model. While a batch runs, checkpointed functions run once, directly
+(:func:`checkpoint_runs_directly`): the same values and gradients (the recomputation only
+saves memory), without the memory saving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Slot",
+    "call_with_tensors",
+    "checkpoint_runs_directly",
+    "no_fused_transformer_path",
+    "tensor_slots",
+]
+
+# (module, "_parameters" or "_buffers", attribute, key in the params/buffers dict)
+Slot = tuple[nn.Module, str, str, str]
+
+
+def tensor_slots(root: nn.Module) -> list[Slot]:
+    """Every place a parameter or buffer of ``root`` lives, with the name under which
+    ``named_parameters()`` / ``named_buffers()`` (duplicates removed) list its tensor.
+
+    A module registered under several names appears once; a tensor registered in several
+    modules (tied weights) appears once per module, all with the same key.
+    """
+    key_of: dict[int, str] = {}
+    for name, p in root.named_parameters():
+        key_of[id(p)] = name
+    for name, b in root.named_buffers():
+        key_of.setdefault(id(b), name)
+    slots: list[Slot] = []
+    for module in root.modules():  # each module object once
+        for kind in ("_parameters", "_buffers"):
+            store: dict[str, Tensor | None] = getattr(module, kind)
+            for attr, value in store.items():
+                if value is not None and id(value) in key_of:
+                    slots.append((module, kind, attr, key_of[id(value)]))
+    return slots
+
+
+def _is_per_model(t: Tensor) -> bool:
+    """Whether ``t`` is a vmap-batched tensor (depends on one model's tensors)."""
+    return bool(torch._C._functorch.is_batchedtensor(t))
+
+
+def call_with_tensors(
+    root: nn.Module,
+    slots: list[Slot],
+    params: dict[str, Tensor],
+    buffers: dict[str, Tensor],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> tuple[Any, dict[str, Tensor]]:
+    """``root(*args, **kwargs)`` with ``params`` and ``buffers`` in place of its tensors.
+
+    Returns ``(output, reassigned)`` where ``reassigned`` maps the key of every buffer that
+    forward re-assigned (``self.b = new``, rather than updating it in place) to its new value.
+    Every swapped tensor and every plain tensor attribute is restored afterwards.
+    """
+    given = {**buffers, **params}
+    saved: list[tuple[dict[str, Any], str, Any]] = []
+    modules = list(root.modules())
+    attrs_before = [
+        {k: v for k, v in vars(m).items() if isinstance(v, Tensor)} for m in modules
+    ]
+    reassigned: dict[str, Tensor] = {}
+    try:
+        for module, kind, attr, key in slots:
+            store = getattr(module, kind)
+            saved.append((store, attr, store[attr]))
+            store[attr] = given[key]
+        out = root(*args, **kwargs)
+        for module, kind, attr, key in slots:
+            if kind != "_buffers":
+                continue
+            now = module._buffers.get(attr)
+            if now is not given[key] and key not in reassigned:
+                if not isinstance(now, Tensor):
+                    raise TypeError(
+                        f"buffer {key!r} was re-assigned in forward to a "
+                        f"{type(now).__name__}; a ModelBatch keeps one [N, ...] tensor per "
+                        "buffer: assign a tensor of the same shape and dtype"
+                    )
+                reassigned[key] = now
+    finally:
+        for store, attr, old in reversed(saved):
+            store[attr] = old
+        for module, before in zip(modules, attrs_before, strict=True):
+            d = vars(module)
+            for k, v in list(d.items()):
+                if isinstance(v, Tensor) and k not in before and _is_per_model(v):
+                    del d[k]
+            for k, v in before.items():
+                if d.get(k) is not v and (k not in d or _is_per_model(d[k])):
+                    d[k] = v
+    return out, reassigned
+
+
+# ----------------------------------------------------------------- activation checkpointing
+_PATCH_LOCK = threading.Lock()
+_PATCH_DEPTH = 0
+
+
+def _requires_grad(t: Tensor) -> bool:
+    """``t.requires_grad``, read on the tensor under vmap's wrappers (a batched tensor
+    itself does not report it)."""
+    while torch._C._functorch.is_batchedtensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return bool(t.requires_grad)
+
+
+class _RunDirectly:
+    """Stands in for ``torch.utils.checkpoint.CheckpointFunction`` (reentrant checkpoint)."""
+
+    @staticmethod
+    def apply(function: Any, preserve_rng_state: bool, *args: Any) -> Any:
+        del preserve_rng_state
+        if not any(isinstance(a, Tensor) and _requires_grad(a) for a in args):
+            # Reentrant checkpoint alone: no input requires grad -> the segment's
+            # parameters get no gradient (torch warns). Same here.
+            warnings.warn(
+                "None of the inputs have requires_grad=True. Gradients will be None",
+                stacklevel=3,
+            )
+            with torch.no_grad():
+                return function(*args)
+        return function(*args)
+
+
+def _no_recompute_generator(*args: Any, **kwargs: Any) -> Iterator[None]:
+    """Stands in for the non-reentrant checkpoint's context generator: do nothing."""
+    del args, kwargs
+    yield
+
+
+@contextlib.contextmanager
+def no_fused_transformer_path() -> Iterator[None]:
+    """Turn off the fused inference path of ``nn.MultiheadAttention`` and
+    ``nn.TransformerEncoderLayer`` (``torch.backends.mha``) while active: its fused kernels
+    (``_native_multi_head_attention``, ``_transformer_encoder_layer_fwd``) have no vmap
+    batching rule, and the regular path computes the same function."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not mha.get_fastpath_enabled():
+        yield
+        return
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(True)
+
+
+@contextlib.contextmanager
+def checkpoint_runs_directly() -> Iterator[None]:
+    """While active, ``torch.utils.checkpoint.checkpoint`` (reentrant or not, and
+    ``checkpoint_sequential``) calls the function directly instead of saving its inputs
+    for a recomputation in backward. Nested uses are counted; other threads see the change
+    too while it is active."""
+    import torch.utils.checkpoint as cp
+
+    global _PATCH_DEPTH
+    names = ("CheckpointFunction", "_checkpoint_without_reentrant_generator")
+    if not all(hasattr(cp, n) for n in names):  # another torch: leave it alone
+        yield
+        return
+    with _PATCH_LOCK:
+        if _PATCH_DEPTH == 0:
+            _ORIGINALS.update({n: getattr(cp, n) for n in names})
+            cp.CheckpointFunction = _RunDirectly  # type: ignore[misc,assignment]
+            cp._checkpoint_without_reentrant_generator = _no_recompute_generator  # type: ignore[assignment]
+        _PATCH_DEPTH += 1
+    try:
+        yield
+    finally:
+        with _PATCH_LOCK:
+            _PATCH_DEPTH -= 1
+            if _PATCH_DEPTH == 0:
+                for n, v in _ORIGINALS.items():
+                    setattr(cp, n, v)
+
+
+_ORIGINALS: dict[str, Any] = {}

@@ -1,0 +1,3 @@
+from tests.zoo.cases import Case
+
+CASES: list[Case] = []

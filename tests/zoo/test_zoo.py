@@ -1,0 +1,91 @@
+"""Architecture zoo: third-party architectures at tiny sizes, each trained for a few steps
+as N=3 models in one ModelBatch and as the same 3 models alone with ``torch.optim``, in
+float64; every parameter and buffer (and the first step's outputs) must agree within 1e-10
+relative. vmap's slow-path fallback is an error here (tests/conftest.py), so an op that
+would run once per model in a Python loop fails the case.
+
+The cases live in the modules listed in :data:`tests.zoo.cases.CASE_MODULES`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import modelbatch
+from tests.helpers import assert_close_models, rel_err
+from tests.zoo.cases import Case, all_cases
+
+N = 3
+CASES, SKIPPED = all_cases()
+
+
+def _build(case: Case, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = case.build().double()
+    return model.train(case.train)
+
+
+def _inputs(case: Case, seed: int) -> tuple[Any, ...]:
+    g = torch.Generator().manual_seed(seed)
+    if not case.per_model:
+        return case.inputs(g)
+    draws = [case.inputs(g) for _ in range(N)]
+    return tuple(torch.stack(parts) for parts in zip(*draws, strict=True))
+
+
+def _loss(out: Tensor) -> Tensor:
+    """A fixed, generic training signal: squared error to a fixed pseudo-random target."""
+    g = torch.Generator().manual_seed(7)
+    target = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    return ((out.double() - target) ** 2).mean()
+
+
+def _optimizer(case: Case, params: Any, batch: modelbatch.ModelBatch | None = None) -> Any:
+    if case.optimizer == "adam":
+        if batch is not None:
+            return modelbatch.optim.Adam(batch, lr=1e-2)
+        return torch.optim.Adam(params, lr=1e-2)
+    if batch is not None:
+        return modelbatch.optim.SGD(batch, lr=0.05, momentum=0.9)
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_zoo_case_trains_as_alone(case: Case) -> None:
+    models = [_build(case, seed) for seed in range(N)]
+    alone = [_build(case, seed) for seed in range(N)]
+    batch = modelbatch.ModelBatch(models).train(case.train)
+    opt = _optimizer(case, None, batch)
+    opts = [_optimizer(case, m.parameters()) for m in alone]
+    for step in range(case.steps):
+        inputs = _inputs(case, 100 + step)
+        out = case.select(batch(*inputs, per_model=case.per_model, **case.kwargs))
+        assert out.shape[0] == N
+        loss = sum(_loss(out[i]) for i in range(N))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        for i, (m, o) in enumerate(zip(alone, opts, strict=True)):
+            xi = tuple(x[i] for x in inputs) if case.per_model else inputs
+            out_i = case.select(m(*xi, **case.kwargs))
+            if step == 0:
+                err = rel_err(out[i], out_i)
+                assert err <= 1e-10, f"{case.name}: model {i} output differs by {err:.3g}"
+            o.zero_grad()
+            _loss(out_i).backward()
+            o.step()
+    assert_close_models(batch.extract_all(), alone, torch.float64, case.name)
+
+
+def test_zoo_has_at_least_30_architectures() -> None:
+    assert len(CASES) >= 30, [c.name for c in CASES]
+
+
+@pytest.mark.parametrize("name", sorted(SKIPPED))
+def test_zoo_skipped_architectures_say_why(name: str) -> None:
+    pytest.skip(SKIPPED[name])
+
