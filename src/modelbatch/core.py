@@ -6,6 +6,7 @@ Shapes used throughout: ``N`` = number of models in the batch, ``B`` = samples p
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 import operator
 import os
 import weakref
@@ -25,6 +26,7 @@ from modelbatch._functional import (
 )
 from modelbatch._structure import check_same_structure
 from modelbatch.layers import substitute_layers
+from modelbatch.layers.conv import ChannelsLastViews
 from modelbatch.layers.parametrize import copy_model
 
 if TYPE_CHECKING:
@@ -372,9 +374,10 @@ class ModelBatch(nn.Module):
         frozen = self.training and bool(buffers) and not self.all_active
         call_buffers = {k: v.clone() for k, v in buffers.items()} if frozen else buffers
         try:
-            out, reassigned = run(
-                self.stacked, self.randomness, x_dims, kwargs, params, call_buffers, *inputs
-            )
+            with ChannelsLastViews() if self.conv_layout == "channels_last" else nullcontext():
+                out, reassigned = run(
+                    self.stacked, self.randomness, x_dims, kwargs, params, call_buffers, *inputs
+                )
         except (RuntimeError, ValueError, TypeError) as e:
             explained = explain_forward_error(e, n, inputs, per_model)
             if explained is None:

@@ -16,10 +16,11 @@ import torch
 from torch import Tensor, nn
 
 import modelbatch
-from tests.helpers import assert_close_models, rel_err
+from tests.helpers import rel_err
 from tests.zoo.cases import Case, all_cases
 
 N = 3
+TOL = 1e-10
 CASES, SKIPPED = all_cases()
 
 
@@ -74,11 +75,22 @@ def test_zoo_case_trains_as_alone(case: Case) -> None:
             out_i = case.select(m(*xi, **case.kwargs))
             if step == 0:
                 err = rel_err(out[i], out_i)
-                assert err <= 1e-10, f"{case.name}: model {i} output differs by {err:.3g}"
+                assert err <= TOL, f"{case.name}: model {i} output differs by {err:.3g}"
             o.zero_grad()
             _loss(out_i).backward()
             o.step()
-    assert_close_models(batch.extract_all(), alone, torch.float64, case.name)
+    for i, (mb_model, ref) in enumerate(zip(batch.extract_all(), alone, strict=True)):
+        ref_state = ref.state_dict()
+        for name, value in mb_model.state_dict().items():
+            expected = ref_state[name]
+            if not value.is_floating_point():
+                assert torch.equal(value, expected), f"{case.name} model {i} {name}"
+                continue
+            # Relative to the tensor's norm, or absolute for tensors near 0: attention key
+            # biases start at 0 and have a true gradient of 0 (softmax ignores a shift), so
+            # they hold nothing but rounding noise, in a batch and alone.
+            err = float((value - expected).norm()) / max(float(expected.norm()), 1.0)
+            assert err <= TOL, f"{case.name} model {i} {name}: error {err:.3g} > {TOL:g}"
 
 
 def test_zoo_has_at_least_30_architectures() -> None:

@@ -39,7 +39,7 @@ def _flash_cpu_vmap(
     dropout_p: float,
     is_causal: bool,
     scale: float | None,
-) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
+) -> tuple[tuple[Tensor, Tensor], tuple[int, int | None]]:
     """Batching rule of ``_scaled_dot_product_flash_attention_for_cpu`` (the kernel that
     ``F.scaled_dot_product_attention`` picks on CPU). Per model: query ``[B, H, L, E]``,
     key ``[B, H, S, E]``, value ``[B, H, S, Ev]``, ``attn_mask`` broadcastable to
@@ -65,6 +65,15 @@ def _flash_cpu_vmap(
             m = m.expand(n, b, *m.shape[2:]).reshape(n * b, *m.shape[2:])
             mask = m
         # otherwise one mask for every model and sample: it broadcasts over N*B as it is
+    if mask is not None and mask.requires_grad:
+        # A learned mask (T5's relative position bias): the flash kernel has no gradient for
+        # it, and a model alone takes the math path here too (its mask requires grad; under
+        # vmap the batched mask does not say so, hence this kernel was picked).
+        out, _ = torch.ops.aten._scaled_dot_product_attention_math(
+            q, k, v, mask, dropout_p, is_causal, scale=scale
+        )
+        lse = torch.empty(0, dtype=out.dtype, device=out.device)  # unused by the caller
+        return (out.unflatten(0, (n, b)), lse), (0, None)  # type: ignore[return-value]
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, dropout_p, is_causal, attn_mask=mask, scale=scale
     )
