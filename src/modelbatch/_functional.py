@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "CallPlan",
     "Slot",
     "call_with_tensors",
     "checkpoint_runs_directly",
@@ -69,14 +71,57 @@ def tensor_slots(root: nn.Module) -> list[Slot]:
     return slots
 
 
-def _is_per_model(t: Tensor) -> bool:
+class CallPlan:
+    """What :func:`call_with_tensors` swaps in ``root``, computed once per module tree and
+    reused while the tree's tensors stay the same objects (see :meth:`for_module`)."""
+
+    def __init__(self, root: nn.Module) -> None:
+        self.slots = tensor_slots(root)
+        self.modules = list(root.modules())
+        self.num_tensors = len({key for *_, key in self.slots})
+        # Plain tensor attributes (not parameters or buffers), restored after each call.
+        self.tensor_attrs = [
+            (m, k) for m in self.modules for k, v in vars(m).items() if isinstance(v, Tensor)
+        ]
+
+    def matches(self, params: dict[str, Tensor], buffers: dict[str, Tensor]) -> bool:
+        """Whether ``root`` still holds the parameters this plan was made for, under the
+        names ``params`` gives them, and buffers under the names of ``buffers`` (these may
+        be copies of the module's buffers, see ``ModelBatch.forward``)."""
+        if len(params) + len(buffers) != self.num_tensors:
+            return False
+        for module, kind, attr, key in self.slots:
+            if kind == "_parameters":
+                if module._parameters.get(attr) is not params.get(key):
+                    return False
+            elif key not in buffers:
+                return False
+        return True
+
+    @staticmethod
+    def for_module(
+        root: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor]
+    ) -> CallPlan:
+        """The cached plan of ``root`` when it still matches ``params`` / ``buffers`` (the
+        stacked tensors, before vmap wraps them), else a new one."""
+        plan = _PLANS.get(root)
+        if plan is None or not plan.matches(params, buffers):
+            plan = CallPlan(root)
+            _PLANS[root] = plan
+        return plan
+
+
+_PLANS: weakref.WeakKeyDictionary[nn.Module, CallPlan] = weakref.WeakKeyDictionary()
+
+
+def _is_per_model(t: Any) -> bool:
     """Whether ``t`` is a vmap-batched tensor (depends on one model's tensors)."""
-    return bool(torch._C._functorch.is_batchedtensor(t))
+    return isinstance(t, Tensor) and bool(torch._C._functorch.is_batchedtensor(t))
 
 
 def call_with_tensors(
     root: nn.Module,
-    slots: list[Slot],
+    plan: CallPlan,
     params: dict[str, Tensor],
     buffers: dict[str, Tensor],
     args: tuple[Any, ...],
@@ -86,22 +131,21 @@ def call_with_tensors(
 
     Returns ``(output, reassigned)`` where ``reassigned`` maps the key of every buffer that
     forward re-assigned (``self.b = new``, rather than updating it in place) to its new value.
-    Every swapped tensor and every plain tensor attribute is restored afterwards.
+    Every swapped tensor and every plain tensor attribute is restored afterwards; plain
+    tensor attributes that forward created from per-model tensors are removed.
     """
     given = {**buffers, **params}
     saved: list[tuple[dict[str, Any], str, Any]] = []
-    modules = list(root.modules())
-    attrs_before = [
-        {k: v for k, v in vars(m).items() if isinstance(v, Tensor)} for m in modules
-    ]
+    attrs = [(m, k, vars(m).get(k)) for m, k in plan.tensor_attrs]
+    sizes = [len(vars(m)) for m in plan.modules]
     reassigned: dict[str, Tensor] = {}
     try:
-        for module, kind, attr, key in slots:
+        for module, kind, attr, key in plan.slots:
             store = getattr(module, kind)
             saved.append((store, attr, store[attr]))
             store[attr] = given[key]
         out = root(*args, **kwargs)
-        for module, kind, attr, key in slots:
+        for module, kind, attr, key in plan.slots:
             if kind != "_buffers":
                 continue
             now = module._buffers.get(attr)
@@ -116,14 +160,14 @@ def call_with_tensors(
     finally:
         for store, attr, old in reversed(saved):
             store[attr] = old
-        for module, before in zip(modules, attrs_before, strict=True):
+        for module, name, old in attrs:
+            if _is_per_model(vars(module).get(name)):
+                vars(module)[name] = old
+        for module, size in zip(plan.modules, sizes, strict=True):
             d = vars(module)
-            for k, v in list(d.items()):
-                if isinstance(v, Tensor) and k not in before and _is_per_model(v):
+            if len(d) != size:  # forward added attributes: drop per-model tensors
+                for k in [k for k, v in d.items() if _is_per_model(v)]:
                     del d[k]
-            for k, v in before.items():
-                if d.get(k) is not v and (k not in d or _is_per_model(d[k])):
-                    d[k] = v
     return out, reassigned
 
 

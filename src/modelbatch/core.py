@@ -19,10 +19,10 @@ from torch.func import functional_call, vmap
 
 from modelbatch._forward_errors import explain_forward_error
 from modelbatch._functional import (
+    CallPlan,
     call_with_tensors,
     checkpoint_runs_directly,
     no_fused_transformer_path,
-    tensor_slots,
 )
 from modelbatch._structure import check_same_structure
 from modelbatch.layers import substitute_layers
@@ -56,10 +56,10 @@ def _vmapped_forward(
     Returns ``(outputs, reassigned)``: the stacked outputs, and the ``[N, ...]`` new values
     of the buffers that forward re-assigned (see :mod:`modelbatch._functional`).
     """
-    slots = tensor_slots(stacked)
+    plan = CallPlan.for_module(stacked, params, buffers)
 
     def one_model(p: dict[str, Tensor], b: dict[str, Tensor], *xs: Any) -> Any:
-        return call_with_tensors(stacked, slots, p, b, xs, kwargs)
+        return call_with_tensors(stacked, plan, p, b, xs, kwargs)
 
     with checkpoint_runs_directly(), no_fused_transformer_path():
         return vmap(one_model, in_dims=(0, 0, *x_dims), randomness=randomness)(  # type: ignore[no-any-return]
