@@ -79,9 +79,13 @@ class CallPlan:
         self.slots = tensor_slots(root)
         self.modules = list(root.modules())
         self.num_tensors = len({key for *_, key in self.slots})
-        # Plain tensor attributes (not parameters or buffers), restored after each call.
+        # Plain attributes holding a tensor or None (caches), restored after each call
+        # when forward left a per-model tensor there.
         self.tensor_attrs = [
-            (m, k) for m in self.modules for k, v in vars(m).items() if isinstance(v, Tensor)
+            (m, k)
+            for m in self.modules
+            for k, v in vars(m).items()
+            if v is None or isinstance(v, Tensor)
         ]
 
     def matches(self, params: dict[str, Tensor], buffers: dict[str, Tensor]) -> bool:
