@@ -35,11 +35,14 @@ def test_torch_functional_call_breaks_on_a_module_under_two_names() -> None:
     # The PyTorch bug this module works around (pytorch#164759): if it is ever fixed, this
     # test says so and the workaround can be reconsidered.
     model = Tied()
+    original = model.blocks[0].weight
     stacked = {k: torch.stack([v.detach()] * N) for k, v in model.named_parameters()}
+    vmap(lambda p, x: functional_call(model, p, (x,)), in_dims=(0, None))(
+        stacked, torch.randn(2, 4)
+    )
+    assert model.blocks[0].weight is not original  # left holding a per-model tensor
     with pytest.raises(RuntimeError, match="escaped"):
-        vmap(lambda p, x: functional_call(model, p, (x,)), in_dims=(0, None))(
-            stacked, torch.randn(2, 4)
-        )
+        model(torch.randn(2, 4))
 
 
 def test_module_under_two_names_keeps_its_stacked_parameters() -> None:
