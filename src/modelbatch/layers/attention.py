@@ -9,9 +9,10 @@ the attention's batch dimension: the N models' ``[B, H, L, E]`` queries become o
 ``[N*B, H, L, E]`` call of the same kernel, and the output is unfolded again.
 
 Per model the call is unchanged (same mask, causal flag, scale), so each model's result
-is what it computes alone, up to the kernel's summation order. With ``dropout_p > 0`` the
-N*B rows draw independent masks, which is vmap's ``randomness="different"``; under
-``randomness="same"`` it is refused (one shared mask per model cannot be drawn this way).
+is what it computes alone, up to the kernel's summation order. With ``dropout_p > 0`` vmap
+runs the attention in its math form (batchable, with vmap's randomness modes) and this rule
+is not used. A learned mask (one that requires grad, e.g. T5's position bias) takes the math
+kernel, as it does for a model alone.
 """
 
 from __future__ import annotations
@@ -46,12 +47,8 @@ def _flash_cpu_vmap(
     ``[B, H, L, S]``. One call on ``[N*B, H, ...]``; returns the output ``[N, B, H, L, Ev]``
     and the log-sum-exp ``[N, B, H, L]``."""
     n = int(info.batch_size)
-    if dropout_p > 0.0 and info.randomness != "different":
-        raise RuntimeError(
-            "scaled_dot_product_attention with dropout_p > 0 under vmap needs "
-            f"randomness='different' (got {info.randomness!r}): ModelBatch folds the N models "
-            "into one call, which draws an independent dropout mask per model"
-        )
+    # (With dropout_p > 0, vmap decomposes scaled_dot_product_attention into its math
+    # form, which handles randomness itself; this rule is then not reached.)
     q, k, v = (_first(t, d, n) for t, d in zip((query, key, value), in_dims[:3], strict=True))
     b = max(q.shape[1], k.shape[1], v.shape[1])
     q, k, v = (t.expand(n, b, *t.shape[2:]).reshape(n * b, *t.shape[2:]) for t in (q, k, v))
