@@ -47,7 +47,9 @@ def _batch(cls: type[nn.Module]) -> modelbatch.ModelBatch:
 
 
 def test_data_dependent_control_flow_is_named() -> None:
-    with pytest.raises(RuntimeError, match=r"uses the value of a tensor in Python control flow") as e:
+    with pytest.raises(
+        RuntimeError, match=r"uses the value of a tensor in Python control flow"
+    ) as e:
         _batch(Branchy)(torch.randn(2, 3))
     assert "torch.where" in str(e.value)
     assert "single model accepts" not in str(e.value)
@@ -95,5 +97,5 @@ def test_other_errors_are_left_alone() -> None:
             raise RuntimeError("my own error")
 
     batch = modelbatch.ModelBatch([nn.Sequential(nn.Linear(3, 3), Raises()) for _ in range(N)])
-    with pytest.raises(RuntimeError, match="^my own error$"):
+    with pytest.raises(RuntimeError, match=r"^my own error$"):
         batch(torch.randn(2, 3))

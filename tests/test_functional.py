@@ -115,7 +115,9 @@ class BadBuffer(nn.Module):
 
 def test_buffer_reassigned_with_another_shape_is_refused() -> None:
     batch = modelbatch.ModelBatch([BadBuffer("shape") for _ in range(N)])
-    with pytest.raises(RuntimeError, match=r"buffer 'b' was re-assigned in forward with per-model shape \(3,\)"):
+    with pytest.raises(
+        RuntimeError, match=r"buffer 'b' was re-assigned in forward with per-model shape \(3,\)"
+    ):
         batch(torch.randn(4, 3))
 
 

@@ -22,9 +22,7 @@ _SHAPE_WORDS = re.compile(
     r"expected .*\d-?D|out of range|cannot be multiplied|broadcast",
     re.IGNORECASE,
 )
-_FALLBACK = re.compile(
-    r"(aten::\S+) hit the vmap fallback|Batching rule not implemented for (\S+)"
-)
+_FALLBACK = re.compile(r"(aten::\S+) hit the vmap fallback|Batching rule not implemented for (\S+)")
 
 
 def _what(n: int) -> str:

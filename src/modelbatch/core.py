@@ -6,16 +6,16 @@ Shapes used throughout: ``N`` = number of models in the batch, ``B`` = samples p
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
 import operator
 import os
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 from modelbatch._forward_errors import explain_forward_error
 from modelbatch._functional import (

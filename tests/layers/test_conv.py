@@ -337,7 +337,10 @@ def test_view_flatten_and_unbatched_input_train_as_alone(arch: str, per_model: b
         opt.zero_grad()
         loss.backward()
         opt.step()
-    data = [([x[i] if per_model else x[0] for i in range(N)], list(y)) for x, y in zip(xs, ys, strict=True)]
+    data = [
+        ([x[i] if per_model else x[0] for i in range(N)], list(y))
+        for x, y in zip(xs, ys, strict=True)
+    ]
     ref = train_alone(
         models, lambda i, m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), data, loss_fn
     )

@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.func import vmap
 
 import modelbatch
-import modelbatch.layers.embedding  # noqa: F401  (registers the rules)
+import modelbatch.layers.embedding
 
 N, V, D = 3, 10, 4
 
@@ -26,7 +26,9 @@ OFFSETS = torch.tensor([0, 2, 2, 6])  # bags of 2, 0, 4 and 3 indices
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])
 @pytest.mark.parametrize("padding_idx", [None, 0])
 @pytest.mark.parametrize("layout", ["2d", "offsets", "offsets_last", "per_model_2d"])
-def test_embedding_bag_equals_each_model_alone(mode: str, padding_idx: int | None, layout: str) -> None:
+def test_embedding_bag_equals_each_model_alone(
+    mode: str, padding_idx: int | None, layout: str
+) -> None:
     w = _weights()
     psw = None
     if layout == "2d":
@@ -46,7 +48,12 @@ def test_embedding_bag_equals_each_model_alone(mode: str, padding_idx: int | Non
         if mode == "sum":
             psw = torch.rand(len(IDX_1D), dtype=torch.float64)
         call = lambda w, i: F.embedding_bag(  # noqa: E731
-            i, w, offs, mode=mode, padding_idx=padding_idx, include_last_offset=last,
+            i,
+            w,
+            offs,
+            mode=mode,
+            padding_idx=padding_idx,
+            include_last_offset=last,
             per_sample_weights=psw,
         )
         in_dims = (0, None)

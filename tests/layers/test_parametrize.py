@@ -3,6 +3,7 @@ power iteration per model, the structure check and copying old-style weight_norm
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -23,9 +24,15 @@ N = 3
 def test_weight_norm_rule_equals_torch(dim: int, g_shared: bool) -> None:
     torch.manual_seed(0)
     v = torch.randn(N, 4, 3, 2, dtype=torch.float64, requires_grad=True)
-    g_shape = [1, 1, 1] if dim == -1 else [4 if dim == 0 else 1, 3 if dim == 1 else 1, 2 if dim == 2 else 1]
+    g_shape = (
+        [1, 1, 1]
+        if dim == -1
+        else [4 if dim == 0 else 1, 3 if dim == 1 else 1, 2 if dim == 2 else 1]
+    )
     g = torch.randn(*([] if g_shared else [N]), *g_shape, dtype=torch.float64, requires_grad=True)
-    out = vmap(lambda v, g: torch._weight_norm(v, g, dim), in_dims=(0, None if g_shared else 0))(v, g)
+    out = vmap(lambda v, g: torch._weight_norm(v, g, dim), in_dims=(0, None if g_shared else 0))(
+        v, g
+    )
     grads = torch.autograd.grad(out.sin().sum(), (v, g))
     for i in range(N):
         gi = g if g_shared else g[i]
@@ -65,8 +72,6 @@ def test_copy_model_copies_old_style_weight_norm() -> None:
         warnings.simplefilter("ignore", FutureWarning)
         model = nn.utils.weight_norm(nn.Linear(3, 2))
     with pytest.raises(RuntimeError, match="deepcopy"):
-        import copy
-
         copy.deepcopy(model)
     twin = copy_model(model)
     x = torch.randn(4, 3)

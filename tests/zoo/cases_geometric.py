@@ -40,8 +40,15 @@ if gnn is not None:
     CASES += [
         Case("pyg_gcn", lambda: GNN(gnn.GCNConv(5, 8), gnn.GCNConv(8, 3)), _graph),
         Case("pyg_gat", lambda: GNN(gnn.GATConv(5, 4, heads=2), gnn.GATConv(8, 3)), _graph),
-        Case("pyg_graphsage", lambda: GNN(gnn.SAGEConv(5, 8), gnn.SAGEConv(8, 3, aggr="max")),
-             _graph, optimizer="adam"),
-        Case("pyg_gin", lambda: GNN(gnn.GINConv(nn.Linear(5, 8), train_eps=True),
-                                    gnn.GINConv(nn.Linear(8, 3))), _graph),
+        Case(
+            "pyg_graphsage",
+            lambda: GNN(gnn.SAGEConv(5, 8), gnn.SAGEConv(8, 3, aggr="max")),
+            _graph,
+            optimizer="adam",
+        ),
+        Case(
+            "pyg_gin",
+            lambda: GNN(gnn.GINConv(nn.Linear(5, 8), train_eps=True), gnn.GINConv(nn.Linear(8, 3))),
+            _graph,
+        ),
     ]

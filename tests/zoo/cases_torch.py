@@ -45,7 +45,9 @@ class ResBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=2, bias=False), nn.BatchNorm2d(cout))
+        self.short = nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride=2, bias=False), nn.BatchNorm2d(cout)
+        )
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cout, 3))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -220,7 +222,10 @@ def parametrized(kind: str) -> nn.Module:
     if kind == "weight_norm":
         a, b = P.weight_norm(nn.Linear(5, 6)), P.weight_norm(nn.Conv1d(1, 2, 3), dim=None)
     elif kind == "spectral_norm":
-        a, b = P.spectral_norm(nn.Linear(5, 6)), P.spectral_norm(nn.Conv1d(1, 2, 3), n_power_iterations=2)
+        a, b = (
+            P.spectral_norm(nn.Linear(5, 6)),
+            P.spectral_norm(nn.Conv1d(1, 2, 3), n_power_iterations=2),
+        )
     else:
         a = P.orthogonal(nn.Linear(5, 6))
         b = P.orthogonal(nn.Conv1d(1, 2, 3), orthogonal_map="cayley")
@@ -229,83 +234,169 @@ def parametrized(kind: str) -> nn.Module:
 
 def activations() -> nn.Module:
     return nn.Sequential(
-        nn.Linear(5, 12), nn.GLU(), nn.SiLU(), nn.Linear(6, 6), nn.GELU(approximate="tanh"),
-        nn.Mish(), nn.Hardswish(), nn.ELU(), nn.Softplus(), nn.LeakyReLU(0.1), nn.PReLU(6),
-        nn.Linear(6, 2), nn.LogSoftmax(-1),
+        nn.Linear(5, 12),
+        nn.GLU(),
+        nn.SiLU(),
+        nn.Linear(6, 6),
+        nn.GELU(approximate="tanh"),
+        nn.Mish(),
+        nn.Hardswish(),
+        nn.ELU(),
+        nn.Softplus(),
+        nn.LeakyReLU(0.1),
+        nn.PReLU(6),
+        nn.Linear(6, 2),
+        nn.LogSoftmax(-1),
     )
 
 
 def norms() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.GroupNorm(2, 4),
+        nn.ReLU(),
         nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
-        nn.Conv2d(4, 4, 3, padding=1), nn.LayerNorm([4, 8, 8]), nn.Flatten(), nn.Linear(256, 2),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.LayerNorm([4, 8, 8]),
+        nn.Flatten(),
+        nn.Linear(256, 2),
     )
 
 
 CASES = [
-    Case("mlp", lambda: nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)),
-         lambda g: (randn(g, B, 5),)),
-    Case("mlp_per_model_adam", lambda: nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)),
-         lambda g: (randn(g, B, 5),), per_model=True, optimizer="adam"),
+    Case(
+        "mlp",
+        lambda: nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)),
+        lambda g: (randn(g, B, 5),),
+    ),
+    Case(
+        "mlp_per_model_adam",
+        lambda: nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)),
+        lambda g: (randn(g, B, 5),),
+        per_model=True,
+        optimizer="adam",
+    ),
     Case("cnn_batchnorm", ConvBN, lambda g: (randn(g, B, 3, 8, 8),)),
     Case("resnet_block", ResBlock, lambda g: (randn(g, B, 3, 8, 8),), optimizer="adam"),
-    Case("transformer_encoder",
-         lambda: nn.TransformerEncoder(
-             nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2,
-             enable_nested_tensor=False),
-         # SGD: the key projection's bias has a true gradient of zero (softmax ignores a
-         # shift), which Adam would turn from rounding noise into steps.
-         lambda g: (randn(g, B, 5, 8),)),
-    Case("transformer_encoder_eval",
-         lambda: nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, norm_first=True),
-         lambda g: (randn(g, B, 5, 8),), train=False),
+    Case(
+        "transformer_encoder",
+        lambda: nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
+            2,
+            enable_nested_tensor=False,
+        ),
+        # SGD: the key projection's bias has a true gradient of zero (softmax ignores a
+        # shift), which Adam would turn from rounding noise into steps.
+        lambda g: (randn(g, B, 5, 8),),
+    ),
+    Case(
+        "transformer_encoder_eval",
+        lambda: nn.TransformerEncoderLayer(
+            8, 2, 16, dropout=0.0, batch_first=True, norm_first=True
+        ),
+        lambda g: (randn(g, B, 5, 8),),
+        train=False,
+    ),
     Case("transformer_decoder_causal", Decoder, lambda g: (randn(g, B, 5, 8), randn(g, B, 6, 8))),
-    Case("multihead_attention_weights", lambda: MHA(True),
-         lambda g: (randn(g, B, 5, 8), torch.tensor([[False] * 4 + [True]] * B))),
-    Case("multihead_attention_sdpa", lambda: MHA(False),
-         lambda g: (randn(g, B, 5, 8), torch.tensor([[False] * 4 + [True]] * B))),
+    Case(
+        "multihead_attention_weights",
+        lambda: MHA(True),
+        lambda g: (randn(g, B, 5, 8), torch.tensor([[False] * 4 + [True]] * B)),
+    ),
+    Case(
+        "multihead_attention_sdpa",
+        lambda: MHA(False),
+        lambda g: (randn(g, B, 5, 8), torch.tensor([[False] * 4 + [True]] * B)),
+    ),
     Case("embedding", EmbedMean, lambda g: (tokens(g, 12, B, 5),), optimizer="adam"),
     Case("embedding_max_norm", lambda: EmbedMean(max_norm=1.0), lambda g: (tokens(g, 12, B, 5),)),
-    Case("embedding_padding_scale_grad",
-         lambda: EmbedMean(padding_idx=0, scale_grad_by_freq=True), with_padding),
+    Case(
+        "embedding_padding_scale_grad",
+        lambda: EmbedMean(padding_idx=0, scale_grad_by_freq=True),
+        with_padding,
+    ),
     Case("embedding_bag_sum", lambda: Bag("sum", False), lambda g: (tokens(g, 12, B, 5),)),
     Case("embedding_bag_mean_padding", lambda: Bag("mean", False, padding_idx=0), with_padding),
-    Case("embedding_bag_max_padding_offsets", lambda: Bag("max", True, padding_idx=0), with_padding),
-    Case("embedding_bag_sum_max_norm_offsets", lambda: Bag("sum", True, max_norm=1.0), with_padding),
+    Case(
+        "embedding_bag_max_padding_offsets", lambda: Bag("max", True, padding_idx=0), with_padding
+    ),
+    Case(
+        "embedding_bag_sum_max_norm_offsets", lambda: Bag("sum", True, max_norm=1.0), with_padding
+    ),
     Case("embedding_bag_per_sample_weights", BagWeighted, with_padding),
     Case("norms_group_instance_layer", norms, lambda g: (randn(g, B, 3, 8, 8),), optimizer="adam"),
-    Case("conv_transpose",
-         lambda: nn.Sequential(nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1),
-                               nn.ReLU(), nn.Conv2d(4, 2, 3)),
-         lambda g: (randn(g, B, 3, 4, 4),)),
-    Case("conv1d_pool", lambda: nn.Sequential(nn.Conv1d(2, 4, 3, padding=2, dilation=2),
-                                              nn.MaxPool1d(2), nn.AvgPool1d(2),
-                                              nn.ConvTranspose1d(4, 2, 2, stride=2), nn.Flatten(),
-                                              nn.Linear(16, 2)),
-         lambda g: (randn(g, B, 2, 16),)),
-    Case("conv3d_pool", lambda: nn.Sequential(nn.Conv3d(1, 2, 3, padding=1, groups=1),
-                                              nn.BatchNorm3d(2), nn.AvgPool3d(2),
-                                              nn.AdaptiveMaxPool3d(1), nn.Flatten(), nn.Linear(2, 2)),
-         lambda g: (randn(g, B, 1, 4, 4, 4),)),
-    Case("pooling_variants", lambda: nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, groups=2),
-                                                   nn.LPPool2d(2, 2), nn.AdaptiveAvgPool2d(3),
-                                                   nn.AdaptiveMaxPool2d(2), nn.Flatten(),
-                                                   nn.Linear(16, 2)),
-         lambda g: (randn(g, B, 2, 8, 8),)),
-    Case("pixel_shuffle_upsample",
-         lambda: nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.PixelShuffle(2),
-                               nn.Upsample(scale_factor=2, mode="bilinear"),
-                               nn.PixelUnshuffle(2), nn.Upsample(size=(5, 5), mode="nearest"),
-                               nn.Conv2d(8, 1, 3)),
-         lambda g: (randn(g, B, 2, 4, 4),)),
+    Case(
+        "conv_transpose",
+        lambda: nn.Sequential(
+            nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1),
+            nn.ReLU(),
+            nn.Conv2d(4, 2, 3),
+        ),
+        lambda g: (randn(g, B, 3, 4, 4),),
+    ),
+    Case(
+        "conv1d_pool",
+        lambda: nn.Sequential(
+            nn.Conv1d(2, 4, 3, padding=2, dilation=2),
+            nn.MaxPool1d(2),
+            nn.AvgPool1d(2),
+            nn.ConvTranspose1d(4, 2, 2, stride=2),
+            nn.Flatten(),
+            nn.Linear(16, 2),
+        ),
+        lambda g: (randn(g, B, 2, 16),),
+    ),
+    Case(
+        "conv3d_pool",
+        lambda: nn.Sequential(
+            nn.Conv3d(1, 2, 3, padding=1, groups=1),
+            nn.BatchNorm3d(2),
+            nn.AvgPool3d(2),
+            nn.AdaptiveMaxPool3d(1),
+            nn.Flatten(),
+            nn.Linear(2, 2),
+        ),
+        lambda g: (randn(g, B, 1, 4, 4, 4),),
+    ),
+    Case(
+        "pooling_variants",
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1, groups=2),
+            nn.LPPool2d(2, 2),
+            nn.AdaptiveAvgPool2d(3),
+            nn.AdaptiveMaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16, 2),
+        ),
+        lambda g: (randn(g, B, 2, 8, 8),),
+    ),
+    Case(
+        "pixel_shuffle_upsample",
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 8, 3, padding=1),
+            nn.PixelShuffle(2),
+            nn.Upsample(scale_factor=2, mode="bilinear"),
+            nn.PixelUnshuffle(2),
+            nn.Upsample(size=(5, 5), mode="nearest"),
+            nn.Conv2d(8, 1, 3),
+        ),
+        lambda g: (randn(g, B, 2, 4, 4),),
+    ),
     Case("activations", activations, lambda g: (randn(g, B, 5),), optimizer="adam"),
     Case("weight_norm", lambda: parametrized("weight_norm"), lambda g: (randn(g, B, 5),)),
     Case("spectral_norm", lambda: parametrized("spectral_norm"), lambda g: (randn(g, B, 5),)),
-    Case("spectral_norm_eval", lambda: parametrized("spectral_norm"), lambda g: (randn(g, B, 5),),
-         train=False),
-    Case("orthogonal", lambda: parametrized("orthogonal"), lambda g: (randn(g, B, 5),),
-         optimizer="adam"),
+    Case(
+        "spectral_norm_eval",
+        lambda: parametrized("spectral_norm"),
+        lambda g: (randn(g, B, 5),),
+        train=False,
+    ),
+    Case(
+        "orthogonal",
+        lambda: parametrized("orthogonal"),
+        lambda g: (randn(g, B, 5),),
+        optimizer="adam",
+    ),
     Case("old_weight_norm", OldWeightNorm, lambda g: (randn(g, B, 5),)),
     Case("tied_module_list", Tied, lambda g: (randn(g, B, 6),)),
     Case("backbone_twice", Siamese, lambda g: (randn(g, B, 5),), optimizer="adam"),

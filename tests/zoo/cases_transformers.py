@@ -56,55 +56,108 @@ class _Wrap(nn.Module):
         return self.model(**dict(zip(self.names, args, strict=True)))
 
 
-_TINY = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
-         "intermediate_size": 32}
+_TINY = {
+    "hidden_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+}
 _NO_DROP = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 if tf is not None:
 
     def bert() -> nn.Module:
-        cfg = tf.BertConfig(vocab_size=VOCAB, max_position_embeddings=16, num_labels=3,
-                            **_TINY, **_NO_DROP)
+        cfg = tf.BertConfig(
+            vocab_size=VOCAB, max_position_embeddings=16, num_labels=3, **_TINY, **_NO_DROP
+        )
         return _Wrap(tf.BertForSequenceClassification(cfg), "input_ids", "attention_mask")
 
     def distilbert() -> nn.Module:
-        cfg = tf.DistilBertConfig(vocab_size=VOCAB, max_position_embeddings=16, dim=16,
-                                  n_layers=2, n_heads=2, hidden_dim=32, dropout=0.0,
-                                  attention_dropout=0.0, seq_classif_dropout=0.0)
+        cfg = tf.DistilBertConfig(
+            vocab_size=VOCAB,
+            max_position_embeddings=16,
+            dim=16,
+            n_layers=2,
+            n_heads=2,
+            hidden_dim=32,
+            dropout=0.0,
+            attention_dropout=0.0,
+            seq_classif_dropout=0.0,
+        )
         return _Wrap(tf.DistilBertForMaskedLM(cfg), "input_ids", "attention_mask")
 
     def gpt2() -> nn.Module:
-        cfg = tf.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=2, n_head=2,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
+        cfg = tf.GPT2Config(
+            vocab_size=VOCAB,
+            n_positions=16,
+            n_embd=16,
+            n_layer=2,
+            n_head=2,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            use_cache=False,
+        )
         return _Wrap(tf.GPT2LMHeadModel(cfg), "input_ids")
 
     def bart() -> nn.Module:
-        cfg = tf.BartConfig(vocab_size=VOCAB, max_position_embeddings=16, d_model=16,
-                            encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-                            dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-                            use_cache=False)
+        cfg = tf.BartConfig(
+            vocab_size=VOCAB,
+            max_position_embeddings=16,
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            use_cache=False,
+        )
         return _Wrap(tf.BartForConditionalGeneration(cfg), "input_ids", "attention_mask")
 
     def t5() -> nn.Module:
-        cfg = tf.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=1,
-                          num_decoder_layers=1, num_heads=2, dropout_rate=0.0,
-                          relative_attention_num_buckets=8, use_cache=False,
-                          decoder_start_token_id=0)
+        cfg = tf.T5Config(
+            vocab_size=VOCAB,
+            d_model=16,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_decoder_layers=1,
+            num_heads=2,
+            dropout_rate=0.0,
+            relative_attention_num_buckets=8,
+            use_cache=False,
+            decoder_start_token_id=0,
+        )
         return _Wrap(tf.T5ForConditionalGeneration(cfg), "input_ids", "decoder_input_ids")
 
     def vit() -> nn.Module:
-        cfg = tf.ViTConfig(image_size=8, patch_size=4, num_channels=3, num_labels=3,
-                           **_TINY, **_NO_DROP)
+        cfg = tf.ViTConfig(
+            image_size=8, patch_size=4, num_channels=3, num_labels=3, **_TINY, **_NO_DROP
+        )
         return _Wrap(tf.ViTForImageClassification(cfg), "pixel_values")
 
     def wav2vec2() -> nn.Module:
         cfg = tf.Wav2Vec2Config(
-            vocab_size=VOCAB, **_TINY, hidden_dropout=0.0, attention_dropout=0.0,
-            activation_dropout=0.0, feat_proj_dropout=0.0, layerdrop=0.0, final_dropout=0.0,
-            mask_time_prob=0.0, conv_dim=(8, 8), conv_stride=(4, 2), conv_kernel=(8, 4),
-            num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,
-            feat_extract_norm="layer", do_stable_layer_norm=True,
+            vocab_size=VOCAB,
+            **_TINY,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            feat_proj_dropout=0.0,
+            layerdrop=0.0,
+            final_dropout=0.0,
+            mask_time_prob=0.0,
+            conv_dim=(8, 8),
+            conv_stride=(4, 2),
+            conv_kernel=(8, 4),
+            num_conv_pos_embeddings=4,
+            num_conv_pos_embedding_groups=2,
+            feat_extract_norm="layer",
+            do_stable_layer_norm=True,
         )
         return _Wrap(tf.Wav2Vec2ForCTC(cfg), "input_values")
 
@@ -116,10 +169,18 @@ if tf is not None:
         Case("hf_gpt2_tied_lm_head", gpt2, _ids, select=_logits),
         Case("hf_bart", bart, _ids_mask, select=_logits),
         Case("hf_t5", t5, lambda g: (_ids(g)[0], _ids(g)[0][:, :4]), select=_logits),
-        Case("hf_vit", vit, lambda g: (torch.randn(B, 3, 8, 8, generator=g, dtype=torch.float64),),
-             select=_logits),
-        Case("hf_wav2vec2_weight_norm", wav2vec2,
-             lambda g: (torch.randn(B, 200, generator=g, dtype=torch.float64),), select=_logits),
+        Case(
+            "hf_vit",
+            vit,
+            lambda g: (torch.randn(B, 3, 8, 8, generator=g, dtype=torch.float64),),
+            select=_logits,
+        ),
+        Case(
+            "hf_wav2vec2_weight_norm",
+            wav2vec2,
+            lambda g: (torch.randn(B, 200, generator=g, dtype=torch.float64),),
+            select=_logits,
+        ),
     ]
 
 __all__ = ["CASES", "SKIPPED", "pytest"]

@@ -100,4 +100,3 @@ def test_zoo_has_at_least_30_architectures() -> None:
 @pytest.mark.parametrize("name", sorted(SKIPPED))
 def test_zoo_skipped_architectures_say_why(name: str) -> None:
     pytest.skip(SKIPPED[name])
-

@@ -31,7 +31,7 @@ def register_substitution(cls: type[nn.Module], fn: Substitution) -> None:
 def _load_builtin_substitutions() -> None:
     # Each module registers its substitutions on import.
     from modelbatch.layers import batchnorm, conv, dropout  # noqa: F401
-    from modelbatch.layers import attention, embedding, parametrize  # noqa: F401
+    from modelbatch.layers import attention, embedding, parametrize  # noqa: F401, I001
 
 
 def substitute_layers(

@@ -94,5 +94,5 @@ def _weight_norm_vmap(
     return v * (g / norm), 0
 
 
-_LIB = torch.library.Library("aten", "IMPL")  # noqa: TID251 - batching rules for aten ops
+_LIB = torch.library.Library("aten", "IMPL")
 torch.library.register_vmap("aten::_weight_norm", _weight_norm_vmap, lib=_LIB)
