@@ -30,8 +30,14 @@ def register_substitution(cls: type[nn.Module], fn: Substitution) -> None:
 
 def _load_builtin_substitutions() -> None:
     # Each module registers its substitutions on import.
-    from modelbatch.layers import batchnorm, conv, dropout  # noqa: F401
-    from modelbatch.layers import attention, embedding, parametrize  # noqa: F401, I001
+    from modelbatch.layers import (  # noqa: F401
+        attention,
+        batchnorm,
+        conv,
+        dropout,
+        embedding,
+        parametrize,
+    )
 
 
 def substitute_layers(
