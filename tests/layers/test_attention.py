@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.func import vmap
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import modelbatch.layers.attention  # noqa: F401  (registers the rule)
 
@@ -83,3 +84,28 @@ def test_attention_dropout_follows_vmap_randomness() -> None:
     different = vmap(attn, randomness="different")(q)
     assert torch.equal(same[0], same[1])
     assert not torch.equal(different[0], different[1])
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = str(func.overloadpacket)
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_kernel_call_for_all_models() -> None:
+    # The point of the rule: the N models' attention is one call of the CPU kernel (and one
+    # of its backward), not N (vmap's per-model fallback).
+    q, k, v = _rand(N, B, H, L, E), _rand(N, B, H, S, E), _rand(N, B, H, S, E)
+    with _CountOps() as counter:
+        out = vmap(F.scaled_dot_product_attention)(q, k, v)
+        out.sum().backward()
+    flash = {n: c for n, c in counter.calls.items() if "flash" in n}
+    assert flash == {
+        "aten._scaled_dot_product_flash_attention_for_cpu": 1,
+        "aten._scaled_dot_product_flash_attention_for_cpu_backward": 1,
+    }
