@@ -63,9 +63,27 @@ def test_item_is_named() -> None:
 
 
 def test_non_tensor_output_is_named() -> None:
-    with pytest.raises(TypeError, match=r"returned <class 'object'> inside its output") as e:
+    with pytest.raises(TypeError, match=r"returned a object inside its output") as e:
         _batch(WithCache)(torch.randn(2, 3))
     assert "use_cache=False" in str(e.value)
+
+
+def test_constant_outputs_are_kept() -> None:
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x: Tensor) -> tuple[Tensor, None, dict[str, object]]:
+            return self.fc(x), None, {"h": self.fc(x).sum(0), "name": "fc", "k": 2}
+
+    models = [Mixed() for _ in range(N)]
+    out, none, extra = modelbatch.ModelBatch(models)(torch.ones(2, 3))
+    assert out.shape == (N, 2, 3)
+    assert none is None
+    assert extra["h"].shape == (N, 3)
+    assert (extra["name"], extra["k"]) == ("fc", 2)
+    torch.testing.assert_close(extra["h"][1], models[1](torch.ones(2, 3))[2]["h"])
 
 
 def test_op_without_batching_rule_is_named() -> None:

@@ -2,9 +2,9 @@
 
 The N models run as one ``torch.func.vmap`` call, so a model whose forward works alone can
 fail in a batch for reasons that have nothing to do with its input shapes: Python control
-flow on a tensor's value, ``.item()``, outputs that are not tensors, an op without a batching
-rule. Each gets its own message; the "check that a single model accepts it" hint is kept for
-shape errors only.
+flow on a tensor's value, ``.item()``, an op without a batching rule. (Outputs that cannot be
+stacked are refused by :class:`modelbatch._functional.OutputLayout`.) Each gets its own
+message; the "check that a single model accepts it" hint is kept for shape errors only.
 """
 
 from __future__ import annotations
@@ -51,17 +51,6 @@ def explain_forward_error(
             "that value is N values, one per model, and cannot become one Python number. "
             "Way out: keep it a tensor (e.g. pass it to torch.where / use it in arithmetic), "
             f"or train such models one by one.\nOriginal error: {msg}"
-        )
-    if "must only return Tensors" in msg:
-        found = re.search(r"got type (<class '[^']*'>|\S+)", msg)
-        kind = found.group(1) if found else "a non-tensor"
-        return TypeError(
-            f"a model's forward returned {kind} inside its output ({_what(n)}); a ModelBatch "
-            "stacks the N models' outputs into [N, ...] tensors, so the output may only hold "
-            "tensors (in tuples, lists, dicts or HuggingFace ModelOutputs; None entries are "
-            "kept). KV caches and other objects cannot be stacked. Way out: do not return "
-            "them (HuggingFace: pass use_cache=False), or wrap the model in a module that "
-            f"returns only its tensors.\nOriginal error: {msg}"
         )
     fallback = _FALLBACK.search(msg)
     if fallback is not None:

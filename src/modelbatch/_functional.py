@@ -34,10 +34,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 __all__ = [
     "CallPlan",
+    "OutputLayout",
     "Slot",
     "call_with_tensors",
     "checkpoint_runs_directly",
@@ -173,6 +175,48 @@ def call_with_tensors(
                 for k in [k for k, v in d.items() if _is_per_model(v)]:
                     del d[k]
     return out, reassigned
+
+
+# ----------------------------------------------------------------- outputs
+_CONSTANTS = (type(None), bool, int, float, complex, str)
+
+
+class OutputLayout:
+    """How a model's output splits into tensors (stacked by vmap) and constants (``None``,
+    numbers, strings: the same for every model, since one Python call computed them)."""
+
+    def __init__(self) -> None:
+        self.spec: Any = None
+        self.constants: list[Any] = []
+        self.is_tensor: list[bool] = []
+
+    def split(self, out: Any) -> list[Tensor]:
+        """The tensor leaves of ``out``; remembers the rest. Any other object (a KV cache)
+        cannot be stacked and is refused."""
+        leaves, self.spec = pytree.tree_flatten(out)
+        self.is_tensor = [isinstance(leaf, Tensor) for leaf in leaves]
+        self.constants = [
+            None if t else leaf for leaf, t in zip(leaves, self.is_tensor, strict=True)
+        ]
+        for leaf, t in zip(leaves, self.is_tensor, strict=True):
+            if not t and not isinstance(leaf, _CONSTANTS):
+                raise TypeError(
+                    f"a model's forward returned a {type(leaf).__name__} inside its output; a "
+                    "ModelBatch stacks the N models' outputs into [N, ...] tensors, so the "
+                    "output may hold tensors (in tuples, lists, dicts or HuggingFace "
+                    "ModelOutputs) and constants (None, numbers, strings) only. KV caches and "
+                    "other objects cannot be stacked. Way out: do not return them "
+                    "(HuggingFace: pass use_cache=False), or wrap the model in a module that "
+                    "returns only its tensors"
+                )
+        return [leaf for leaf, t in zip(leaves, self.is_tensor, strict=True) if t]
+
+    @torch.compiler.disable  # plain Python on the outputs (dynamo trips over it)
+    def join(self, tensors: list[Tensor]) -> Any:
+        """The output again, with the stacked ``[N, ...]`` tensors in place."""
+        it = iter(tensors)
+        leaves = [next(it) if t else c for t, c in zip(self.is_tensor, self.constants, strict=True)]
+        return pytree.tree_unflatten(leaves, self.spec)
 
 
 # ----------------------------------------------------------------- activation checkpointing

@@ -20,6 +20,7 @@ from torch.func import vmap
 from modelbatch._forward_errors import explain_forward_error
 from modelbatch._functional import (
     CallPlan,
+    OutputLayout,
     call_with_tensors,
     checkpoint_runs_directly,
     no_fused_transformer_path,
@@ -57,14 +58,17 @@ def _vmapped_forward(
     of the buffers that forward re-assigned (see :mod:`modelbatch._functional`).
     """
     plan = CallPlan.for_module(stacked, params, buffers)
+    layout = OutputLayout()
 
     def one_model(p: dict[str, Tensor], b: dict[str, Tensor], *xs: Any) -> Any:
-        return call_with_tensors(stacked, plan, p, b, xs, kwargs)
+        out, reassigned = call_with_tensors(stacked, plan, p, b, xs, kwargs)
+        return layout.split(out), reassigned
 
     with checkpoint_runs_directly(), no_fused_transformer_path():
-        return vmap(one_model, in_dims=(0, 0, *x_dims), randomness=randomness)(  # type: ignore[no-any-return]
+        tensors, reassigned = vmap(one_model, in_dims=(0, 0, *x_dims), randomness=randomness)(
             params, buffers, *inputs
         )
+    return layout.join(tensors), reassigned
 
 
 def _write_back_buffers(
