@@ -85,8 +85,7 @@ def _write_back_buffers(
                     f"buffer {name!r} was re-assigned in forward with per-model shape "
                     f"{tuple(new.shape[1:])} and dtype {new.dtype}; it has shape "
                     f"{tuple(old.shape[1:])} and dtype {old.dtype}. A ModelBatch keeps each "
-                    "buffer as one [N, ...] tensor: keep its shape and dtype (or make it a "
-                    "plain attribute)"
+                    "buffer as one [N, ...] tensor: keep its shape and dtype"
                 )
             if active is not None:
                 keep = active.view(-1, *([1] * (old.dim() - 1))).to(old.device)
@@ -196,7 +195,8 @@ class ModelBatch(nn.Module):
         object.__setattr__(self, "_template", template)
 
         # The mirror module holds the stacked tensors under the original names. Its forward
-        # is only ever called through functional_call, with one model's slice of each tensor.
+        # is only ever called through modelbatch._functional.call_with_tensors, with one
+        # model's slice of each tensor.
         mirror = copy_model(models[0])
         self._stack_into(mirror, models)
         if seeds is not None:
