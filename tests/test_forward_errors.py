@@ -52,6 +52,8 @@ def test_data_dependent_control_flow_is_named() -> None:
     ) as e:
         _batch(Branchy)(torch.randn(2, 3))
     assert "torch.where" in str(e.value)
+    assert "test_forward_errors.py" in str(e.value)  # the model's own line
+    assert "`if y.sum() > 0:" in str(e.value)
     assert "single model accepts" not in str(e.value)
 
 

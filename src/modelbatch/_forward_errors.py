@@ -9,10 +9,13 @@ message; the "check that a single model accepts it" hint is kept for shape error
 
 from __future__ import annotations
 
+import os
 import re
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 __all__ = ["explain_forward_error"]
@@ -29,6 +32,22 @@ def _what(n: int) -> str:
     return f"in the forward pass of a ModelBatch of {n} models"
 
 
+_INTERNAL = (
+    os.path.dirname(torch.__file__),
+    os.path.dirname(os.path.abspath(__file__)),
+)
+
+
+def _where(e: BaseException) -> str:
+    """`` at file:line (function): `source` `` for the innermost frame of ``e``'s traceback
+    outside torch and modelbatch (the model's own line), or ``""``."""
+    for frame in reversed(traceback.extract_tb(e.__traceback__)):
+        if not os.path.abspath(frame.filename).startswith(_INTERNAL):
+            code = f": `{frame.line.strip()}`" if frame.line else ""
+            return f" at {frame.filename}:{frame.lineno} ({frame.name}){code}"
+    return ""
+
+
 def explain_forward_error(
     e: BaseException, n: int, inputs: Sequence[Any], per_model: bool
 ) -> BaseException | None:
@@ -39,18 +58,18 @@ def explain_forward_error(
         return RuntimeError(
             f"a model's forward uses the value of a tensor in Python control flow (an `if`, "
             f"`while`, `bool(t)`, `assert` or Python comparison on a tensor that depends on "
-            f"the model's weights or per-model inputs) ({_what(n)}). The N models run as one "
-            "vectorised call, so there is no single value to branch on. Way out: write the "
-            "branch as tensor operations (torch.where, masking, clamp), or train such models "
-            f"one by one.\nOriginal error: {msg}"
+            f"the model's weights or per-model inputs){_where(e)} ({_what(n)}). The N models "
+            "run as one vectorised call, so there is no single value to branch on. Way out: "
+            "write the branch as tensor operations (torch.where, masking, clamp), or train "
+            f"such models one by one.\nOriginal error: {msg}"
         )
     if ".item()" in msg:
         return RuntimeError(
             f"a model's forward calls .item() (or float()/int()/.tolist()) on a tensor that "
-            f"depends on the model's weights or per-model inputs ({_what(n)}): under vmap "
-            "that value is N values, one per model, and cannot become one Python number. "
-            "Way out: keep it a tensor (e.g. pass it to torch.where / use it in arithmetic), "
-            f"or train such models one by one.\nOriginal error: {msg}"
+            f"depends on the model's weights or per-model inputs{_where(e)} ({_what(n)}): "
+            "under vmap that value is N values, one per model, and cannot become one Python "
+            "number. Way out: keep it a tensor (e.g. pass it to torch.where / use it in "
+            f"arithmetic), or train such models one by one.\nOriginal error: {msg}"
         )
     fallback = _FALLBACK.search(msg)
     if fallback is not None:
