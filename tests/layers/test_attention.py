@@ -109,3 +109,39 @@ def test_one_kernel_call_for_all_models() -> None:
         "aten._scaled_dot_product_flash_attention_for_cpu": 1,
         "aten._scaled_dot_product_flash_attention_for_cpu_backward": 1,
     }
+
+
+def test_rules_keep_torch_func_per_sample_gradients_right() -> None:
+    # The rules are registered for the aten operators, so they also serve other torch.func
+    # code in the process: vmap(grad(...)) (per-sample gradients) must stay exact. The
+    # kernel's backward under vmap has no rule of its own: allow vmap's fallback here.
+    from torch.func import grad
+
+    import modelbatch.layers.embedding
+    import modelbatch.layers.parametrize  # noqa: F401
+
+    torch._C._functorch._set_vmap_fallback_enabled(True)
+    q = torch.randn(N, B, H, L, E, dtype=torch.float64)
+    w = torch.randn(N, 10, 3, dtype=torch.float64)
+    idx = torch.tensor([[1, 2, 3], [0, 0, 4]])
+
+    def attn(q: Tensor) -> Tensor:
+        return F.scaled_dot_product_attention(q, q, q).square().sum()
+
+    def bag(w: Tensor) -> Tensor:
+        return F.embedding_bag(idx, w, mode="mean", padding_idx=0).square().sum()
+
+    def norm(v: Tensor) -> Tensor:
+        return torch._weight_norm(v, torch.ones(10, 1, dtype=v.dtype), 0).sin().sum()
+
+    with pytest.warns(UserWarning, match="flash_attention_for_cpu_backward"):
+        per_sample = vmap(grad(attn))(q)
+    for f, x, got in (
+        (attn, q, per_sample),
+        (bag, w, vmap(grad(bag))(w)),
+        (norm, w, vmap(grad(norm))(w)),
+    ):
+        for i in range(N):
+            xi = x[i].clone().requires_grad_()
+            (expected,) = torch.autograd.grad(f(xi), xi)
+            torch.testing.assert_close(got[i], expected, rtol=1e-12, atol=1e-12)
