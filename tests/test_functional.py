@@ -198,3 +198,15 @@ def test_old_weight_norm_model_can_be_batched_and_copied() -> None:
     for i, m in enumerate(models):
         torch.testing.assert_close(out[i], m(x))
     copy.deepcopy(batch)
+
+
+def test_a_batch_is_freed_after_its_forward() -> None:
+    import gc
+    import weakref
+
+    batch = modelbatch.ModelBatch([nn.Linear(3, 3) for _ in range(N)])
+    batch(torch.randn(2, 3))
+    ref = weakref.ref(batch.stacked)
+    del batch
+    gc.collect()
+    assert ref() is None

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -110,14 +109,16 @@ class CallPlan:
     ) -> CallPlan:
         """The cached plan of ``root`` when it still matches ``params`` / ``buffers`` (the
         stacked tensors, before vmap wraps them), else a new one."""
-        plan = _PLANS.get(root)
-        if plan is None or not plan.matches(params, buffers):
+        plan = vars(root).get(_PLAN_ATTR)
+        if not isinstance(plan, CallPlan) or not plan.matches(params, buffers):
             plan = CallPlan(root)
-            _PLANS[root] = plan
+            # Kept on the module itself (a plan refers to its modules, so a weak-keyed cache
+            # would keep every module alive).
+            vars(root)[_PLAN_ATTR] = plan
         return plan
 
 
-_PLANS: weakref.WeakKeyDictionary[nn.Module, CallPlan] = weakref.WeakKeyDictionary()
+_PLAN_ATTR = "_modelbatch_call_plan"
 
 
 def _is_per_model(t: Any) -> bool:
