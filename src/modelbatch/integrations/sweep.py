@@ -309,7 +309,7 @@ def train_bundle(
             elif last_epoch:
                 results[mid].status = "completed"
             if keep_models and (mid in leaving or last_epoch):
-                results[mid].model = batch.extract(batch.index_of(mid))
+                results[mid].model = batch.extract(mid)
         if on_epoch_end is not None:
             on_epoch_end(epoch, results)
         if last_epoch or len(leaving) == len(current):
