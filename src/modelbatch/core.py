@@ -5,7 +5,6 @@ Shapes used throughout: ``N`` = number of models in the batch, ``B`` = samples p
 
 from __future__ import annotations
 
-import copy
 import operator
 import os
 import weakref
@@ -34,7 +33,7 @@ from modelbatch._structure import (
 )
 from modelbatch.layers import substitute_layers
 from modelbatch.layers.conv import ChannelsLastViews
-from modelbatch.layers.parametrize import copy_model
+from modelbatch.layers.parametrize import comparable_copy, copy_model, refresh_computed_weights
 
 if TYPE_CHECKING:
     from modelbatch.optim.base import BatchOptimizer
@@ -597,7 +596,7 @@ class ModelBatch(nn.Module):
         """
         i = self.index_of(model_id)
         template = self._template
-        module = copy.deepcopy(template)
+        module = copy_model(template)
         stacked = dict(self.stacked.named_parameters(remove_duplicate=False))
         stacked_b = dict(self.stacked.named_buffers(remove_duplicate=False))
         # Tied tensors (one tensor under two names, e.g. embeddings and LM head) stay tied.
@@ -627,7 +626,7 @@ class ModelBatch(nn.Module):
         modes = {name: m.training for name, m in self.stacked.named_modules()}
         for name, sub in module.named_modules():
             sub.training = modes.get(name, self.training)
-        return module
+        return refresh_computed_weights(module)  # the older weight_norm's computed weight
 
     def extract_all(self) -> list[nn.Module]:
         """Standalone copies of all N models, in position order (ids: :attr:`model_ids`)."""
@@ -644,7 +643,7 @@ class ModelBatch(nn.Module):
         i = self.index_of(model_id)
         label = f"cannot insert into model {model_id!r}"
         try:
-            check_same_structure([self._template, module], compare_training=False)
+            check_same_structure([comparable_copy(self._template), module], compare_training=False)
         except ValueError as e:
             message = str(e).replace("model 1", "the module").replace("model 0", "the batch")
             raise type(e)(f"{label}: {message}") from None

@@ -77,3 +77,22 @@ def test_copy_model_copies_old_style_weight_norm() -> None:
     x = torch.randn(4, 3)
     torch.testing.assert_close(twin(x), model(x))
     assert twin.weight_v is not model.weight_v
+
+
+def test_old_style_weight_norm_extract_and_insert() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        models = [nn.utils.weight_norm(nn.Linear(3, 2)) for _ in range(N)]
+        newcomer = nn.utils.weight_norm(nn.Linear(3, 2))
+    batch = modelbatch.ModelBatch(models)
+    extracted = batch.extract(1)
+    # The computed weight is model 1's (as weight_norm() and its hook compute it).
+    torch.testing.assert_close(extracted.weight, models[1].weight)
+    assert extracted.weight.grad_fn is not None
+    batch.insert(0, newcomer)  # the structure check accepts a fresh weight-normed model
+    batch.insert(2, extracted)
+    x = torch.randn(4, 3)
+    out = batch(x)
+    torch.testing.assert_close(out[0], newcomer(x))
+    torch.testing.assert_close(out[2], models[1](x))
+    copy.deepcopy(batch)

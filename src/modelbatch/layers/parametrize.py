@@ -32,18 +32,47 @@ from torch.nn.utils.parametrizations import _SpectralNorm
 
 from modelbatch.layers import register_substitution
 
-__all__ = ["VmapSpectralNorm", "copy_model"]
+__all__ = ["VmapSpectralNorm", "comparable_copy", "copy_model", "refresh_computed_weights"]
 
 
 def copy_model(model: nn.Module) -> nn.Module:
     """``copy.deepcopy(model)``, also for models with the older ``torch.nn.utils.weight_norm``:
-    non-leaf tensor attributes (its computed ``weight``) are copied detached."""
+    non-leaf tensor attributes (its computed ``weight``) are copied detached (the hook
+    recomputes them before every forward; :func:`refresh_computed_weights` does it now)."""
     memo: dict[int, Any] = {}
     for module in model.modules():
         for value in vars(module).values():
             if isinstance(value, Tensor) and not value.is_leaf:
                 memo[id(value)] = value.detach().clone()
     return copy.deepcopy(model, memo)
+
+
+def _weight_norm_hooks(model: nn.Module) -> list[tuple[nn.Module, Any]]:
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return [
+        (m, hook)
+        for m in model.modules()
+        for hook in m._forward_pre_hooks.values()
+        if isinstance(hook, WeightNorm)
+    ]
+
+
+def refresh_computed_weights(model: nn.Module) -> nn.Module:
+    """Recompute, in place, the weights the older ``torch.nn.utils.weight_norm`` keeps as
+    attributes, from the module's current ``weight_g`` / ``weight_v`` (as its hook does before
+    each forward, and as ``weight_norm()`` does when applied). Returns ``model``."""
+    for module, hook in _weight_norm_hooks(model):
+        setattr(module, hook.name, hook.compute_weight(module))
+    return model
+
+
+def comparable_copy(template: nn.Module) -> nn.Module:
+    """``template`` as a user's model looks (computed weights recomputed), for the structure
+    check; ``template`` itself when it has nothing to recompute."""
+    if not _weight_norm_hooks(template):
+        return template
+    return refresh_computed_weights(copy_model(template))
 
 
 class VmapSpectralNorm(_SpectralNorm):
