@@ -251,8 +251,10 @@ def activations() -> nn.Module:
 
 
 def norms() -> nn.Module:
+    # No bias before GroupNorm (standard): the group mean removes most of it, leaving
+    # near-zero gradients that Adam turns from float32 rounding noise into steps.
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
         nn.GroupNorm(2, 4),
         nn.ReLU(),
         nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
