@@ -167,6 +167,7 @@ if tf is not None:
         Case("hf_bert", bert, _ids_mask, select=_logits),
         Case("hf_distilbert", distilbert, _ids_mask, select=_logits),
         Case("hf_gpt2_tied_lm_head", gpt2, _ids, select=_logits),
+        Case("hf_gpt2_per_model_inputs", gpt2, _ids, select=_logits, per_model=True),
         Case("hf_bart", bart, _ids_mask, select=_logits),
         Case("hf_t5", t5, lambda g: (_ids(g)[0], _ids(g)[0][:, :4]), select=_logits),
         Case(
