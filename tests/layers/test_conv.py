@@ -345,3 +345,19 @@ def test_view_flatten_and_unbatched_input_train_as_alone(arch: str, per_model: b
         models, lambda i, m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), data, loss_fn
     )
     assert_close_models(batch.extract_all(), ref, torch.float64, arch)
+
+
+def test_channels_last_views_fall_back_to_reshape_only_when_needed() -> None:
+    from modelbatch.layers.conv import ChannelsLastViews
+
+    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    y = torch.randn(2, 3, 4, 5)
+    with ChannelsLastViews():
+        for shape in ((2, -1), ((2, -1),), (torch.Size([2, 60]),)):
+            assert torch.equal(x.view(*shape), x.reshape(2, 60))
+        v = y.view(2, -1)  # possible as a view: still one
+        assert v.data_ptr() == y.data_ptr()
+        with pytest.raises(RuntimeError, match="shape"):
+            x.view(7, -1)  # impossible shapes still fail
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        x.view(2, -1)  # outside the batch's forward: torch's own behaviour

@@ -227,11 +227,11 @@ class ChannelsLastViews(TorchFunctionMode):
         try:
             return func(*args, **kwargs)
         except RuntimeError as e:
-            if "view size is not compatible" not in str(e) or kwargs:
+            if "view size is not compatible" not in str(e) or kwargs or len(args) < 2:
+                raise
+            if isinstance(args[1], torch.dtype):  # a dtype view: not a shape
                 raise
             shape = args[1] if len(args) == 2 and not isinstance(args[1], int) else args[1:]
-            if any(isinstance(d, torch.dtype) for d in shape):
-                raise
             return args[0].reshape(*shape)
 
 
