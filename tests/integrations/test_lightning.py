@@ -214,7 +214,7 @@ def test_missing_lightning_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> N
     for name in ("lightning", "lightning.pytorch", "pytorch_lightning"):
         monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.delitem(sys.modules, "modelbatch.integrations.lightning")
-    with pytest.raises(ImportError, match=r"pip install 'modelbatch\[lightning\]'"):
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[lightning\]'"):
         importlib.import_module("modelbatch.integrations.lightning")
 
 

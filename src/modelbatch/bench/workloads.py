@@ -109,35 +109,39 @@ def _leaf_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def count_flops_per_image(model: nn.Module, input_shape: tuple[int, ...]) -> float:
-    """Training FLOPs per image (forward + backward = 3x the forward's multiply-adds x 2).
+    """Training FLOPs per image: 2 x the multiply-adds of the forward, the weight gradient
+    and, where the layer's input needs one, the input gradient.
 
-    Counts conv and linear layers only (the rest is a few percent); the backward computes
-    both the input and the weight gradient, hence 2x the forward.
+    Counts conv and linear layers only (the rest is a few percent). The backward computes
+    the weight gradient of every layer and the input gradient of every layer but those fed
+    by the data (which needs none): 3x the forward for most layers, 2x for the first.
     """
-    macs = 0
+    macs = 0.0
 
     def hook(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
         nonlocal macs
+        passes = 3 if inp[0].requires_grad else 2
         if isinstance(mod, nn.Conv2d):
             k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
-            macs += out.numel() * k
+            macs += passes * out.numel() * k
         elif isinstance(mod, nn.Linear):
-            macs += out.numel() * mod.in_features
+            macs += passes * out.numel() * mod.in_features
 
-    _forward_with_hooks(model, input_shape, hook)
-    return 3.0 * 2.0 * macs
+    _forward_with_hooks(model, input_shape, hook, grad=True)
+    return 2.0 * macs
 
 
 def _forward_with_hooks(
-    model: nn.Module, input_shape: tuple[int, ...], hook: Callable[..., None]
+    model: nn.Module, input_shape: tuple[int, ...], hook: Callable[..., None], grad: bool = False
 ) -> None:
     """One eval-mode forward of a ``[1, *input_shape]`` zero input with ``hook`` on every
-    leaf module (the model's train/eval mode is restored)."""
+    leaf module (the model's train/eval mode is restored); with ``grad``, autograd records
+    (so a hook sees which inputs require a gradient)."""
     handles = [m.register_forward_hook(hook) for m in _leaf_modules(model)]
     try:
         was = model.training
         model.eval()
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             model(torch.zeros(1, *input_shape))
         model.train(was)
     finally:

@@ -23,7 +23,7 @@ What changes compared with a plain ``Trainer``:
   resume reads), ``modelbatch.json`` (model ids) and, by default, one ``save_pretrained``
   folder per model: ``model_<id>/``.
 
-Needs ``transformers`` and ``accelerate``: ``pip install 'modelbatch[huggingface]'``.
+Needs ``transformers`` and ``accelerate``: ``pip install -e '.[huggingface]'``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ passes as one vectorised step, logs every model's metrics under its own name
 schedulers from ``configure_optimizers`` and clips gradients per model. The ModelBatch is a
 submodule, so Lightning checkpoints hold every model and the optimizer state of all of them.
 
-Needs ``lightning`` (or the older ``pytorch_lightning``): ``pip install 'modelbatch[lightning]'``.
+Needs ``lightning`` (or the older ``pytorch_lightning``): ``pip install -e '.[lightning]'``.
 """
 
 from __future__ import annotations

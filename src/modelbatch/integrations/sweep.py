@@ -348,8 +348,8 @@ def sweep(
     Args:
         configs: the configs (dicts).
         make_model: ``make_model(config) -> nn.Module``.
-        train_loader, loss_fn, epochs, val_loader, metric, eval_fn, optimizer_cls, device,
-            logger, keep_models: as for :func:`train_bundle`.
+        train_loader, loss_fn, epochs, val_loader, metric: as for :func:`train_bundle`.
+        eval_fn, optimizer_cls, device, logger, keep_models: as for :func:`train_bundle`.
         models_per_batch: largest ModelBatch to build (split larger groups).
         key: key the results by ``config[key]`` (e.g. ``"name"``) instead of the config's
             index in ``configs``.
