@@ -72,6 +72,35 @@ def tensor_slots(root: nn.Module) -> list[Slot]:
     return slots
 
 
+# Forward hooks that call ``output.requires_grad_(True)`` so that reentrant activation
+# checkpointing sees an input that requires grad (HuggingFace's ``enable_input_require_grads``,
+# which its gradient checkpointing installs on every text model, and PEFT's).
+_REQUIRE_GRADS_HOOKS = frozenset({"make_inputs_require_grads"})
+
+
+def _neutralise_require_grads_hooks(module: nn.Module) -> None:
+    """Wrap such hooks so that they do nothing on a per-model (vmap-batched) output.
+
+    ``requires_grad_()`` is refused under vmap. Inside a batch it is not needed either:
+    checkpointed functions run directly (:func:`checkpoint_runs_directly`), so the
+    parameters inside them get their gradients whether or not the input requires grad,
+    the same gradients the hook lets reentrant checkpointing give a model alone.
+    """
+    for key, hook in list(module._forward_hooks.items()):
+        if getattr(hook, "__name__", None) in _REQUIRE_GRADS_HOOKS and not getattr(
+            hook, "_modelbatch_wrapped", False
+        ):
+
+            def wrapped(mod: nn.Module, args: Any, output: Any, _hook: Any = hook) -> Any:
+                if _is_per_model(output):
+                    return None
+                return _hook(mod, args, output)
+
+            wrapped._modelbatch_wrapped = True  # type: ignore[attr-defined]
+            wrapped.__name__ = hook.__name__
+            module._forward_hooks[key] = wrapped
+
+
 class CallPlan:
     """What :func:`call_with_tensors` swaps in ``root``, computed once per module tree and
     reused while the tree's tensors stay the same objects (see :meth:`for_module`)."""
@@ -79,6 +108,8 @@ class CallPlan:
     def __init__(self, root: nn.Module) -> None:
         self.slots = tensor_slots(root)
         self.modules = list(root.modules())
+        for module in self.modules:
+            _neutralise_require_grads_hooks(module)
         self.num_tensors = len({key for *_, key in self.slots})
         # Plain attributes holding a tensor or None (caches), restored after each call
         # when forward left a per-model tensor there.

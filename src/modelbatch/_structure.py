@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils.hooks import RemovableHandle
 
 __all__ = [
     "PER_MODEL_SETTINGS",
@@ -212,6 +213,11 @@ class _Canon:
                 tuple((k, self(t, depth)) for k, t in v._buffers.items()),
                 tuple((k, self(m, depth)) for k, m in v._modules.items()),
             )
+        if isinstance(v, RemovableHandle):
+            # A handle to a registered hook (e.g. kept by HuggingFace's gradient
+            # checkpointing): bookkeeping whose ids differ between instances; the hooks
+            # themselves are compared with each module's hook tables.
+            return ("hook-handle",)
         if isinstance(v, weakref.ref):
             return ("weakref", self(v(), depth))
         if isinstance(v, (list, tuple)):

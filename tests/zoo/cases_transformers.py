@@ -72,6 +72,22 @@ if tf is not None:
         )
         return _Wrap(tf.BertForSequenceClassification(cfg), "input_ids", "attention_mask")
 
+    def bert_checkpointed() -> nn.Module:
+        model = bert()
+        inner = model.model
+        enable = getattr(inner, "activation_checkpointing_enable", None)
+        (enable or inner.gradient_checkpointing_enable)()  # HF's activation checkpointing
+        return model
+
+    def bert_reentrant() -> nn.Module:
+        model = bert()
+        inner = model.model
+        if hasattr(inner, "activation_checkpointing_enable"):
+            inner.activation_checkpointing_enable({"use_reentrant": True})
+        else:  # transformers < 5
+            inner.gradient_checkpointing_enable({"use_reentrant": True})
+        return model
+
     def distilbert() -> nn.Module:
         cfg = tf.DistilBertConfig(
             vocab_size=VOCAB,
@@ -165,6 +181,8 @@ if tf is not None:
         # SGD throughout: attention key biases have a true gradient of 0, which Adam would
         # turn from rounding noise into lr-sized steps (in a batch and alone alike).
         Case("hf_bert", bert, _ids_mask, select=_logits),
+        Case("hf_bert_activation_checkpointing", bert_checkpointed, _ids_mask, select=_logits),
+        Case("hf_bert_reentrant_checkpointing", bert_reentrant, _ids_mask, select=_logits),
         Case("hf_distilbert", distilbert, _ids_mask, select=_logits),
         Case("hf_gpt2_tied_lm_head", gpt2, _ids, select=_logits),
         Case("hf_gpt2_per_model_inputs", gpt2, _ids, select=_logits, per_model=True),
