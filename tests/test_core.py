@@ -368,14 +368,16 @@ def test_per_model_class_index_targets_are_recognised() -> None:
     batch.compute_loss(batch(x, per_model=True), y, F.cross_entropy)
     for i, m in enumerate(ms):
         assert abs(batch.latest_losses[i].item() - F.cross_entropy(m(x[i]), y[i]).item()) < 1e-12
-    # N == B: both readings fit the shape; the rank decides.
+    # N == B: both readings fit the shape; never guessed (see tests/test_loss.py).
     batch4 = ModelBatch(models(4, bn=False))
     out = batch4(torch.randn(4, 5, dtype=torch.float64))  # [N=4, B=4, C=3]
     shared, per_model = torch.randint(0, 3, (4,)), torch.randint(0, 3, (4, 4))
-    batch4.compute_loss(out, shared, F.cross_entropy)
+    batch4.compute_loss(out, shared, F.cross_entropy)  # [B]: only the shared reading fits
     expect_shared = torch.stack([F.cross_entropy(out[i], shared) for i in range(4)])
     assert torch.allclose(batch4.latest_losses, expect_shared.detach())
-    batch4.compute_loss(out, per_model, F.cross_entropy)
+    with pytest.raises(ValueError, match="ambiguous targets"):
+        batch4.compute_loss(out, per_model, F.cross_entropy)
+    batch4.compute_loss(out, per_model, F.cross_entropy, per_model_targets=True)
     expect_pm = torch.stack([F.cross_entropy(out[i], per_model[i]) for i in range(4)])
     assert torch.allclose(batch4.latest_losses, expect_pm.detach())
     # Soft (float) targets: shared [B, C] vs per-model [N, B, C].

@@ -98,20 +98,15 @@ def _write_back_buffers(
             old.copy_(new)
 
 
-def _targets_are_per_model(outputs: Tensor, targets: Tensor) -> bool:
-    """Whether ``targets`` are per-model ``[N, B, ...]`` rather than shared ``[B, ...]``,
-    for outputs ``[N, B, ...]`` (see :meth:`ModelBatch.compute_loss`)."""
-    n = outputs.shape[0]
-    b = outputs.shape[1] if outputs.dim() > 1 else None
-    can_share = targets.dim() >= 1 and targets.shape[0] == b
-    can_per_model = targets.dim() >= 2 and targets.shape[0] == n and targets.shape[1] == b
-    if can_share != can_per_model:
-        return can_per_model
-    if not can_share:  # fits neither: leave the targets whole, as loss_fn expects them
-        return False
-    # N == B: a per-model target has one dimension more than the shared target would.
-    shared_rank = outputs.dim() - (1 if targets.is_floating_point() else 2)
-    return targets.dim() == shared_rank + 1
+def _targets_are_per_model(
+    outputs: Tensor, targets: Tensor, per_model_targets: bool | None = None
+) -> bool:
+    """Whether ``targets`` are per-model ``[N, B, ...]`` rather than shared ``[B, ...]``, for
+    outputs ``[N, B, ...]``; the rule of :meth:`ModelBatch.compute_loss` (never a guess: see
+    :func:`modelbatch.loss.resolve_per_model_targets`)."""
+    from modelbatch.loss import resolve_per_model_targets
+
+    return resolve_per_model_targets(outputs, targets, per_model_targets)
 
 
 class ModelBatch(nn.Module):
@@ -479,21 +474,29 @@ class ModelBatch(nn.Module):
         gradient model i would get training alone. A mean would divide every gradient by N
         (and so change each model's effective learning rate, and Adam's epsilon balance).
 
+        The known losses (``F.cross_entropy``, ``F.nll_loss``, ``F.mse_loss``, ``F.l1_loss``,
+        ``F.smooth_l1_loss``, ``F.huber_loss``, ``F.binary_cross_entropy[_with_logits]``,
+        ``F.kl_div``, ``F.soft_margin_loss``, ``F.poisson_nll_loss``: ``modelbatch.loss.
+        FLAT_LOSSES``; their ``nn.*Loss`` modules with their options, and ``functools.partial``
+        of the functions) run as one loss call over the N models' outputs (no vmap), reduced
+        per model exactly as the loss's own reduction; any other ``loss_fn`` runs under vmap.
+        See :mod:`modelbatch.loss`.
+
         Args:
             outputs: ``[N, B, ...]`` model outputs (what ``batch(x)`` returned).
             targets: ``[B, ...]`` shared targets, or ``[N, B, ...]`` per-model targets.
             loss_fn: an ordinary single-model loss ``loss_fn(output [B, ...], target [B, ...])
-                -> scalar`` with mean reduction, e.g. ``F.cross_entropy``.
-            mask: optional ``[N, B]`` (or ``[B]``) sample weights, bool or float. Model i's
-                loss becomes ``sum_b w_ib * l_ib / sum_b w_ib`` where ``l_ib`` is ``loss_fn``
-                on sample b alone: the same as training model i on the selected (or, with
-                integer counts, resampled) samples. Models with an all-zero mask get loss 0.
+                -> scalar``, e.g. ``F.cross_entropy`` or ``nn.CrossEntropyLoss(weight=w)``.
+            mask: optional ``[N, B]`` (or ``[B]``) sample selection: bool (selected), integer
+                (repeat counts, e.g. a bootstrap) or float (weights). Model i's loss equals
+                ``loss_fn`` on its selected samples alone, repeated by their counts, with the
+                loss's own normalisation (class weights, ``ignore_index``, ``reduction``).
+                Known losses weight the per-element losses; any other ``loss_fn`` is called
+                once per model on its samples (exact, N calls; fractional weights refused).
+                Models with an all-zero mask get loss 0.
             per_model_targets: whether ``targets`` has the leading N dimension. By default
-                inferred from the shapes: targets shaped ``[N, B, ...]`` that cannot be
-                shared ``[B, ...]`` targets are per-model, and vice versa. When both fit
-                (N == B), the rank decides: class indices (integer) are per-model with
-                ``outputs.dim() - 1`` dimensions, other targets with ``outputs.dim()``.
-                Pass it explicitly when in doubt.
+                the shapes decide: ``[B, ...]`` is shared, ``[N, B, ...]`` per model; when
+                both fit (N == B) an error asks for this argument.
             reduction: ``"sum"`` (default) returns the scalar sum; ``"none"`` returns the
                 differentiable ``[N]`` per-model losses (what
                 :meth:`modelbatch.BatchGradScaler.scale` takes).
@@ -502,24 +505,32 @@ class ModelBatch(nn.Module):
             A scalar tensor to call ``.backward()`` on (``[N]`` with ``reduction="none"``).
             The detached ``[N]`` per-model losses are stored in :attr:`latest_losses`.
         """
+        from modelbatch.loss import LOSS_ERRORS, flat_losses, recognise, targets_error
+
         n = len(self)
+        if reduction not in ("sum", "none"):
+            raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
         if outputs.dim() == 0 or outputs.shape[0] != n:
             raise ValueError(
                 f"outputs must have a leading dimension of N={n} models, "
                 f"got shape {tuple(outputs.shape)}"
             )
-        if per_model_targets is None:
-            per_model_targets = _targets_are_per_model(outputs, targets)
-        if per_model_targets and (targets.dim() == 0 or targets.shape[0] != n):
-            raise ValueError(
-                f"per-model targets must have a leading dimension of N={n}, "
-                f"got shape {tuple(targets.shape)}"
-            )
-        t_dim = 0 if per_model_targets else None
-        if mask is None:
-            losses = vmap(loss_fn, in_dims=(0, t_dim))(outputs, targets)
-        else:
-            losses = self._masked_losses(outputs, targets, t_dim, loss_fn, mask)
+        per_model = _targets_are_per_model(outputs, targets, per_model_targets)
+        weights = None if mask is None else self._mask_weights(outputs, mask)
+        spec = recognise(loss_fn)
+        losses = None
+        if spec is not None:
+            wf = None if weights is None else weights.to(outputs.dtype)
+            losses = flat_losses(spec, outputs, targets, per_model, wf)
+        if losses is None and weights is not None:
+            losses = self._masked_losses(outputs, targets, per_model, loss_fn, weights)
+        elif losses is None:
+            try:
+                losses = vmap(loss_fn, in_dims=(0, 0 if per_model else None))(outputs, targets)
+            except LOSS_ERRORS as e:
+                if type(e) not in LOSS_ERRORS:
+                    raise
+                raise targets_error(e, outputs, targets, per_model) from e
         if losses.shape != (n,):
             raise ValueError(
                 f"loss_fn must return a scalar per model; got per-model shape "
@@ -528,29 +539,28 @@ class ModelBatch(nn.Module):
         self.latest_losses = losses.detach()
         if reduction == "none":  # the [N] per-model losses (e.g. for BatchGradScaler.scale)
             return losses
-        if reduction != "sum":
-            raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
         return losses.sum()
 
-    def _masked_losses(
-        self, outputs: Tensor, targets: Tensor, t_dim: int | None, loss_fn: LossFn, mask: Tensor
-    ) -> Tensor:
-        n, b = outputs.shape[0], outputs.shape[1]
+    @staticmethod
+    def _mask_weights(outputs: Tensor, mask: Tensor) -> Tensor:
+        """``mask`` ``[N, B]`` or ``[B]`` as ``[N, B]`` (checked, dtype kept)."""
+        n, b = outputs.shape[0], outputs.shape[1] if outputs.dim() > 1 else 0
         if mask.dim() == 1:
             mask = mask.unsqueeze(0).expand(n, -1)
         if mask.shape != (n, b):
             raise ValueError(
                 f"mask must have shape [N, B] = [{n}, {b}] (or [B]), got {tuple(mask.shape)}"
             )
-        weights = mask.to(outputs.dtype)
+        return mask.to(outputs.device)
 
-        def per_sample(o: Tensor, t: Tensor) -> Tensor:
-            return loss_fn(o.unsqueeze(0), t.unsqueeze(0))
+    def _masked_losses(
+        self, outputs: Tensor, targets: Tensor, per_model: bool, loss_fn: LossFn, mask: Tensor
+    ) -> Tensor:
+        """``[N]`` losses of an unknown ``loss_fn`` on each model's selected samples: one
+        ``loss_fn`` call per model (see :func:`modelbatch.loss.masked_losses_per_model`)."""
+        from modelbatch.loss import masked_losses_per_model
 
-        per_sample_over_b = vmap(per_sample, in_dims=(0, 0))
-        sample_losses = vmap(per_sample_over_b, in_dims=(0, t_dim))(outputs, targets)  # [N, B]
-        denom = weights.sum(dim=1)
-        return (sample_losses * weights).sum(dim=1) / denom.clamp_min(torch.finfo(denom.dtype).tiny)
+        return masked_losses_per_model(loss_fn, outputs, targets, per_model, mask)
 
     def log_metric(self, name: str, values: Tensor | Sequence[float]) -> None:
         """Record a per-model metric (``[N]`` values) to be reported by :meth:`metrics`."""

@@ -50,6 +50,7 @@ def _slug(text: str) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     from modelbatch.bench.methods import ALL_METHODS
+    from modelbatch.bench.workloads import ARCHS
     from modelbatch.cli import OneLineParser
 
     p = OneLineParser(
@@ -59,9 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--arch",
-        choices=("mlp", "resnet8"),
+        choices=ARCHS,
         default="mlp",
-        help="workload: the 784-128-128-10 MLP or the CIFAR ResNet-8 with BatchNorm",
+        help="workload: the 784-128-128-10 MLP, the CIFAR ResNet-8 with BatchNorm, or a "
+        "one-layer LSTM / GRU (hidden 128) over 32 steps of 96 features",
     )
     p.add_argument(
         "--models",
@@ -111,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=None,
-        help="images per model per step (None: 256 for mlp, 128 for resnet8)",
+        help="images (sequences) per model per step (None: 256 for mlp, 128 for resnet8, "
+        "64 for lstm and gru)",
     )
     p.add_argument("--steps", type=int, default=20, help="steps per timing window (max)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")

@@ -37,6 +37,7 @@ def _load_builtin_substitutions() -> None:
         dropout,
         embedding,
         parametrize,
+        recurrent,
         settings,
     )
 
