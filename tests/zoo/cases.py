@@ -2,7 +2,7 @@
 
 A :class:`Case` builds one tiny model (the zoo builds it N=3 times under different seeds),
 its inputs and how to read its output. ``CASE_MODULES`` lists the modules whose ``CASES``
-lists the zoo runs: add a module here (e.g. recurrent networks) to extend the zoo.
+lists the zoo runs: add a module here to extend the zoo.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch import Tensor, nn
 #: name -> reason for architectures that cannot run here).
 CASE_MODULES = [
     "tests.zoo.cases_torch",
+    "tests.zoo.cases_recurrent",
     "tests.zoo.cases_transformers",
     "tests.zoo.cases_geometric",
     "tests.zoo.cases_vision",
