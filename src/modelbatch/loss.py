@@ -177,6 +177,8 @@ def recognise(loss_fn: Any) -> LossSpec | None:
     fn: Any = None
     given: dict[str, Any] = {}
     if type(loss_fn) in _MODULES:  # exact classes: a subclass may override forward
+        if _call_differs(loss_fn):
+            return None
         fn, attrs = _MODULES[type(loss_fn)]
         for attr in attrs:
             given[attr] = getattr(loss_fn, attr)
@@ -206,6 +208,29 @@ def recognise(loss_fn: Any) -> LossSpec | None:
         weight=options["weight"],
         ignore_index=int(options["ignore_index"]),
         label_smoothing=float(options.get("label_smoothing", 0.0)),
+    )
+
+
+def _call_differs(module: nn.Module) -> bool:
+    """Whether calling ``module`` may do more than its class's ``forward``: hooks on the
+    instance or on every module (``nn.modules.module.register_module_forward_hook``), or a
+    ``forward`` set on the instance. The flat path would skip them."""
+    if "forward" in vars(module):
+        return True
+    for attr, table in vars(module).items():
+        if "hook" in attr and isinstance(table, dict) and table:
+            return True
+    from torch.nn.modules import module as torch_module
+
+    return any(
+        bool(getattr(torch_module, name, None))
+        for name in (
+            "_global_forward_hooks",
+            "_global_forward_pre_hooks",
+            "_global_backward_hooks",
+            "_global_backward_pre_hooks",
+            "_global_forward_hooks_always_called",
+        )
     )
 
 
