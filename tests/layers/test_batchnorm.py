@@ -431,3 +431,22 @@ def test_momentum_sweep_through_sweep_is_one_batch_equal_to_alone() -> None:
     assert_close_models(trained, ref, torch.float64, "sweep")
     for model, c in zip(trained, configs, strict=True):
         assert model.bn.momentum == c["bn_momentum"] and model.bn.eps == c["eps"]
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("case", ["1d", "2d"])
+def test_eps_sweep_on_a_shared_input_without_per_model_tensors(case: str, train: bool) -> None:
+    """A BatchNorm without affine and running statistics (input normalisation as a model's
+    first layer) has no per-model tensor: on a shared input nothing it sees is batched, yet
+    each model must still use its own eps."""
+    cls, _, shape = BN_CASES[case]
+    models = [
+        nn.Sequential(cls(4, eps=eps, affine=False, track_running_stats=False)).double()
+        for eps in (1e-5, 1.0, 0.25)
+    ]
+    for m in models:
+        m.train(train)
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    out = ModelBatch(models)(x)
+    for i, m in enumerate(models):
+        assert rel_err(out[i], m(x)) <= 1e-10, i

@@ -360,7 +360,10 @@ class VmapBatchNormMixin:
         use_stats = not bn.training or bn.track_running_stats
         running_mean = bn.running_mean if use_stats else None
         running_var = bn.running_var if use_stats else None
-        if not _under_vmap(input, bn.weight, running_mean):  # one model: nn.BatchNorm's call
+        # One model (built outside a batch): nn.BatchNorm's call. Inside a batch ``mb_slot``
+        # is per model even when nothing else is (no affine, no running statistics, shared
+        # input), so each model keeps its own eps.
+        if not _under_vmap(input, bn.weight, running_mean, self.mb_slot):
             return _single(bn, input, running_mean, running_var, bn_training)
         momenta, epss = self._mb_momenta, self._mb_epss
         one_eps = all(e == epss[0] for e in epss)
