@@ -158,3 +158,32 @@ def test_eps_sweep_through_sweep_is_one_batch_and_equals_alone() -> None:
     assert [m[1].eps for m in trained] == [1e-5, 1e-2, 0.3]  # type: ignore[index]
     assert_close_models(trained, alone, torch.float64)  # type: ignore[arg-type]
     assert TOL[torch.float64] == 1e-10
+
+
+class InplaceLeaky(nn.Module):
+    """``h + act(h)`` with an in-place LeakyReLU: alone ``h`` is overwritten, so the output
+    is ``2 * leaky_relu(h)``."""
+
+    def __init__(self, slope: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.act = nn.LeakyReLU(slope, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return h + self.act(h)
+
+
+def test_inplace_leaky_relu_slope_sweep_overwrites_its_input_as_alone() -> None:
+    torch.manual_seed(0)
+    models = [InplaceLeaky(s).double() for s in (0.01, 0.2, 0.5)]
+    batch = ModelBatch(models)
+    assert isinstance(batch.stacked.act, PerModelLeakyReLU)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    out = batch(x)
+    out.sum().backward()
+    for i, m in enumerate(models):
+        expected = m(x)
+        torch.testing.assert_close(out[i], expected, rtol=1e-12, atol=1e-14)
+        expected.sum().backward()
+        torch.testing.assert_close(batch.stacked.fc.weight.grad[i], m.fc.weight.grad)

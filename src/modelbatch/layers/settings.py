@@ -169,7 +169,8 @@ class PerModelGroupNorm(nn.GroupNorm):
 class PerModelLeakyReLU(nn.LeakyReLU):
     """``nn.LeakyReLU`` whose ``negative_slope`` is model i's own inside a batch; exactly
     ``F.leaky_relu`` (the product is formed in float32 for half/bfloat16 inputs, as torch's
-    kernel does). ``inplace=True`` returns a new tensor with the same values."""
+    kernel does). With ``inplace=True`` the result is written into the input, as torch's
+    in-place LeakyReLU does (a model may rely on its input being overwritten)."""
 
     per_model_negative_slope: list[float]
     _per_model_negative_slope: Tensor
@@ -179,7 +180,8 @@ class PerModelLeakyReLU(nn.LeakyReLU):
         low = input.dtype in (torch.float16, torch.bfloat16)
         compute = torch.float32 if low else input.dtype
         negative = (input.to(compute) * slope.to(compute)).to(input.dtype)
-        return torch.where(input > 0, input, negative)
+        out = torch.where(input > 0, input, negative)
+        return input.copy_(out) if self.inplace else out
 
 
 _REPLACEMENTS: dict[type[nn.Module], tuple[type[nn.Module], str]] = {
