@@ -450,3 +450,27 @@ def test_eps_sweep_on_a_shared_input_without_per_model_tensors(case: str, train:
     out = ModelBatch(models)(x)
     for i, m in enumerate(models):
         assert rel_err(out[i], m(x)) <= 1e-10, i
+
+
+def test_a_momentum_set_on_the_batch_applies_to_every_model_or_is_refused() -> None:
+    """``batch.stacked.bn.momentum = v`` (a momentum schedule over ``batch.modules()``) was
+    silently ignored: the layer runs the values recorded at build time. With one value for
+    all models it now applies to every model (and extract returns it); with per-model
+    values it is refused."""
+    torch.manual_seed(0)
+    models = [Net(nn.BatchNorm1d(4), 2).double() for _ in range(2)]
+    batch = ModelBatch(copy.deepcopy(models))
+    for module in batch.modules():
+        if isinstance(module, nn.BatchNorm1d):
+            module.momentum = 0.75
+            module.eps = 0.5
+    x = torch.randn(6, 4, dtype=torch.float64)
+    out = batch(x)
+    for i, m in enumerate(models):
+        m.bn.momentum, m.bn.eps = 0.75, 0.5
+        assert rel_err(out[i], m(x)) <= 1e-10
+        assert rel_err(batch.stacked.bn.running_mean[i], m.bn.running_mean) <= 1e-10
+        assert (batch.extract(i).bn.momentum, batch.extract(i).bn.eps) == (0.75, 0.5)
+    sweep = ModelBatch(_sweep_models("1d", "momentum"))
+    with pytest.raises(modelbatch.ArchitectureMismatchError, match="cannot set 'momentum'"):
+        sweep.stacked.bn.momentum = 0.5

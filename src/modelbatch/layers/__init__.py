@@ -66,6 +66,7 @@ def substitute_layers(
         context["path"] = name
         context["peers"] = [mods[name] for mods in per_model]
         new = fn(module, context)
+        vars(new)["_mb_path"] = name  # named in errors (modelbatch.layers.settings)
         if new is module:
             continue
         if not name:

@@ -37,7 +37,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modelbatch.layers import register_substitution
-from modelbatch.layers.settings import attach_per_model, differing_values, read_per_model
+from modelbatch.layers.settings import (
+    PerModelAttribute,
+    attach_per_model,
+    differing_values,
+    read_per_model,
+)
 
 __all__ = ["PerModelDropout", "SeededDropout", "dropout_keep_mask"]
 
@@ -239,6 +244,7 @@ class SeededDropout(nn.Module):
     seed: Tensor
     counter: Tensor
     per_model_p: list[float] | None
+    p = PerModelAttribute("p")
 
     def __init__(
         self,
@@ -279,10 +285,10 @@ class SeededDropout(nn.Module):
             return x
         counter = self.counter.clone()
         self.counter.add_(1)
-        p: float | Tensor = self.p
+        p: float | Tensor
         if self.per_model_p is not None:
             p = read_per_model(self._per_model_p)  # type: ignore[arg-type]
-        elif self.p == 0.0:
+        elif (p := self.p) == 0.0:
             return x
         elif self.p == 1.0:
             return _output(x, x * 0.0, self.inplace)
@@ -314,6 +320,7 @@ class PerModelDropout(nn.Module):
 
     per_model_p: list[float]
     _per_model_p: Tensor
+    p = PerModelAttribute("p")
 
     def __init__(
         self,
