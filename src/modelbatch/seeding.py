@@ -89,11 +89,13 @@ def use_seeded_dropout(module: nn.Module, seed: int) -> nn.Module:
     ``seeds[i] == seed`` draws. Returns ``module``, or its replacement when ``module``
     itself is a dropout layer.
     """
+    from modelbatch.layers import _unique_modules, replace_module
     from modelbatch.layers.recurrent import seeded_inter_layer_dropout
 
     (seed,) = check_seeds([seed], 1)
     layer = 0
-    for name, sub in list(module.named_modules()):
+    root = module
+    for _, sub, paths in _unique_modules(module):
         if type(sub) in (nn.LSTM, nn.GRU, nn.RNN):
             # Its dropout between layers is seeded in a batch too (and numbered first).
             if sub.dropout > 0 and sub.num_layers > 1:
@@ -103,8 +105,7 @@ def use_seeded_dropout(module: nn.Module, seed: int) -> nn.Module:
             continue
         new = _seeded_replacement(sub, seed, layer)
         layer += 1
-        if not name:
-            return new  # the module is itself a dropout layer (it has no children)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(module.get_submodule(parent_name), attr, new)
-    return module
+        # Every name of the layer (one dropout registered twice is one layer, as in a
+        # batch); the module itself when it is a dropout layer.
+        root = replace_module(module, paths, new)
+    return root

@@ -474,3 +474,37 @@ def test_inplace_dropout_without_seeds_writes_into_its_input() -> None:
         kept = out[i] != 0
         assert torch.allclose(out[i][kept], (2 * h / (1 - p))[kept], rtol=1e-12), i
         assert 0.1 < 1 - kept.double().mean() < 0.9
+
+
+# ------------------------------------------------------------------ one layer, two names
+class SharedDropout(nn.Module):
+    """One dropout module registered under two names (applied twice)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        drop = nn.Dropout(p)
+        self.first = drop
+        self.second = drop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+
+@pytest.mark.parametrize("seeds", [None, [1, 2]])
+def test_a_dropout_under_two_names_is_replaced_under_both(seeds: list[int] | None) -> None:
+    """Only the first name was replaced: the second still ran model 0's torch Dropout, so
+    model 1 (p=0.9) dropped 90% instead of 99%."""
+    batch = ModelBatch([SharedDropout(0.0), SharedDropout(0.9)], seeds=seeds)
+    assert batch.stacked.first is batch.stacked.second
+    out = batch(torch.ones(20000, dtype=torch.float64))
+    dropped = (out == 0).double().mean(dim=1)
+    assert dropped[0] == 0 and abs(dropped[1] - 0.99) < 0.005, dropped
+    if seeds is not None:
+        fresh = [SharedDropout(0.0), SharedDropout(0.9)]
+        alone = [use_seeded_dropout(m, s) for m, s in zip(fresh, seeds, strict=True)]
+        assert alone[1].first is alone[1].second and isinstance(alone[1].second, SeededDropout)
+        x = torch.randn(50, dtype=torch.float64)
+        out = batch(x)
+        for i, m in enumerate(alone):
+            m(x)  # the batch's layer ran once already (counter 1)
+            assert torch.equal(out[i], m(x)), i

@@ -245,7 +245,10 @@ class ReadsMomentum(nn.Module):
     ],
 )
 def test_a_per_model_setting_read_by_other_code_is_refused(
-    make: Callable[[float], nn.Module], values: tuple[float, float], attr: str, seeds: list[int] | None
+    make: Callable[[float], nn.Module],
+    values: tuple[float, float],
+    attr: str,
+    seeds: list[int] | None,
 ) -> None:
     """A setting that differs between the models has no single value: code that reads it
     from the layer (instead of calling the layer) would run model 0's value for every
