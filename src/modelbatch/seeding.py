@@ -98,6 +98,7 @@ def use_seeded_dropout(module: nn.Module, seed: int) -> nn.Module:
     for _, sub, paths in _unique_modules(module):
         if type(sub) in (nn.LSTM, nn.GRU, nn.RNN):
             # Its dropout between layers is seeded in a batch too (and numbered first).
+            assert isinstance(sub, nn.RNNBase)
             if sub.dropout > 0 and sub.num_layers > 1:
                 layer = seeded_inter_layer_dropout(sub, seed, layer)
             continue

@@ -294,3 +294,23 @@ def test_transformer_layer_norm_eps_sweep_runs_in_one_batch() -> None:
         for i, m in enumerate(models):
             getattr(m, mode)()
             torch.testing.assert_close(out[i], m(x), rtol=1e-10, atol=1e-12)
+
+
+def test_a_setting_read_after_drop_is_the_remaining_models_value() -> None:
+    """Once the models left agree, the setting reads as their value (not model 0's, which
+    may have been dropped), and the batch prints each layer's per-model values."""
+
+    def net(v: float) -> nn.Module:
+        return nn.Sequential(
+            nn.Linear(3, 3), nn.Dropout(v), nn.LayerNorm(3, eps=v), nn.LeakyReLU(v),
+            nn.BatchNorm1d(3, momentum=v, eps=v), nn.GroupNorm(1, 3, eps=v),
+        )  # fmt: skip
+
+    batch = ModelBatch([net(0.1), net(0.2)], seeds=[1, 2])
+    text = repr(batch)
+    assert text.count("[0.1, 0.2]") == 6, text  # p, 2 x eps, slope, momentum, eps
+    batch.drop(0)
+    layers = batch.stacked
+    assert layers[1].p == 0.2 and layers[2].eps == 0.2 and layers[3].negative_slope == 0.2
+    assert layers[4].momentum == 0.2 and layers[4].eps == 0.2 and layers[5].eps == 0.2
+    assert [batch.extract(1)[k].eps for k in (2, 5)] == [0.2, 0.2]

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modelbatch.layers import register_substitution
-from modelbatch.layers.settings import PerModelAttribute
+from modelbatch.layers.settings import PerModelAttribute, repr_per_model
 
 __all__ = [
     "VmapBatchNorm1d",
@@ -330,6 +330,9 @@ class VmapBatchNormMixin:
         bn.register_buffer(
             "mb_slot", torch.arange(len(epss), dtype=torch.int64, device=device), persistent=False
         )
+
+    def extra_repr(self) -> str:
+        return repr_per_model(self, nn.modules.batchnorm._NormBase, ("momentum", "eps"))  # type: ignore[arg-type]
 
     def _set_per_model(self, attr: str, value: Any) -> bool:
         """``bn.momentum = v`` / ``bn.eps = v`` on the batch's layer: applied to every model

@@ -99,7 +99,9 @@ class PerModelAttribute:
                 f"'{type(obj).__name__}' object has no attribute '{self.attr}'"
             ) from None
         values = _recorded(obj, self.attr)
-        if values is not None and any(not same_setting(v, values[0]) for v in values):
+        if not values:
+            return value
+        if any(not same_setting(v, values[0]) for v in values):
             raise ArchitectureMismatchError(
                 f"{_where(obj)}: its '{self.attr}' was read directly, but the models of this "
                 f"batch have different values {values} (one per model, in position order). One "
@@ -108,7 +110,7 @@ class PerModelAttribute:
                 f"reading its {self.attr} in the model's code, or put models with different "
                 f"{self.attr} in separate batches."
             )
-        return value
+        return values[0]  # the models' one value (model 0 may have been dropped since)
 
     def __set__(self, obj: Any, value: Any) -> None:
         if _recorded(obj, self.attr) is not None:
@@ -130,6 +132,18 @@ def _recorded(obj: Any, attr: str) -> list[Any] | None:
     except AttributeError:  # a property read before the layer was set up
         return None
     return list(values) if values is not None else None
+
+
+def repr_per_model(module: nn.Module, base: type[nn.Module], attrs: Sequence[str]) -> str:
+    """``base.extra_repr`` of ``module`` with each of ``attrs`` shown as its per-model list
+    (read on a shallow copy: torch's reprs format ``module.__dict__``)."""
+    shown = object.__new__(type(module))
+    shown.__dict__.update(module.__dict__)
+    for attr in attrs:
+        values = _recorded(module, attr)
+        if values is not None:
+            shown.__dict__[attr] = values if len(set(map(repr, values))) > 1 else values[0]
+    return base.extra_repr(shown)
 
 
 def _where(obj: Any) -> str:
@@ -179,6 +193,9 @@ class PerModelLayerNorm(nn.LayerNorm):
     _per_model_eps: Tensor
     eps = PerModelAttribute("eps")  # type: ignore[assignment]
 
+    def extra_repr(self) -> str:
+        return repr_per_model(self, nn.LayerNorm, ("eps",))
+
     def forward(self, input: Tensor) -> Tensor:
         k = len(self.normalized_shape)
         if tuple(input.shape[input.dim() - k :]) != tuple(self.normalized_shape):
@@ -210,6 +227,9 @@ class PerModelGroupNorm(nn.GroupNorm):
     per_model_eps: list[float]
     _per_model_eps: Tensor
     eps = PerModelAttribute("eps")  # type: ignore[assignment]
+
+    def extra_repr(self) -> str:
+        return repr_per_model(self, nn.GroupNorm, ("eps",))
 
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() < 2:
