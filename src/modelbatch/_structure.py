@@ -301,6 +301,14 @@ def _cell_full(cell: Any) -> bool:
     return True
 
 
+def _hook_computed(module: nn.Module) -> set[str]:
+    if not module._forward_pre_hooks:
+        return set()
+    from modelbatch.layers.parametrize import hook_computed_attributes
+
+    return hook_computed_attributes(module)
+
+
 def _module_state(
     module: nn.Module, canon: _Canon, allowed: tuple[str, ...]
 ) -> dict[str, tuple[Hashable, Any]]:
@@ -309,8 +317,15 @@ def _module_state(
     non-persistent buffer names and ``extra_repr()``. The ``training`` flag is separate."""
     state: dict[str, tuple[Hashable, Any]] = {}
     skip = _cache_attrs(type(module))
+    computed = _hook_computed(module)
     for attr, value in vars(module).items():
         if attr in _MODULE_INTERNALS or attr in allowed or attr in skip:
+            continue
+        if attr in computed and isinstance(value, torch.Tensor):
+            # Recomputed from the parameters by the older weight_norm / spectral_norm hook
+            # before every forward: differs with the weights, like they do.
+            shown = f"<computed {tuple(value.shape)} {value.dtype}>"
+            state[f"attribute {attr!r}"] = (shown, shown)
             continue
         state[f"attribute {attr!r}"] = (canon(value), value)
     for table in _HOOK_TABLES:

@@ -69,6 +69,9 @@ def substitute_layers(
         vars(new)["_mb_path"] = name  # named in errors (modelbatch.layers.settings)
         if new is not module:
             root = replace_module(mirror, paths, new)
+    from modelbatch.layers.parametrize import swap_old_spectral_norm_hooks
+
+    swap_old_spectral_norm_hooks(root)  # forward pre-hooks, not modules
     return root
 
 
