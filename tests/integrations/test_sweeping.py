@@ -608,3 +608,32 @@ def test_sweep_seeds_are_checked():
     with pytest.raises(TypeError, match="seeds must be an int"):
         sweep([{"lr": 0.1}], make_mlp64, train_loader=loader, loss_fn=F.cross_entropy,
               epochs=1, seeds="1", progress=False)
+
+
+def test_a_seeded_sweep_interrupted_after_a_refill_resumes_to_the_same_models(tmp_path):
+    """Seeded dropout state (per-slot seeds and counters, a refilled slot's new seed) is
+    part of what a sweep folder resumes: interrupted mid-epoch after a refill, then called
+    again, the sweep ends with the uninterrupted sweep's models, bit for bit."""
+    loader = make_loader(dtype=F64)
+    configs = [{"p": p, "lr": lr} for p, lr in [(0.2, 0.01), (0.4, 0.02), (0.2, 0.03), (0.4, 0.05)]]
+    calls = [0]
+    stop_at = [0]
+
+    def loss_fn(out, target):
+        calls[0] += 1
+        if calls[0] == stop_at[0]:
+            raise KeyboardInterrupt  # a kill between two saved round boundaries
+        return F.cross_entropy(out, target)
+
+    kwargs = dict(train_loader=loader, loss_fn=loss_fn, epochs=2, models_per_batch=2,
+                  keep_models=True, seeds=[3, 1, 4, 15], progress=False)
+    expected = sweep(configs, _dropout_bn_mlp, **kwargs)
+    total, calls[0] = calls[0], 0
+    stop_at[0] = total * 3 // 4 + 1  # in the refilled configs' second epoch
+    with pytest.raises(KeyboardInterrupt):
+        sweep(configs, _dropout_bn_mlp, folder=tmp_path / "s", **kwargs)
+    stop_at[0] = 0
+    resumed = sweep(configs, _dropout_bn_mlp, folder=tmp_path / "s", **kwargs)
+    for k in range(4):
+        a, b = expected[k].model.state_dict(), resumed[k].model.state_dict()
+        assert all(torch.equal(a[n], b[n]) for n in a), k
