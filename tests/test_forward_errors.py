@@ -3,6 +3,7 @@ shape hint is kept for shape errors only."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -161,11 +162,22 @@ class OnFeatures(nn.Module):
 def test_packed_sequence_input_is_named() -> None:
     x, lengths = torch.randn(2, 5, 3), torch.tensor([3, 5])
     packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-    batch = _batch(GRUOnPacked)
-    for call in (lambda: batch(packed), lambda: batch((packed,)), lambda: batch(x=packed)):
+    models = [GRUOnPacked().double() for _ in range(N)]
+    batch = modelbatch.ModelBatch([copy.deepcopy(m) for m in models])
+    for call in (lambda: batch(packed), lambda: batch((packed,))):
         with pytest.raises(TypeError, match=r"is a PackedSequence\. .*vmap.*Way out: pack "
-                           r"inside the model .* return tensors"):
+                           r"inside the model .* return tensors.*pass it by keyword"):
             call()
+    # The way out named: by keyword it reaches every model unchanged.
+    x64 = pack_padded_sequence(x.double(), lengths, batch_first=True, enforce_sorted=False)
+    expected = torch.stack([m(x64) for m in models])
+    out = batch(x=x64)
+    assert torch.allclose(out, expected, rtol=1e-12, atol=1e-14)
+    (out**2).sum().backward()
+    (expected**2).sum().backward()
+    for name, p in batch.stacked.named_parameters():
+        ref = torch.stack([dict(m.named_parameters())[name].grad for m in models])
+        assert torch.allclose(p.grad, ref, rtol=1e-10, atol=1e-14), name
 
 
 def test_packed_sequence_output_is_named() -> None:

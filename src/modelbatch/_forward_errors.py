@@ -114,8 +114,7 @@ def explain_forward_error(
 _PACKED_WAY_OUT = (
     "Way out: pack inside the model (torch.nn.utils.rnn.pack_padded_sequence on the padded "
     "[B, T, ...] input and its lengths, both passed to batch(...) as tensors) and return "
-    "tensors (pad_packed_sequence's padded output, h_n, or packed.data); see "
-    "docs/recurrent.md"
+    "tensors (pad_packed_sequence's padded output, h_n, or packed.data)"
 )
 
 
@@ -140,24 +139,27 @@ def _parts(value: Any, where: str, depth: int = 0) -> Iterator[tuple[str, Any]]:
                 yield f"{where}.{k}", v
 
 
-def check_inputs(inputs: Sequence[Any], kwargs: Mapping[str, Any], per_model: bool) -> None:
-    """Refuse inputs of a batched forward that vmap cannot split or rebuild: a
+def check_inputs(inputs: Sequence[Any], per_model: bool) -> None:
+    """Refuse positional inputs of a batched forward that vmap cannot pass in or split: a
     ``PackedSequence`` anywhere in them, and with ``per_model=True`` any non-tensor input
-    holding tensors (only tensor inputs carry the model dimension)."""
-    named = [(f"input {k}", x) for k, x in enumerate(inputs)]
-    named += [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]
-    for label, x in named:
+    holding tensors (only tensor inputs carry the model dimension). Keyword arguments
+    reach every model unchanged (outside vmap's inputs), so they are not checked."""
+    for k, x in enumerate(inputs):
         if isinstance(x, Tensor):
             continue
+        label = f"input {k}"
         for where, part in _parts(x, label):
             if isinstance(part, PackedSequence):
                 raise TypeError(
                     f"{where} of a ModelBatch is a PackedSequence. A ModelBatch runs its N "
                     "models through torch.func.vmap, which cannot pass a PackedSequence in "
                     "(it rebuilds the named tuple with non-tensor fields and fails with "
-                    f"\"'int' object has no attribute 'device'\"). {_PACKED_WAY_OUT}."
+                    f"\"'int' object has no attribute 'device'\"). {_PACKED_WAY_OUT}; or, "
+                    "as it is the same for every model, pass it by keyword (batch(x=packed), "
+                    "with the name of the model's forward argument): keyword arguments "
+                    "reach every model unchanged. See docs/recurrent.md."
                 )
-        if per_model and label.startswith("input"):
+        if per_model:
             inner = next(
                 (w for w, part in _parts(x, label) if w != label and isinstance(part, Tensor)),
                 None,
@@ -185,5 +187,5 @@ def check_outputs(out: Any) -> None:
                 "stacks the N models' outputs into [N, ...] tensors, and a PackedSequence "
                 "stacked field by field (batch_sizes and index tensors with a model "
                 "dimension) is no longer valid: pad_packed_sequence and the recurrent "
-                f"layers would misread it. {_PACKED_WAY_OUT}."
+                f"layers would misread it. {_PACKED_WAY_OUT}. See docs/recurrent.md."
             )

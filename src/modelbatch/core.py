@@ -397,7 +397,7 @@ class ModelBatch(nn.Module):
                         f"per_model=True expects input {k} to have a leading dimension of "
                         f"N={n} models, got shape {tuple(x.shape)}"
                     )
-        check_inputs(inputs, kwargs, per_model)
+        check_inputs(inputs, per_model)
         params: dict[str, Tensor] = dict(self.stacked.named_parameters())
         buffers: dict[str, Tensor] = dict(self.stacked.named_buffers())
         x_dims = tuple(0 if per_model and isinstance(x, Tensor) else None for x in inputs)
