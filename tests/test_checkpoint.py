@@ -521,6 +521,22 @@ def test_loading_into_slots_with_other_settings_is_refused(tmp_path: Path) -> No
     same_tensors(pair.state_dict(), before)
     assert pair.model_ids == ["x", "y"]
     pair.load_all(tmp_path / "ck", model_ids=["a", 7])
+
+    # A layer without the setting at that path (same tensors, so the same fingerprint).
+    ModelBatch([mlp_with(RATES[m], MOMENTA[m]) for m in IDS], model_ids=IDS).save_all(
+        tmp_path / "plain"
+    )
+    no_dropout = ModelBatch(
+        [nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8, momentum=MOMENTA[mid]), nn.Identity(),
+                       nn.Tanh(), nn.Linear(8, 3)).double() for mid in IDS],
+        model_ids=IDS,
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"model 'a' .*submodule '2' \(Identity\), attribute 'p' is 0\.1 in the "
+        r"checkpoint where .* built with <absent>",
+    ):
+        no_dropout.load_all(tmp_path / "plain")
     same_tensors(pair.extract(7).state_dict(), batch.extract(7).state_dict())
     assert pair.extract(7)[2].p == RATES[7] and pair.extract(7)[1].momentum == MOMENTA[7]
 

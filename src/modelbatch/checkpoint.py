@@ -1422,14 +1422,24 @@ def _plan_load(
     }
 
 
+class _Absent:
+    """Stands for a per-model setting that one side does not have."""
+
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+_ABSENT = _Absent()
+
+
 def _settings_differences(
     have: Mapping[str, Mapping[str, Any]], saved: Mapping[str, Mapping[str, Any]]
 ) -> Iterator[tuple[str, str, Any, Any]]:
     """``(submodule path, attribute, value in have, saved value)`` for every per-model
-    setting that differs (``"<absent>"`` where one side lacks it)."""
+    setting that differs (``_ABSENT`` where one side lacks it)."""
     from modelbatch._structure import same_setting
 
-    absent = "<absent>"
+    absent = _ABSENT
     for path in [*have, *(p for p in saved if p not in have)]:
         mine, theirs = have.get(path, {}), saved.get(path, {})
         for attr in [*mine, *(a for a in theirs if a not in mine)]:
@@ -1772,7 +1782,7 @@ def load_model(
     if saved is not None:
         have = model_settings(module)
         for path, attr, value, saved_value in _settings_differences(have, saved):
-            if value == "<absent>" or saved_value == "<absent>":
+            if value is _ABSENT or saved_value is _ABSENT:
                 raise CheckpointError(
                     f"model {model_id!r} of the checkpoint at {directory} does not fit the "
                     f"template {type(template).__name__}: its submodule {path or '<root>'!r} "
