@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from modelbatch._forward_errors import explain_forward_error
+from modelbatch._forward_errors import check_inputs, check_outputs, explain_forward_error
 from modelbatch._functional import (
     CallPlan,
     OutputLayout,
@@ -397,6 +397,7 @@ class ModelBatch(nn.Module):
                         f"per_model=True expects input {k} to have a leading dimension of "
                         f"N={n} models, got shape {tuple(x.shape)}"
                     )
+        check_inputs(inputs, per_model)
         params: dict[str, Tensor] = dict(self.stacked.named_parameters())
         buffers: dict[str, Tensor] = dict(self.stacked.named_buffers())
         x_dims = tuple(0 if per_model and isinstance(x, Tensor) else None for x in inputs)
@@ -416,6 +417,7 @@ class ModelBatch(nn.Module):
             if explained is None:
                 raise
             raise explained from e
+        check_outputs(out)
         if reassigned:
             keep = None if frozen or self.all_active else self.active
             _write_back_buffers(reassigned, call_buffers, keep)
