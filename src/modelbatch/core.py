@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from modelbatch._flat import FlatParams, flatten_parameters, select_models
 from modelbatch._structure import check_same_structure
 from modelbatch.layers import substitute_layers
 
@@ -173,6 +174,8 @@ class ModelBatch(nn.Module):
             if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
                 module.sparse = False
         self.stacked = mirror
+        # One [N, P] storage per dtype/device for all parameters (see modelbatch._flat).
+        self._flat: FlatParams = flatten_parameters(mirror)
         self.stacked.train(models[0].training)
         self.training = models[0].training
 
@@ -241,6 +244,18 @@ class ModelBatch(nn.Module):
         super().__setstate__(state)
         # Registrations made while the state was being restored are already in __dict__.
         self.__dict__.setdefault("_optimizers", [])
+        # copy.deepcopy and pickle copy each parameter on its own: put them back into one
+        # flat storage (the Parameter objects are kept).
+        self._flat_storage()
+
+    def _flat_storage(self) -> FlatParams:
+        """The flat ``[N, P]`` parameter storage, rebuilt first if some parameter no longer
+        lives in it (``.to()``, a copy, an assignment to ``.data`` or of a new Parameter)."""
+        flat = self.__dict__.get("_flat")
+        if flat is None or not flat.intact(self.stacked):
+            flat = flatten_parameters(self.stacked, flat)
+            self.__dict__["_flat"] = flat
+        return flat
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> ModelBatch:
         """``.to()``, ``.cuda()``, ``.double()``, ...: the stacked tensors move as usual; the
@@ -248,6 +263,7 @@ class ModelBatch(nn.Module):
         scaler built on this batch follow them to the new device and floating dtype."""
         super()._apply(fn, recurse)
         self._template._apply(fn)
+        self._flat_storage()  # each parameter moved on its own: one flat storage again
         for follower in self._live_optimizers():
             follow = getattr(follower, "_follow_batch", None)
             if follow is not None:
@@ -662,23 +678,20 @@ class ModelBatch(nn.Module):
         if len(set(keep)) != len(keep):
             raise ValueError(f"keep_positions got repeated positions: {list(keep)}")
         index = torch.tensor(keep, device=self.device, dtype=torch.long)
-        replaced: dict[int, Tensor] = {}
         with torch.no_grad():
+            # Parameters: one index_select per flat [N, P] storage (gradients are dropped).
+            self._flat = select_models(self.stacked, self._flat_storage(), index)
+            replaced: dict[int, Tensor] = {}
             for _, module in self.stacked.named_modules():
-                for kind in ("_parameters", "_buffers"):
-                    store = getattr(module, kind)
-                    for attr, value in list(store.items()):
-                        if value is None:
-                            continue
-                        if id(value) not in replaced:
-                            data = value.detach().index_select(0, index.to(value.device))
-                            if kind == "_parameters":
-                                replaced[id(value)] = nn.Parameter(
-                                    data, requires_grad=value.requires_grad
-                                )
-                            else:
-                                replaced[id(value)] = data
-                        store[attr] = replaced[id(value)]
+                store = module._buffers
+                for attr, value in list(store.items()):
+                    if value is None:
+                        continue
+                    if id(value) not in replaced:
+                        replaced[id(value)] = value.detach().index_select(
+                            0, index.to(value.device)
+                        )
+                    store[attr] = replaced[id(value)]
             self.active = self.active.index_select(0, index)
         if self.latest_losses is not None and self.latest_losses.shape[0] == n:
             self.latest_losses = self.latest_losses.index_select(
