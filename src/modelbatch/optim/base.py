@@ -310,6 +310,7 @@ class BatchOptimizer(torch.optim.Optimizer):
         self._reset_caches()
         self._slots: list[_Slot] | None = None
         self._flat_version = -1
+        self.set_static_hparams(False)
         self._compiled: Callable[..., Any] | None = None
         batch._register_optimizer(self)
 
@@ -507,14 +508,52 @@ class BatchOptimizer(torch.optim.Optimizer):
 
     # ---------------------------------------------------------------- static mode (compat)
     def set_static_hparams(self, enabled: bool, masked: bool | None = None) -> None:
-        """Kept for compatibility: hyper-parameter tensors always keep their addresses and
-        are refreshed in place, so there is nothing to switch."""
+        """Static mode, for a captured (CUDA graph) or compiled step.
+
+        The hyper-parameter tensors always keep their addresses and are refreshed in place,
+        so a captured step reads new values (e.g. from an LR scheduler) on its next replay.
+        In static mode, also:
+
+        * :meth:`step` takes ``masked`` (run the quarantine-aware update) from here instead
+          of reading ``batch.active`` on the host (a device sync); ``None`` reads it;
+        * :meth:`refresh_hparams` and :meth:`step` raise a RuntimeError when a change of the
+          hyper-parameters would change the code path the step was captured with (e.g.
+          weight decay from 0 to non-zero for every model).
+        """
+        self._static = bool(enabled)
+        self._static_masked = masked if enabled else None
+        self._static_flags: tuple[Any, dict[str, list[Any]]] | None = None
 
     def refresh_hparams(self) -> None:
         """Bring the on-device hyper-parameter columns up to date with ``param_groups`` now
         (``step()`` does it by itself)."""
         for device, dtype in list(self._hp):
             self._refresh(device, dtype)
+        self._check_static_flags()
+
+    def _check_static_flags(self) -> None:
+        if not getattr(self, "_static", False) or not self._flags:
+            return
+        snap = tuple(sorted(self._flags.items()))
+        if self._static_flags is None:
+            self._static_flags = (snap, dict(self._hp_host))
+            return
+        if snap != self._static_flags[0]:
+            old_host = self._static_flags[1]
+            changed = sorted(k for k, v in self._hp_host.items() if old_host.get(k) != v)
+            raise RuntimeError(
+                f"{type(self).__name__}: hyper-parameters {changed} changed in a way that "
+                f"changes the update's code path ({dict(self._static_flags[0])} when captured, "
+                f"{dict(snap)} now); capture (or compile) the step again"
+            )
+
+    def _state_tensors(self) -> list[Tensor]:
+        """Every tensor of the optimizer's state (the flat ones, not views): for snapshots."""
+        out: list[Tensor] = []
+        for slot in self._slots_now():
+            out += list(slot.state.values())
+            out += [slot.small, *(slot.split or [])]
+        return out
 
     # ---------------------------------------------------------------- flat slots
     def _slots_now(self) -> list[_Slot]:
@@ -568,8 +607,18 @@ class BatchOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        masked = not self.batch.all_active
-        for slot in self._slots_now():
+        slots = self._slots_now()
+        if self._static:
+            for slot in slots:
+                self._refresh(slot.group.device, slot.group.dtype)
+            self._check_static_flags()
+        if self._static_masked is not None:
+            masked = self._static_masked
+        elif self._compiled is not None:
+            masked = True  # the compiled update always takes the mask (no host sync)
+        else:
+            masked = not self.batch.all_active
+        for slot in slots:
             self._step_slot(slot, masked)
         return loss
 
@@ -592,8 +641,6 @@ class BatchOptimizer(torch.optim.Optimizer):
             flat_grads = [_grad_2d(gr, n, g.names[k]) for k, gr in enumerate(head)]  # type: ignore[arg-type]
             hp = self._refresh(g.device, g.dtype)
             flags = self._slot_flags(slot, masked)
-            if self._compiled is not None:
-                flags["masked"] = True  # one compiled code for all quarantine states
             self._ensure_state(slot, self._state_keys())
             if slot.scratch is None or slot.scratch.shape != (n, slot.width):
                 slot.scratch = torch.empty(n, slot.width, dtype=g.dtype, device=g.device)
