@@ -79,7 +79,7 @@ class FlatGroup:
             if p.shape[0] != flat.shape[0]:
                 return False
             if p.numel() and (
-                p.data_ptr() != base + start * size or (p.dim() > 0 and p.stride(0) != width)
+                p.data_ptr() != base + start * size or (p.shape[0] > 1 and p.stride(0) != width)
             ):
                 return False
         return True

@@ -5,9 +5,9 @@ only remove Python and kernel-launch overhead, and (compile) fuse element-wise w
 
 * :meth:`ModelBatch.enable_compile` / :func:`compile_forward`: the vmapped forward (and so
   its backward) through ``torch.compile``.
-* :func:`compile_optimizer`: the optimizer's tensor update through ``torch.compile`` (one
-  fused kernel per parameter tensor instead of about ten); hyper-parameters stay tensors,
-  so an LR scheduler does not trigger recompilation.
+* :func:`compile_optimizer`: the optimizer's flat update through ``torch.compile`` (one
+  fused pass over parameters, gradients and state for the whole batch); hyper-parameters
+  stay tensors, so an LR scheduler does not trigger recompilation.
 * :meth:`ModelBatch.capture_cuda_graph` / :class:`CudaGraphStep`: forward, backward and
   optimizer step captured in one ``torch.cuda.CUDAGraph`` for static shapes. Small batches
   of models are launch-bound; one replay per step removes the launches.
@@ -69,6 +69,12 @@ def compile_optimizer(optimizer: BatchOptimizer, **compile_kwargs: Any) -> Batch
     optimizer.init_state()
     update = type(optimizer)._update
     compile_kwargs.setdefault("dynamic", False)
+    if compile_kwargs.get("mode") is None:  # torch.compile takes mode or options
+        # The T gradients are read in place by the fused update (masked loads), instead of
+        # first being copied into one [N, P] buffer: bytes moved at the floor.
+        options = dict(compile_kwargs.pop("options", None) or {})
+        options.setdefault("force_pointwise_cat", True)
+        compile_kwargs["options"] = options
     optimizer._compiled = torch.compile(update, **compile_kwargs)
     return optimizer
 

@@ -167,8 +167,11 @@ class Adam(BatchOptimizer):
         flags: dict[str, Any],
         scratch: Tensor | None,
     ) -> None:
+        if scratch is None:
+            Adam._update_functional(p, grads, state, small, c, flags)
+            return
         masked = flags["masked"]
-        g = torch.cat(grads, 1) if scratch is None else torch.cat(grads, 1, out=scratch)
+        g = torch.cat(grads, 1, out=scratch)
         if flags["maximize"]:
             g.mul_(c["sign"])
         if flags["wd"]:
@@ -205,6 +208,53 @@ class Adam(BatchOptimizer):
             torch.where(c["active"], g, p, out=p)
         else:
             p.addcdiv_(exp_avg, g, value=-1)
+
+    @staticmethod
+    def _update_functional(
+        p: Tensor,
+        grads: list[Tensor],
+        state: dict[str, Tensor],
+        small: Tensor,
+        c: dict[str, Any],
+        flags: dict[str, Any],
+    ) -> None:
+        """The same update written without in-place temporaries (for ``torch.compile``: it
+        fuses the whole of it, the gradient gather included, into one pass over the state).
+        """
+        g = torch.cat(grads, 1)
+        if flags["maximize"]:
+            g = g * c["sign"]
+        p_in = p
+        if flags["wd"]:
+            decay = torch.zeros_like(p[:1])
+            for a, b in flags["decay_runs"]:
+                decay[:, a:b] = 1
+            if flags["wd"] == 1:
+                g = g + p * (c["wd"] * decay)
+            else:
+                p_in = p * torch.where(decay != 0, c["decay"], 1.0)
+        g = torch.where(c["active"], g, 0.0)
+        new_small = c["f64_A"] + small * c["f64_M"]
+        z = torch.pow(new_small, c["f64_E"])
+        exp_avg = torch.lerp(state["exp_avg"], g, c["w1"])
+        exp_avg_sq = torch.lerp(state["exp_avg_sq"], g * g, c["w2"])
+        second = exp_avg_sq
+        if flags["amsgrad"]:
+            max_sq = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq)
+            state["max_exp_avg_sq"].copy_(max_sq)
+            second = max_sq if flags["amsgrad"] == 1 else torch.where(c["ams"], max_sq, exp_avg_sq)
+        root = torch.sqrt(second)
+        if flags["safe"]:
+            k = torch.div(z[:, 0:1], z[:, 1:2] * c["f64_lr"]).to(p.dtype)
+            d = (root + (z[:, 1:2] * c["f64_eps"]).to(p.dtype)) * k
+        else:
+            ke = torch.div(z[:, 0:1], z[:, 1:3] * c["f64_L"]).to(p.dtype)
+            d = torch.addcmul(ke[:, 1:2], root, ke[:, 0:1])
+        new_p = torch.where(c["active"], torch.addcdiv(p_in, exp_avg, d, value=-1), p)
+        state["exp_avg"].copy_(exp_avg)
+        state["exp_avg_sq"].copy_(exp_avg_sq)
+        small.copy_(new_small)
+        p.copy_(new_p)
 
 
 class AdamW(Adam):

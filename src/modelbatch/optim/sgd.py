@@ -186,8 +186,11 @@ class SGD(BatchOptimizer):
         flags: dict[str, Any],
         scratch: Tensor | None,
     ) -> None:
+        if scratch is None:
+            SGD._update_functional(p, grads, state, small, c, flags)
+            return
         masked = flags["masked"]
-        g = torch.cat(grads, 1) if scratch is None else torch.cat(grads, 1, out=scratch)
+        g = torch.cat(grads, 1, out=scratch)
         if flags["maximize"]:
             g.mul_(c["sign"])
         if flags["wd"]:
@@ -217,3 +220,38 @@ class SGD(BatchOptimizer):
         if flags["raw_grad"]:
             p.addcmul_(g, c["k1"])
         p.addcmul_(buf, c["k2"])
+
+    @staticmethod
+    def _update_functional(
+        p: Tensor,
+        grads: list[Tensor],
+        state: dict[str, Tensor],
+        small: Tensor,
+        c: dict[str, Any],
+        flags: dict[str, Any],
+    ) -> None:
+        """The same update without in-place temporaries (for ``torch.compile``), always
+        quarantine-aware."""
+        g = torch.cat(grads, 1)
+        if flags["maximize"]:
+            g = g * c["sign"]
+        if flags["wd"]:
+            decay = torch.zeros_like(p[:1])
+            for a, b in flags["decay_runs"]:
+                decay[:, a:b] = 1
+            g = g + p * (c["wd"] * decay)
+        g = torch.where(c["active"], g, 0.0)
+        if not flags["momentum"]:
+            small[:, 1:2].copy_(small[:, 1:2] + c["f64_active"])
+            p.copy_(torch.addcmul(p, g, c["raw_lr"]))
+            return
+        buf = state["momentum_buffer"]
+        hb = small[:, 0:1]
+        coef = torch.where(hb > 0, c["later"], c["first"])
+        new_buf = torch.addcmul(buf * coef[:, 0:1], g, coef[:, 1:2])
+        new = torch.addcmul(p, g, c["k1"]) if flags["raw_grad"] else p
+        new = torch.addcmul(new, new_buf, c["k2"])
+        small.copy_(torch.cat([torch.maximum(hb, c["f64_moving"]), small[:, 1:2] + c["f64_active"]], 1))
+        buf.copy_(new_buf)
+        p.copy_(torch.where(c["active"], new, p))
+
