@@ -96,6 +96,18 @@ class FlatParams:
     def __iter__(self) -> Iterator[FlatGroup]:
         return iter(self.groups)
 
+    def roughly_intact(self) -> bool:
+        """The first parameter of each storage still lives there (a cheap check)."""
+        for g in self.groups:
+            if not g.params:
+                continue
+            p = g.params[0]
+            if p.device != g.flat.device or p.dtype != g.flat.dtype or p.shape[0] != g.flat.shape[0]:
+                return False
+            if p.numel() and p.data_ptr() != g.flat.data_ptr():
+                return False
+        return True
+
     def intact(self, module: nn.Module) -> bool:
         """Whether ``module``'s parameters are exactly the flat ones, at their places."""
         if not all(g.intact() for g in self.groups):

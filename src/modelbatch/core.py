@@ -248,10 +248,14 @@ class ModelBatch(nn.Module):
         # flat storage (the Parameter objects are kept).
         self._flat_storage()
 
-    def _flat_storage(self) -> FlatParams:
+    def _flat_storage(self, check: bool = True) -> FlatParams:
         """The flat ``[N, P]`` parameter storage, rebuilt first if some parameter no longer
-        lives in it (``.to()``, a copy, an assignment to ``.data`` or of a new Parameter)."""
+        lives in it (``.to()``, a copy, an assignment to ``.data`` or of a new Parameter).
+        ``check=False`` (each optimizer step): only a cheap check of one parameter per
+        storage, O(1) in N and in the number of parameters."""
         flat = self.__dict__.get("_flat")
+        if flat is not None and not check and flat.roughly_intact():
+            return flat
         if flat is None or not flat.intact(self.stacked):
             flat = flatten_parameters(self.stacked, flat)
             self.__dict__["_flat"] = flat

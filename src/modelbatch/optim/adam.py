@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from modelbatch.optim.base import BatchOptimizer, check_range
+from modelbatch.optim.base import BatchOptimizer, _coef_dtype, check_range
 
 if TYPE_CHECKING:
     from modelbatch.core import ModelBatch
@@ -103,6 +103,9 @@ class Adam(BatchOptimizer):
             "f64_eps": eps,
             "w1": (1 - b1) * act,
             "w2": (1 - b2) * act,
+            # 16-bit parameters: m = m * m1 + g * w1 in float32 (lerp wants one dtype).
+            "m1": torch.where(active, b1, 1.0),
+            "m2": torch.where(active, b2, 1.0),
             "active": active,
             "inactive": ~active,
         }
@@ -186,9 +189,14 @@ class Adam(BatchOptimizer):
         torch.addcmul(c["f64_A"], small, c["f64_M"], out=small)
         z = torch.pow(small, c["f64_E"])
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.lerp_(g, c["w1"])
-        g.mul_(g)
-        exp_avg_sq.lerp_(g, c["w2"])
+        if flags["lowp"]:
+            exp_avg.mul_(c["m1"]).addcmul_(g, c["w1"])
+            g.mul_(g)
+            exp_avg_sq.mul_(c["m2"]).addcmul_(g, c["w2"])
+        else:
+            exp_avg.lerp_(g, c["w1"])
+            g.mul_(g)
+            exp_avg_sq.lerp_(g, c["w2"])
         second = exp_avg_sq
         if flags["amsgrad"]:
             max_sq = state["max_exp_avg_sq"]
@@ -198,10 +206,10 @@ class Adam(BatchOptimizer):
         # p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps), written as p -= m / d with
         # d = (bc1 / lr) * (sqrt(v) / sqrt(bc2) + eps) = sqrt(v) * k + e.
         if flags["safe"]:  # some lr == 0: d = (sqrt(v) + eps * sqrt(bc2)) * k, k may be inf
-            k = torch.div(z[:, 0:1], z[:, 1:2] * c["f64_lr"]).to(p.dtype)
-            g.add_((z[:, 1:2] * c["f64_eps"]).to(p.dtype)).mul_(k)
+            k = torch.div(z[:, 0:1], z[:, 1:2] * c["f64_lr"]).to(_coef_dtype(p.dtype))
+            g.add_((z[:, 1:2] * c["f64_eps"]).to(_coef_dtype(p.dtype))).mul_(k)
         else:
-            ke = torch.div(z[:, 0:1], z[:, 1:3] * c["f64_L"]).to(p.dtype)
+            ke = torch.div(z[:, 0:1], z[:, 1:3] * c["f64_L"]).to(_coef_dtype(p.dtype))
             torch.addcmul(ke[:, 1:2], g, ke[:, 0:1], out=g)
         if masked:
             torch.addcdiv(p, exp_avg, g, value=-1, out=g)
@@ -236,8 +244,12 @@ class Adam(BatchOptimizer):
         g = torch.where(c["active"], g, 0.0)
         new_small = c["f64_A"] + small * c["f64_M"]
         z = torch.pow(new_small, c["f64_E"])
-        exp_avg = torch.lerp(state["exp_avg"], g, c["w1"])
-        exp_avg_sq = torch.lerp(state["exp_avg_sq"], g * g, c["w2"])
+        if flags["lowp"]:
+            exp_avg = state["exp_avg"] * c["m1"] + g * c["w1"]
+            exp_avg_sq = state["exp_avg_sq"] * c["m2"] + g * g * c["w2"]
+        else:
+            exp_avg = torch.lerp(state["exp_avg"], g, c["w1"])
+            exp_avg_sq = torch.lerp(state["exp_avg_sq"], g * g, c["w2"])
         second = exp_avg_sq
         if flags["amsgrad"]:
             max_sq = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq)
@@ -245,10 +257,10 @@ class Adam(BatchOptimizer):
             second = max_sq if flags["amsgrad"] == 1 else torch.where(c["ams"], max_sq, exp_avg_sq)
         root = torch.sqrt(second)
         if flags["safe"]:
-            k = torch.div(z[:, 0:1], z[:, 1:2] * c["f64_lr"]).to(p.dtype)
-            d = (root + (z[:, 1:2] * c["f64_eps"]).to(p.dtype)) * k
+            k = torch.div(z[:, 0:1], z[:, 1:2] * c["f64_lr"]).to(_coef_dtype(p.dtype))
+            d = (root + (z[:, 1:2] * c["f64_eps"]).to(_coef_dtype(p.dtype))) * k
         else:
-            ke = torch.div(z[:, 0:1], z[:, 1:3] * c["f64_L"]).to(p.dtype)
+            ke = torch.div(z[:, 0:1], z[:, 1:3] * c["f64_L"]).to(_coef_dtype(p.dtype))
             d = torch.addcmul(ke[:, 1:2], root, ke[:, 0:1])
         new_p = torch.where(c["active"], torch.addcdiv(p_in, exp_avg, d, value=-1), p)
         state["exp_avg"].copy_(exp_avg)

@@ -460,6 +460,7 @@ class BatchOptimizer(torch.optim.Optimizer):
         ``decay_runs`` (column ranges of parameters with weight decay)."""
         flags = dict(self._flags, masked=masked)
         g = slot.group
+        flags["lowp"] = g.dtype in (torch.bfloat16, torch.float16)
         if k is not None:
             decayed = g.names[k] not in self._no_decay
             flags["decay_runs"] = ((0, g.ends[k] - g.starts[k]),) if decayed else ()
@@ -494,7 +495,7 @@ class BatchOptimizer(torch.optim.Optimizer):
         cast: dict[str, Any] = {}
         for k, v in consts.items():
             if isinstance(v, Tensor):
-                target = torch.float64 if k.startswith("f64_") else dtype
+                target = torch.float64 if k.startswith("f64_") else _coef_dtype(dtype)
                 if v.dtype == torch.bool:
                     target = torch.bool
                 v = v.to(target)
@@ -557,7 +558,7 @@ class BatchOptimizer(torch.optim.Optimizer):
 
     # ---------------------------------------------------------------- flat slots
     def _slots_now(self) -> list[_Slot]:
-        flat = self.batch._flat_storage()
+        flat = self.batch._flat_storage(check=False)
         if self._slots is None or flat.version != self._flat_version:
             saved = self._export_state(copy=True) if self._slots is not None else None
             self._build_slots()
@@ -1010,6 +1011,12 @@ def _host_to_device(values: Tensor, device: torch.device) -> Tensor:
     if device.type == "cuda":
         return values.pin_memory().to(device, non_blocking=True)
     return values.to(device=device, dtype=_hp_dtype(device))
+
+
+def _coef_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the per-model coefficients for parameters of ``dtype``: float32 for 16-bit
+    floats (the update computes in float32 as torch's own kernels do), else ``dtype``."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def _hp_dtype(device: torch.device) -> torch.dtype:

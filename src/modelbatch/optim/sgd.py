@@ -127,16 +127,22 @@ class SGD(BatchOptimizer):
         # Settled: every model with momentum already has its buffer (known after a step
         # with all models active and the same set of models with momentum): the buffer
         # coefficients are then constant and need no per-step work.
-        nz = tuple(m != 0 for m in self._hp_host["momentum"])
-        settled = self._settled is not None and all(
-            s or not z for s, z in zip(self._settled, nz, strict=True)
+        nz = self.__dict__.get("_nz")
+        if nz is None or self.__dict__.get("_nz_of") is not self._hp_host:
+            nz = tuple(m != 0 for m in self._hp_host["momentum"])  # O(N), on a change only
+            self._nz, self._nz_of = nz, self._hp_host
+        settled = self._settled is nz or (
+            self._settled is not None
+            and all(s or not z for s, z in zip(self._settled, nz, strict=True))
         )
+        if settled:
+            self._settled = nz
         flags["settled"] = settled and not masked and k is None and self._compiled is None
         return flags
 
     def _after_step(self, masked: bool) -> None:
         if not masked and self._slots is not None and all(s.split is None for s in self._slots):
-            self._settled = tuple(m != 0 for m in self._hp_host["momentum"])
+            self._settled = self.__dict__.get("_nz")
 
     def _small_from_steps(self, steps: Tensor, c: dict[str, Any]) -> Tensor:
         saved = c.get("saved", {})
