@@ -922,7 +922,10 @@ class BatchOptimizer(torch.optim.Optimizer):
             present = [e is not None for e in entries]
             if not any(present):
                 continue
-            if not all(present):
+            filler = self._missing_torch_state(params[name][0])
+            if not all(present) and filler is not None:
+                entries = [e if e is not None else filler for e in entries]
+            elif not all(present):
                 missing = [i for i, ok in enumerate(present) if not ok]
                 raise ValueError(
                     f"parameter {name!r} has optimizer state in some models' state dicts but "
@@ -969,6 +972,10 @@ class BatchOptimizer(torch.optim.Optimizer):
                     )
                 out[k] = v.detach().to(like.dtype)
         return out
+
+    def _missing_torch_state(self, like: Tensor) -> dict[str, Any] | None:
+        """State standing for "none" in a torch.optim state dict (None: not allowed)."""
+        return None
 
     def _torch_group_extras(self) -> dict[str, Any]:
         return {}

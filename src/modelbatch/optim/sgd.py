@@ -163,6 +163,10 @@ class SGD(BatchOptimizer):
         started = bool(s.get("momentum_started", 0))
         return {"momentum_buffer": buf if (buf is not None and started) else None}
 
+    def _missing_torch_state(self, like: Tensor) -> dict[str, Any] | None:
+        # torch.optim.SGD keeps no state for a parameter stepped without momentum.
+        return self._from_torch_state({}, like)
+
     def _from_torch_state(self, s: dict[str, Any], like: Tensor) -> dict[str, Any]:
         buf = s.get("momentum_buffer")
         if buf is None:
