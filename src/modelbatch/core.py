@@ -238,6 +238,7 @@ class ModelBatch(nn.Module):
         state = self.__dict__.copy()
         state.pop("_optimizers", None)
         state.pop("_all_active_cache", None)
+        state.pop("_call_cache", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -247,6 +248,26 @@ class ModelBatch(nn.Module):
         # copy.deepcopy and pickle copy each parameter on its own: put them back into one
         # flat storage (the Parameter objects are kept).
         self._flat_storage()
+
+    def _call_tensors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``(named parameters, named buffers)`` of the stacked module for the forward,
+        cached: rebuilt only when a parameter or buffer was replaced (checked in O(number of
+        tensors) with identity tests, without walking the module tree)."""
+        cache = self.__dict__.get("_call_cache")
+        if cache is not None:
+            params, buffers, places = cache
+            if all(store.get(attr) is t for store, attr, t in places):
+                return params, buffers
+        params = dict(self.stacked.named_parameters())
+        buffers = dict(self.stacked.named_buffers())
+        places = []
+        for name, t in [*params.items(), *buffers.items()]:
+            mod_path, attr = _split_name(name)
+            module = self.stacked.get_submodule(mod_path)
+            store = module._parameters if name in params else module._buffers
+            places.append((store, attr, t))
+        self.__dict__["_call_cache"] = (params, buffers, places)
+        return params, buffers
 
     def _flat_storage(self, check: bool = True) -> FlatParams:
         """The flat ``[N, P]`` parameter storage, rebuilt first if some parameter no longer
@@ -343,8 +364,7 @@ class ModelBatch(nn.Module):
                         f"per_model=True expects input {k} to have a leading dimension of "
                         f"N={n} models, got shape {tuple(x.shape)}"
                     )
-        params: dict[str, Tensor] = dict(self.stacked.named_parameters())
-        buffers: dict[str, Tensor] = dict(self.stacked.named_buffers())
+        params, buffers = self._call_tensors()
         x_dims = tuple(0 if per_model and isinstance(x, Tensor) else None for x in inputs)
         run = self._compiled_forward if self._compiled_forward is not None else _vmapped_forward
         # Quarantined models' buffers (BatchNorm running statistics) must not change in a
