@@ -292,6 +292,6 @@ def test_compiled_optimizer_matches_eager_without_recompiling(opt_name: str) -> 
         for n, p in batch.stacked_parameters():
             assert torch.equal(p[1], frozen[n]), n
         results.append(batch.extract_all())
-    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["stats"]["unique_graphs"] == 2  # coefficients + update, compiled once
     assert_close_models(results[1], results[0], dtype, f"compiled {opt_name}")
     torch._dynamo.reset()

@@ -67,15 +67,19 @@ def compile_optimizer(optimizer: BatchOptimizer, **compile_kwargs: Any) -> Batch
             f"{type(optimizer).__name__}"
         )
     optimizer.init_state()
-    update = type(optimizer)._update
     compile_kwargs.setdefault("dynamic", False)
-    if compile_kwargs.get("mode") is None:  # torch.compile takes mode or options
-        # The T gradients are read in place by the fused update (masked loads), instead of
-        # first being copied into one [N, P] buffer: bytes moved at the floor.
+    if compile_kwargs.get("mode") is None and optimizer.batch.device.type != "cpu":
+        # On GPUs the T gradients are read in place by the fused update (masked loads),
+        # instead of first being copied into one [N, P] buffer: bytes moved at the floor.
+        # (Inductor's CPU code is slower that way: there it copies them, +2 passes.)
         options = dict(compile_kwargs.pop("options", None) or {})
         options.setdefault("force_pointwise_cat", True)
         compile_kwargs["options"] = options
-    optimizer._compiled = torch.compile(update, **compile_kwargs)
+    cls = type(optimizer)
+    optimizer._compiled = (
+        torch.compile(cls._coefficients, **compile_kwargs),
+        torch.compile(cls._apply_functional, **compile_kwargs),
+    )
     return optimizer
 
 

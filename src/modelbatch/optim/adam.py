@@ -171,7 +171,8 @@ class Adam(BatchOptimizer):
         scratch: Tensor | None,
     ) -> None:
         if scratch is None:
-            Adam._update_functional(p, grads, state, small, c, flags)
+            coef = Adam._coefficients(small, c, flags)
+            Adam._apply_functional(p, grads, state, coef, c, flags)
             return
         masked = flags["masked"]
         g = torch.cat(grads, 1, out=scratch)
@@ -218,17 +219,29 @@ class Adam(BatchOptimizer):
             p.addcdiv_(exp_avg, g, value=-1)
 
     @staticmethod
-    def _update_functional(
+    def _coefficients(small: Tensor, c: dict[str, Any], flags: dict[str, Any]) -> Tensor:
+        """The per-step per-model coefficients ``[N, 2]`` (compiled path), updating the step
+        state ``small`` in place: ``[k, e]`` with the denominator ``sqrt(v) * k + e``, or
+        ``[k, eps * sqrt(bc2)]`` when some lr is 0 (then ``(sqrt(v) + e) * k``)."""
+        new_small = c["f64_A"] + small * c["f64_M"]
+        small.copy_(new_small)
+        z = torch.pow(new_small, c["f64_E"])
+        if flags["safe"]:
+            k = torch.div(z[:, 0:1], z[:, 1:2] * c["f64_lr"])
+            return torch.cat([k, z[:, 1:2] * c["f64_eps"]], 1).to(c["w1"].dtype)
+        return torch.div(z[:, 0:1], z[:, 1:3] * c["f64_L"]).to(c["w1"].dtype)
+
+    @staticmethod
+    def _apply_functional(
         p: Tensor,
         grads: list[Tensor],
         state: dict[str, Tensor],
-        small: Tensor,
+        coef: Tensor,
         c: dict[str, Any],
         flags: dict[str, Any],
     ) -> None:
-        """The same update written without in-place temporaries (for ``torch.compile``: it
-        fuses the whole of it, the gradient gather included, into one pass over the state).
-        """
+        """The element-wise update without in-place temporaries, always quarantine-aware
+        (compiled path: Inductor fuses all of it, the gradient gather included)."""
         g = torch.cat(grads, 1)
         if flags["maximize"]:
             g = g * c["sign"]
@@ -242,8 +255,6 @@ class Adam(BatchOptimizer):
             else:
                 p_in = p * torch.where(decay != 0, c["decay"], 1.0)
         g = torch.where(c["active"], g, 0.0)
-        new_small = c["f64_A"] + small * c["f64_M"]
-        z = torch.pow(new_small, c["f64_E"])
         if flags["lowp"]:
             exp_avg = state["exp_avg"] * c["m1"] + g * c["w1"]
             exp_avg_sq = state["exp_avg_sq"] * c["m2"] + g * g * c["w2"]
@@ -257,15 +268,12 @@ class Adam(BatchOptimizer):
             second = max_sq if flags["amsgrad"] == 1 else torch.where(c["ams"], max_sq, exp_avg_sq)
         root = torch.sqrt(second)
         if flags["safe"]:
-            k = torch.div(z[:, 0:1], z[:, 1:2] * c["f64_lr"]).to(_coef_dtype(p.dtype))
-            d = (root + (z[:, 1:2] * c["f64_eps"]).to(_coef_dtype(p.dtype))) * k
+            d = (root + coef[:, 1:2]) * coef[:, 0:1]
         else:
-            ke = torch.div(z[:, 0:1], z[:, 1:3] * c["f64_L"]).to(_coef_dtype(p.dtype))
-            d = torch.addcmul(ke[:, 1:2], root, ke[:, 0:1])
+            d = torch.addcmul(coef[:, 1:2], root, coef[:, 0:1])
         new_p = torch.where(c["active"], torch.addcdiv(p_in, exp_avg, d, value=-1), p)
         state["exp_avg"].copy_(exp_avg)
         state["exp_avg_sq"].copy_(exp_avg_sq)
-        small.copy_(new_small)
         p.copy_(new_p)
 
 

@@ -311,7 +311,7 @@ class BatchOptimizer(torch.optim.Optimizer):
         self._slots: list[_Slot] | None = None
         self._flat_version = -1
         self.set_static_hparams(False)
-        self._compiled: Callable[..., Any] | None = None
+        self._compiled: tuple[Callable[..., Any], Callable[..., Any]] | None = None
         batch._register_optimizer(self)
 
     def _reset_caches(self) -> None:
@@ -646,9 +646,12 @@ class BatchOptimizer(torch.optim.Optimizer):
             if slot.scratch is None or slot.scratch.shape != (n, slot.width):
                 slot.scratch = torch.empty(n, slot.width, dtype=g.dtype, device=g.device)
             p2d = g.flat[:, : slot.width]
-            run = self._compiled
-            if run is not None:
-                run(p2d, flat_grads, slot.state, slot.small, hp["c"], flags, None)
+            compiled = self._compiled
+            if compiled is not None:
+                # Two compiled functions: the per-model coefficients ([N, k], once), then the
+                # element-wise update (one pass; it must not recompute them per element).
+                coef = compiled[0](slot.small, hp["c"], flags)
+                compiled[1](p2d, flat_grads, slot.state, coef, hp["c"], flags)
             else:
                 self._update(p2d, flat_grads, slot.state, slot.small, hp["c"], flags, slot.scratch)
             for k in range(trainable):

@@ -197,7 +197,8 @@ class SGD(BatchOptimizer):
         scratch: Tensor | None,
     ) -> None:
         if scratch is None:
-            SGD._update_functional(p, grads, state, small, c, flags)
+            coef = SGD._coefficients(small, c, flags)
+            SGD._apply_functional(p, grads, state, coef, c, flags)
             return
         masked = flags["masked"]
         g = torch.cat(grads, 1, out=scratch)
@@ -232,16 +233,26 @@ class SGD(BatchOptimizer):
         p.addcmul_(buf, c["k2"])
 
     @staticmethod
-    def _update_functional(
+    def _coefficients(small: Tensor, c: dict[str, Any], flags: dict[str, Any]) -> Tensor:
+        """The buffer coefficients ``[N, 2]`` of this step (compiled path), updating the
+        step state ``small`` (started, step) in place."""
+        hb = small[:, 0:1]
+        coef = torch.where(hb > 0, c["later"], c["first"])
+        small.copy_(torch.cat([torch.maximum(hb, c["f64_moving"]),
+                               small[:, 1:2] + c["f64_active"]], 1))  # fmt: skip
+        return coef
+
+    @staticmethod
+    def _apply_functional(
         p: Tensor,
         grads: list[Tensor],
         state: dict[str, Tensor],
-        small: Tensor,
+        coef: Tensor,
         c: dict[str, Any],
         flags: dict[str, Any],
     ) -> None:
-        """The same update without in-place temporaries (for ``torch.compile``), always
-        quarantine-aware."""
+        """The element-wise update without in-place temporaries, always quarantine-aware
+        (compiled path)."""
         g = torch.cat(grads, 1)
         if flags["maximize"]:
             g = g * c["sign"]
@@ -252,16 +263,11 @@ class SGD(BatchOptimizer):
             g = g + p * (c["wd"] * decay)
         g = torch.where(c["active"], g, 0.0)
         if not flags["momentum"]:
-            small[:, 1:2].copy_(small[:, 1:2] + c["f64_active"])
             p.copy_(torch.addcmul(p, g, c["raw_lr"]))
             return
         buf = state["momentum_buffer"]
-        hb = small[:, 0:1]
-        coef = torch.where(hb > 0, c["later"], c["first"])
         new_buf = torch.addcmul(buf * coef[:, 0:1], g, coef[:, 1:2])
         new = torch.addcmul(p, g, c["k1"]) if flags["raw_grad"] else p
         new = torch.addcmul(new, new_buf, c["k2"])
-        small.copy_(torch.cat([torch.maximum(hb, c["f64_moving"]), small[:, 1:2] + c["f64_active"]], 1))
         buf.copy_(new_buf)
         p.copy_(torch.where(c["active"], new, p))
-
