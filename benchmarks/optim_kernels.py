@@ -203,14 +203,19 @@ def main() -> None:
     if args.compiled:
         for arch in ARCHS:
             print(arch, "compiled Adam, N=8, CPU default:", compiled_report(arch))
-            print(arch, "compiled Adam, N=8, as on GPUs (gradients read in place):",
-                  compiled_report(arch, options={"force_pointwise_cat": True}))
+            print(
+                arch,
+                "compiled Adam, N=8, as on GPUs (gradients read in place):",
+                compiled_report(arch, options={"force_pointwise_cat": True}),
+            )
     if args.host:
         for compiled in (False, True):
             for n in (1, 64, 4096):
                 calls, ms = host_cost(n, compiled)
-                print(f"Adam step on Linear(4, 2), N={n}, compiled={compiled}: "
-                      f"{calls} Python calls, {ms:.3f} ms")
+                print(
+                    f"Adam step on Linear(4, 2), N={n}, compiled={compiled}: "
+                    f"{calls} Python calls, {ms:.3f} ms"
+                )
 
 
 if __name__ == "__main__":

@@ -102,7 +102,8 @@ class FlatParams:
             if not g.params:
                 continue
             p = g.params[0]
-            if p.device != g.flat.device or p.dtype != g.flat.dtype or p.shape[0] != g.flat.shape[0]:
+            flat = g.flat
+            if p.device != flat.device or p.dtype != flat.dtype or p.shape[0] != flat.shape[0]:
                 return False
             if p.numel() and p.data_ptr() != g.flat.data_ptr():
                 return False

@@ -75,7 +75,7 @@ def compile_optimizer(optimizer: BatchOptimizer, **compile_kwargs: Any) -> Batch
         options = dict(compile_kwargs.pop("options", None) or {})
         options.setdefault("force_pointwise_cat", True)
         compile_kwargs["options"] = options
-    cls = type(optimizer)
+    cls: Any = type(optimizer)  # SGD, Adam, AdamW: _coefficients, _apply_functional
     optimizer._compiled = (
         torch.compile(cls._coefficients, **compile_kwargs),
         torch.compile(cls._apply_functional, **compile_kwargs),

@@ -7,8 +7,7 @@ from __future__ import annotations
 import copy
 import pickle
 import sys
-import warnings
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import pytest
@@ -358,7 +357,7 @@ def test_torch_state_dicts_round_trip_both_ways(make: Any, make_ref: Any) -> Non
     assert_close_models(batch.extract_all(), refs, dtype, "resumed in a batch")
     # The reverse: each model alone from the batch's exported state.
     again = []
-    for i, r in enumerate(refs):
+    for i in range(len(refs)):
         alone = copy.deepcopy(batch.extract(i))
         o = make_ref(i, alone.parameters())
         o.load_state_dict(exported[i])
@@ -377,7 +376,7 @@ def test_load_torch_state_dicts_checks_the_layout() -> None:
         train_plain(m, o, data(1))
         sds.append(o.state_dict())
     opt = Adam(ModelBatch(models()))
-    with pytest.raises(ValueError, match="2 torch.optim state dicts for 3 models"):
+    with pytest.raises(ValueError, match=r"2 torch\.optim state dicts for 3 models"):
         opt.load_torch_state_dicts(sds[:2])
     del sds[1]["state"][0]
     with pytest.raises(ValueError, match=r"'0.weight' has optimizer state .* models \[1\]"):

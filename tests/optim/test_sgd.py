@@ -19,7 +19,9 @@ def test_momentum_switched_on_mid_training_starts_from_the_raw_gradient() -> Non
     the raw gradient at its first step with momentum: so must the batch."""
     dtype = torch.float64
     torch.manual_seed(0)
-    models = [nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).to(dtype) for _ in range(3)]
+    models = [
+        nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).to(dtype) for _ in range(3)
+    ]
     g = torch.Generator().manual_seed(3)
     data = [(torch.randn(8, 5, generator=g, dtype=dtype), torch.randint(0, 3, (8,), generator=g))
             for _ in range(6)]  # fmt: skip

@@ -74,7 +74,7 @@ class Adam(BatchOptimizer):
                 raise self._error(i, f"invalid beta parameter at index {k}: {beta}")
 
     def _state_keys(self) -> tuple[str, ...]:
-        keys = ("exp_avg", "exp_avg_sq")
+        keys: tuple[str, ...] = ("exp_avg", "exp_avg_sq")
         if any(self._hp_host_now()["amsgrad"]):
             keys += ("max_exp_avg_sq",)
         return keys

@@ -148,7 +148,9 @@ class _ParamGroupList(list):  # type: ignore[type-arg]
     _counter: _Counter
 
     def __init__(self, groups: Sequence[Mapping[str, Any]], counter: _Counter) -> None:
-        super().__init__(g if isinstance(g, _ParamGroup) else _ParamGroup(g, counter) for g in groups)
+        super().__init__(
+            g if isinstance(g, _ParamGroup) else _ParamGroup(g, counter) for g in groups
+        )
         self._counter = counter
 
     def _wrap(self, g: Any) -> Any:
@@ -159,11 +161,8 @@ class _ParamGroupList(list):  # type: ignore[type-arg]
         return g
 
     def __setitem__(self, index: Any, value: Any) -> None:
-        if isinstance(index, slice):
-            value = [self._wrap(g) for g in value]
-        else:
-            value = self._wrap(value)
-        super().__setitem__(index, value)
+        wrapped = [self._wrap(g) for g in value] if isinstance(index, slice) else self._wrap(value)
+        super().__setitem__(index, wrapped)
         self._counter.value += 1
 
     def append(self, value: Any) -> None:
@@ -431,8 +430,8 @@ class BatchOptimizer(torch.optim.Optimizer):
                     stale = True
             self._seen = seen
             if stale:
-                for cached in self._hp.values():
-                    cached["stale"] = True
+                for entry in self._hp.values():
+                    entry["stale"] = True
         key = (device, dtype)
         cached = self._hp.get(key)
         if cached is None or cached.get("stale"):
@@ -576,9 +575,9 @@ class BatchOptimizer(torch.optim.Optimizer):
             width = g.ends[count - 1] if count else 0
             n = g.flat.shape[0]
             small = torch.zeros(n, self._small_width, dtype=_hp_dtype(g.device), device=g.device)
+            started = [False] * len(g.params)
             slots.append(
-                _Slot(group=g, width=width, count=count, state={}, small=small,
-                      started=[False] * len(g.params))  # fmt: skip
+                _Slot(group=g, width=width, count=count, state={}, small=small, started=started)
             )
         self._slots = slots
         self._flat_version = flat.version
@@ -672,7 +671,7 @@ class BatchOptimizer(torch.optim.Optimizer):
             slot.split = [slot.small.clone() for _ in g.params]
         hp = self._refresh(g.device, g.dtype)
         keys = self._state_keys()
-        for k, (p, gr) in enumerate(zip(g.params, grads, strict=True)):
+        for k, gr in enumerate(grads):
             if gr is None:
                 continue
             if k >= slot.count:

@@ -112,8 +112,9 @@ class SGD(BatchOptimizer):
             "maximize": any(host["maximize"]),
             "wd": 1 if any(host["weight_decay"]) else 0,
             "momentum": any(host["momentum"]),
-            "raw_grad": any(m == 0 or n for m, n in zip(host["momentum"], host["nesterov"],
-                                                        strict=True)),  # fmt: skip
+            "raw_grad": any(
+                m == 0 or nest for m, nest in zip(host["momentum"], host["nesterov"], strict=True)
+            ),
         }
         if flags["maximize"]:
             c["sign"] = torch.where(hp["maximize"] != 0, -one, one)
