@@ -481,11 +481,14 @@ class BatchOptimizer(torch.optim.Optimizer):
         host = self._hp_host
         names = sorted(host)
         n = len(self.param_groups)
-        values = torch.tensor([host[k] for k in names], dtype=torch.float64).T.contiguous()
-        raw_all = _host_to_device(values, device)  # [N, K] float64
-        if old is not None and old["raw_all"].shape == raw_all.shape:
-            old["raw_all"].copy_(raw_all)  # keep addresses (compiled steps, CUDA graphs)
-            raw_all = old["raw_all"]
+        if old is not None and old.get("host") is host:
+            raw_all = old["raw_all"]  # only the quarantine mask changed: no O(N) host work
+        else:
+            values = torch.tensor([host[k] for k in names], dtype=torch.float64).T.contiguous()
+            raw_all = _host_to_device(values, device)  # [N, K] float64
+            if old is not None and old["raw_all"].shape == raw_all.shape:
+                old["raw_all"].copy_(raw_all)  # keep addresses (compiled steps, CUDA graphs)
+                raw_all = old["raw_all"]
         raw = {k: raw_all[:, j : j + 1] for j, k in enumerate(names)}
         active = self.batch.active.to(device).view(n, 1)
         consts = self._constants({**raw, "active": active}, host)
@@ -504,7 +507,7 @@ class BatchOptimizer(torch.optim.Optimizer):
                         prev.copy_(v)
                         v = prev
             cast[k] = v
-        return {"raw_all": raw_all, "raw": raw, "c": cast, "stale": False}
+        return {"raw_all": raw_all, "raw": raw, "c": cast, "stale": False, "host": host}
 
     # ---------------------------------------------------------------- static mode (compat)
     def set_static_hparams(self, enabled: bool, masked: bool | None = None) -> None:
