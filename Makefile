@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench-smoke clean
+.PHONY: setup demo test lint docs bench-smoke clean
 
 setup: $(STAMP)
 
@@ -31,8 +31,11 @@ lint: setup
 	$(BIN)/ruff check src tests examples benchmarks
 	$(BIN)/mypy
 
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 bench-smoke: setup
 	$(BIN)/modelbatch bench --arch mlp --models 1 4 --steps 3 --out bench_out
 
 clean:
-	rm -rf $(VENV) demo_out bench_out .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) demo_out bench_out site .pytest_cache .ruff_cache .mypy_cache

@@ -1,8 +1,8 @@
 """Summarise a benchmark output folder (what benchmarks/run_gpu.sh wrote): merge every
 ``*/bench-*.json`` into ``all.csv``, join the markdown reports into ``summary.md``, and
 print the stages' exit lines, the GPU correctness checks, a short table of every cell and,
-last, every target of the issue evaluated over all the runs together (met / NOT met /
-reported / not measured).
+last, every project target (``targets.py`` beside this file) over all the runs together
+(met / NOT met / reported / not measured).
 
     PYTHONPATH=src python3 benchmarks/summarize.py OUT_DIR
 """
@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from targets import evaluate_targets
 
 from modelbatch.bench.report import COLUMNS
-from modelbatch.bench.targets import evaluate_targets
 
 
 def load_runs(root: Path) -> tuple[list[dict[str, Any]], list[Path]]:
@@ -31,9 +33,12 @@ def load_runs(root: Path) -> tuple[list[dict[str, Any]], list[Path]]:
         except (OSError, ValueError) as e:
             print(f"skipping {f}: {e}")
             continue
-        device_type = str(payload.get("meta", {}).get("device", "")).split(":")[0]
+        meta = payload.get("meta", {})
+        device_type = str(meta.get("device", "")).split(":")[0]
+        working_set = meta.get("working_set_bytes", {})
         for r in payload.get("rows", []):
             r.setdefault("device_type", device_type)
+            r.setdefault("working_set_bytes", working_set.get(r.get("precision")))
             r["run"] = f.parent.name
             rows.append(r)
     return rows, files

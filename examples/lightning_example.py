@@ -31,4 +31,4 @@ results = trainer.validate(module, loader, verbose=False)[0]  # {"val/acc/model_
 accuracy = module.per_model_logged("val", "acc")  # {model id: accuracy}
 best = max(accuracy, key=accuracy.__getitem__)
 print(f"best model {best}: accuracy {accuracy[best]:.3f}")
-best_model = batch.extract(batch.index_of(best))  # a plain nn.Sequential
+best_model = batch.extract(best)  # a plain nn.Sequential (extract takes the id)

@@ -1,7 +1,7 @@
 """An Optuna study whose trials train 4 at a time as one ModelBatch; pruned trials leave it.
 
 Run:  python examples/optuna_example.py [study.db]   (run it again and the study resumes)
-Needs: pip install 'modelbatch[optuna]'
+Needs: pip install -e '.[optuna]'
 """
 
 import sys

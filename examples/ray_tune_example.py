@@ -1,6 +1,6 @@
 """A sweep of 8 configs as 2 Ray Tune trials, each training a bundle of 4 models as one ModelBatch.
 
-Run:  python examples/ray_tune_example.py [results_dir]     Needs: pip install 'modelbatch[ray]'
+Run:  python examples/ray_tune_example.py [results_dir]     Needs: pip install -e '.[ray]'
 On a GPU cluster give each bundle its own GPU: resources_per_trial={"cpu": 4, "gpu": 1}.
 """
 

@@ -1,7 +1,7 @@
 """Per-model metrics of a ModelBatch in ONE TensorBoard run: a curve per model.
 
 Run:  python examples/tensorboard_example.py [log_dir]   then   tensorboard --logdir runs
-Needs: pip install 'modelbatch[tensorboard]'
+Needs: pip install -e '.[tensorboard]'
 """
 
 import sys

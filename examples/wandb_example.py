@@ -1,7 +1,7 @@
 """Per-model metrics of a ModelBatch in one Weights & Biases run (offline: no account needed).
 
 Run:  python examples/wandb_example.py [wandb_dir]   (later: wandb sync <dir>/wandb/offline-run-*)
-Needs: pip install 'modelbatch[wandb]'.  per_model_runs=True gives one run per model in a group.
+Needs: pip install -e '.[wandb]'.  per_model_runs=True gives one run per model in a group.
 """
 
 import sys

@@ -161,7 +161,7 @@ def test_layout_and_plain_pytorch_loading(tmp_path: Path) -> None:
         # Plain PyTorch, no ModelBatch: safetensors + load_state_dict.
         plain = mlp()
         plain.load_state_dict(safetensors.torch.load_file(folder / "model.safetensors"))
-        same_tensors(plain.state_dict(), batch.extract(i).state_dict())
+        same_tensors(plain.state_dict(), batch.extract(mid).state_dict())
         hp = json.loads((folder / "hparams.json").read_text())
         assert hp["model_id"] == mid and hp["lr"] == opt.param_groups[i]["lr"]
         assert hp["weight_decay"] == [0.0, 0.1, 0.0][i]
@@ -169,7 +169,7 @@ def test_layout_and_plain_pytorch_loading(tmp_path: Path) -> None:
         assert torch.equal(opt_state["0.weight/exp_avg"], opt.state["0.weight"]["exp_avg"][i])
         batch_only = safetensors.torch.load_file(folder / "batch_state.safetensors")
         assert set(batch_only) == {"2.seed", "2.counter"}
-    same_tensors(load_model(root, "b", mlp()).state_dict(), batch.extract(1).state_dict())
+    same_tensors(load_model(root, "b", mlp()).state_dict(), batch.extract("b").state_dict())
 
 
 def test_load_a_subset_by_id(tmp_path: Path) -> None:
@@ -178,8 +178,8 @@ def test_load_a_subset_by_id(tmp_path: Path) -> None:
     pair = ModelBatch(seeded_models(mlp, [50, 51]), model_ids=["x", "y"])
     pair.load_all(tmp_path / "ck", model_ids=[7, "a"])
     assert pair.model_ids == [7, "a"]
-    same_tensors(pair.extract(0).state_dict(), batch.extract(2).state_dict())
-    same_tensors(pair.extract(1).state_dict(), batch.extract(0).state_dict())
+    same_tensors(pair.extract(7).state_dict(), batch.extract(7).state_dict())
+    same_tensors(pair.extract("a").state_dict(), batch.extract("a").state_dict())
 
 
 def test_python_and_numpy_rng_are_restored(tmp_path: Path) -> None:

@@ -205,9 +205,12 @@ def test_extract_is_a_standalone_copy_with_current_weights() -> None:
         m1[0].weight.zero_()  # no aliasing into the batch
     assert batch.stacked[0].weight[1].abs().sum() > 0
     assert len(batch.extract_all()) == 3
-    assert torch.equal(batch.extract(-1)[0].weight, batch.stacked[0].weight[2])
-    with pytest.raises(IndexError, match="model index 3 out of range for a batch of 3"):
+    with pytest.raises(
+        KeyError, match=r"no model with id 3 in this batch; valid ids are \[0, 1, 2\]"
+    ):
         batch.extract(3)
+    with pytest.raises(KeyError, match="no model with id -1"):
+        batch.extract(-1)  # ids, not positions: no counting from the end
 
 
 def test_insert_writes_one_slot() -> None:
@@ -216,7 +219,7 @@ def test_insert_writes_one_slot() -> None:
     batch.insert(2, new)
     assert torch.equal(batch.stacked[0].weight[2], new[0].weight)
     assert not torch.equal(batch.stacked[0].weight[1], new[0].weight)
-    with pytest.raises(ArchitectureMismatchError, match="cannot insert into slot 0"):
+    with pytest.raises(ArchitectureMismatchError, match="cannot insert into model 0: the module"):
         batch.insert(0, mlp(hidden=8).double())
 
 
@@ -232,13 +235,17 @@ def test_insert_and_extract_after_changing_dtype() -> None:
     assert torch.equal(batch.stacked[0].weight[1], m[0].weight)
 
 
-def test_index_accepts_numpy_and_tensor_integers() -> None:
+def test_ids_accept_numpy_and_tensor_integers() -> None:
     batch = ModelBatch(models(3))
     best = torch.tensor([0.3, 0.1, 0.2]).argmin()  # what users pass: a 0-dim tensor
     assert torch.equal(batch.extract(best)[0].weight, batch.stacked[0].weight[1])
     assert torch.equal(batch.extract(np.int64(2))[0].weight, batch.stacked[0].weight[2])
-    with pytest.raises(TypeError, match="must be an int, got float"):
+    with pytest.raises(TypeError, match=r"must be an int or a str, got float; valid ids are"):
         batch.extract(1.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="got bool"):
+        batch.extract(True)
+    batch.quarantine(np.int64(1))
+    assert batch.active.tolist() == [True, False, True]
 
 
 def test_sparse_embedding_trains_like_alone() -> None:
@@ -361,14 +368,16 @@ def test_per_model_class_index_targets_are_recognised() -> None:
     batch.compute_loss(batch(x, per_model=True), y, F.cross_entropy)
     for i, m in enumerate(ms):
         assert abs(batch.latest_losses[i].item() - F.cross_entropy(m(x[i]), y[i]).item()) < 1e-12
-    # N == B: both readings fit the shape; the rank decides.
+    # N == B: both readings fit the shape; never guessed (see tests/test_loss.py).
     batch4 = ModelBatch(models(4, bn=False))
     out = batch4(torch.randn(4, 5, dtype=torch.float64))  # [N=4, B=4, C=3]
     shared, per_model = torch.randint(0, 3, (4,)), torch.randint(0, 3, (4, 4))
-    batch4.compute_loss(out, shared, F.cross_entropy)
+    batch4.compute_loss(out, shared, F.cross_entropy)  # [B]: only the shared reading fits
     expect_shared = torch.stack([F.cross_entropy(out[i], shared) for i in range(4)])
     assert torch.allclose(batch4.latest_losses, expect_shared.detach())
-    batch4.compute_loss(out, per_model, F.cross_entropy)
+    with pytest.raises(ValueError, match="ambiguous targets"):
+        batch4.compute_loss(out, per_model, F.cross_entropy)
+    batch4.compute_loss(out, per_model, F.cross_entropy, per_model_targets=True)
     expect_pm = torch.stack([F.cross_entropy(out[i], per_model[i]) for i in range(4)])
     assert torch.allclose(batch4.latest_losses, expect_pm.detach())
     # Soft (float) targets: shared [B, C] vs per-model [N, B, C].

@@ -5,6 +5,7 @@ The public API is re-exported here; everything else is internal.
 
 from modelbatch import optim
 from modelbatch._structure import ArchitectureMismatchError
+from modelbatch._version import __version__
 from modelbatch.amp import BatchGradScaler, autocast
 from modelbatch.callbacks import (
     Callback,
@@ -30,8 +31,6 @@ from modelbatch.isolation import (
 from modelbatch.optim.factory import OptimizerFactory
 from modelbatch.seeding import derive_seeds, seeded_models, use_seeded_dropout
 from modelbatch.train import evaluate, train_one_epoch
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ArchitectureMismatchError",

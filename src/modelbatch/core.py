@@ -17,7 +17,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from modelbatch._flat import FlatParams, flatten_parameters, select_models
-from modelbatch._structure import check_same_structure
+from modelbatch._structure import (
+    ArchitectureMismatchError,
+    check_per_model_settings,
+    check_same_structure,
+    model_settings,
+    same_setting,
+)
 from modelbatch.layers import substitute_layers
 
 if TYPE_CHECKING:
@@ -50,20 +56,15 @@ def _vmapped_forward(
     return vmap(one_model, in_dims=(0, 0, *x_dims), randomness=randomness)(params, buffers, *inputs)
 
 
-def _targets_are_per_model(outputs: Tensor, targets: Tensor) -> bool:
-    """Whether ``targets`` are per-model ``[N, B, ...]`` rather than shared ``[B, ...]``,
-    for outputs ``[N, B, ...]`` (see :meth:`ModelBatch.compute_loss`)."""
-    n = outputs.shape[0]
-    b = outputs.shape[1] if outputs.dim() > 1 else None
-    can_share = targets.dim() >= 1 and targets.shape[0] == b
-    can_per_model = targets.dim() >= 2 and targets.shape[0] == n and targets.shape[1] == b
-    if can_share != can_per_model:
-        return can_per_model
-    if not can_share:  # fits neither: leave the targets whole, as loss_fn expects them
-        return False
-    # N == B: a per-model target has one dimension more than the shared target would.
-    shared_rank = outputs.dim() - (1 if targets.is_floating_point() else 2)
-    return targets.dim() == shared_rank + 1
+def _targets_are_per_model(
+    outputs: Tensor, targets: Tensor, per_model_targets: bool | None = None
+) -> bool:
+    """Whether ``targets`` are per-model ``[N, B, ...]`` rather than shared ``[B, ...]``, for
+    outputs ``[N, B, ...]``; the rule of :meth:`ModelBatch.compute_loss` (never a guess: see
+    :func:`modelbatch.loss.resolve_per_model_targets`)."""
+    from modelbatch.loss import resolve_per_model_targets
+
+    return resolve_per_model_targets(outputs, targets, per_model_targets)
 
 
 class ModelBatch(nn.Module):
@@ -126,7 +127,6 @@ class ModelBatch(nn.Module):
     ) -> None:
         super().__init__()
         models = list(models)
-        check_same_structure(models)
         if randomness not in ("different", "same"):
             raise ValueError(f"randomness must be 'different' or 'same', got {randomness!r}")
         if conv_layout not in ("default", "channels_last"):
@@ -144,9 +144,13 @@ class ModelBatch(nn.Module):
         for mid in model_ids:
             if not isinstance(mid, (int, str)):
                 raise TypeError(f"model ids must be int or str, got {type(mid).__name__}")
+        check_same_structure(models, model_ids=model_ids)
 
         self.randomness = randomness
         self._model_ids: list[int | str] = model_ids
+        # Each model's own per-model settings (dropout p, norm eps, ...), in position order:
+        # extract() gives them back; keep_positions() keeps them in step.
+        self._model_settings: list[dict[str, dict[str, Any]]] = [model_settings(m) for m in models]
         # A pristine copy of one model: extract() clones it and fills in model i's tensors.
         template = copy.deepcopy(models[0])
         object.__setattr__(self, "_template", template)
@@ -162,7 +166,7 @@ class ModelBatch(nn.Module):
         self.seeds: list[int] | None = seeds
         device = next(iter([*mirror.parameters(), *mirror.buffers()]), torch.empty(0)).device
         self.conv_layout = conv_layout
-        substitute_layers(
+        mirror = substitute_layers(
             mirror,
             {"num_models": n, "seeds": seeds, "device": device, "conv_layout": conv_layout},
             models,
@@ -173,10 +177,16 @@ class ModelBatch(nn.Module):
             # gradient, the same values. extract() still returns sparse=True embeddings.
             if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
                 module.sparse = False
+        check_per_model_settings(mirror, self._model_settings, model_ids)
+        if next(iter([*mirror.parameters(), *mirror.buffers()]), None) is None:
+            # A model without tensors (a bare nn.Dropout): vmap needs one tensor with the
+            # model dimension to map over. Batch-only and not saved (non-persistent).
+            mirror.register_buffer("_model_index", torch.arange(n, device=device), persistent=False)
+        # The mirror is a copy of model 0: per-submodule train/eval modes (a frozen BatchNorm
+        # in eval inside a training model) are kept; the check made them equal in all models.
         self.stacked = mirror
         # One [N, P] storage per dtype/device for all parameters (see modelbatch._flat).
         self._flat: FlatParams = flatten_parameters(mirror)
-        self.stacked.train(models[0].training)
         self.training = models[0].training
 
         self.register_buffer("active", torch.ones(n, dtype=torch.bool, device=self._device()))
@@ -301,13 +311,31 @@ class ModelBatch(nn.Module):
         return list(self._model_ids)
 
     def index_of(self, model_id: int | str) -> int:
-        """Current position of the model with id ``model_id``."""
+        """Current position of the model with id ``model_id`` (positions change when models
+        are dropped; ids do not). Raises ``KeyError`` listing the valid ids."""
+        key = self._normalize_id(model_id)
         try:
-            return self._model_ids.index(model_id)
+            return self._model_ids.index(key)
         except ValueError:
             raise KeyError(
-                f"no model with id {model_id!r} in this batch; ids are {self._model_ids}"
+                f"no model with id {model_id!r} in this batch; valid ids are {self._model_ids} "
+                "(models are addressed by id, which stays the same when others are dropped)"
             ) from None
+
+    def _normalize_id(self, model_id: Any) -> int | str:
+        """``model_id`` as stored: a str, or an int (NumPy integers and 0-dim integer tensors,
+        e.g. an ``argmin``, are accepted)."""
+        if isinstance(model_id, str):
+            return model_id
+        if not isinstance(model_id, bool):
+            try:
+                return operator.index(model_id)
+            except TypeError:
+                pass
+        raise TypeError(
+            f"a model id must be an int or a str, got {type(model_id).__name__}; "
+            f"valid ids are {self._model_ids}"
+        )
 
     def _device(self) -> torch.device:
         for p in self.stacked.parameters():
@@ -329,16 +357,17 @@ class ModelBatch(nn.Module):
         """``(name, [N, ...] buffer)`` pairs, named as in a single model."""
         return self.stacked.named_buffers()
 
-    def _check_index(self, i: int) -> int:
+    def _check_position(self, i: int) -> int:
+        """A position ``0..N-1`` (negative counts from the end), for :meth:`keep_positions`."""
         n = len(self)
         if isinstance(i, bool):
-            raise TypeError("model index must be an int, got bool")
+            raise TypeError("a position must be an int, got bool")
         try:
             i = operator.index(i)  # ints, NumPy integers, 0-dim integer tensors
         except TypeError:
-            raise TypeError(f"model index must be an int, got {type(i).__name__}") from None
+            raise TypeError(f"a position must be an int, got {type(i).__name__}") from None
         if not -n <= i < n:
-            raise IndexError(f"model index {i} out of range for a batch of {n} models")
+            raise IndexError(f"position {i} out of range for a batch of {n} models")
         return i % n
 
     # ------------------------------------------------------------------ forward
@@ -440,21 +469,29 @@ class ModelBatch(nn.Module):
         gradient model i would get training alone. A mean would divide every gradient by N
         (and so change each model's effective learning rate, and Adam's epsilon balance).
 
+        The known losses (``F.cross_entropy``, ``F.nll_loss``, ``F.mse_loss``, ``F.l1_loss``,
+        ``F.smooth_l1_loss``, ``F.huber_loss``, ``F.binary_cross_entropy[_with_logits]``,
+        ``F.kl_div``, ``F.soft_margin_loss``, ``F.poisson_nll_loss``: ``modelbatch.loss.
+        FLAT_LOSSES``; their ``nn.*Loss`` modules with their options, and ``functools.partial``
+        of the functions) run as one loss call over the N models' outputs (no vmap), reduced
+        per model exactly as the loss's own reduction; any other ``loss_fn`` runs under vmap.
+        See :mod:`modelbatch.loss`.
+
         Args:
             outputs: ``[N, B, ...]`` model outputs (what ``batch(x)`` returned).
             targets: ``[B, ...]`` shared targets, or ``[N, B, ...]`` per-model targets.
             loss_fn: an ordinary single-model loss ``loss_fn(output [B, ...], target [B, ...])
-                -> scalar`` with mean reduction, e.g. ``F.cross_entropy``.
-            mask: optional ``[N, B]`` (or ``[B]``) sample weights, bool or float. Model i's
-                loss becomes ``sum_b w_ib * l_ib / sum_b w_ib`` where ``l_ib`` is ``loss_fn``
-                on sample b alone: the same as training model i on the selected (or, with
-                integer counts, resampled) samples. Models with an all-zero mask get loss 0.
+                -> scalar``, e.g. ``F.cross_entropy`` or ``nn.CrossEntropyLoss(weight=w)``.
+            mask: optional ``[N, B]`` (or ``[B]``) sample selection: bool (selected), integer
+                (repeat counts, e.g. a bootstrap) or float (weights). Model i's loss equals
+                ``loss_fn`` on its selected samples alone, repeated by their counts, with the
+                loss's own normalisation (class weights, ``ignore_index``, ``reduction``).
+                Known losses weight the per-element losses; any other ``loss_fn`` is called
+                once per model on its samples (exact, N calls; fractional weights refused).
+                Models with an all-zero mask get loss 0.
             per_model_targets: whether ``targets`` has the leading N dimension. By default
-                inferred from the shapes: targets shaped ``[N, B, ...]`` that cannot be
-                shared ``[B, ...]`` targets are per-model, and vice versa. When both fit
-                (N == B), the rank decides: class indices (integer) are per-model with
-                ``outputs.dim() - 1`` dimensions, other targets with ``outputs.dim()``.
-                Pass it explicitly when in doubt.
+                the shapes decide: ``[B, ...]`` is shared, ``[N, B, ...]`` per model; when
+                both fit (N == B) an error asks for this argument.
             reduction: ``"sum"`` (default) returns the scalar sum; ``"none"`` returns the
                 differentiable ``[N]`` per-model losses (what
                 :meth:`modelbatch.BatchGradScaler.scale` takes).
@@ -463,24 +500,32 @@ class ModelBatch(nn.Module):
             A scalar tensor to call ``.backward()`` on (``[N]`` with ``reduction="none"``).
             The detached ``[N]`` per-model losses are stored in :attr:`latest_losses`.
         """
+        from modelbatch.loss import LOSS_ERRORS, flat_losses, recognise, targets_error
+
         n = len(self)
+        if reduction not in ("sum", "none"):
+            raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
         if outputs.dim() == 0 or outputs.shape[0] != n:
             raise ValueError(
                 f"outputs must have a leading dimension of N={n} models, "
                 f"got shape {tuple(outputs.shape)}"
             )
-        if per_model_targets is None:
-            per_model_targets = _targets_are_per_model(outputs, targets)
-        if per_model_targets and (targets.dim() == 0 or targets.shape[0] != n):
-            raise ValueError(
-                f"per-model targets must have a leading dimension of N={n}, "
-                f"got shape {tuple(targets.shape)}"
-            )
-        t_dim = 0 if per_model_targets else None
-        if mask is None:
-            losses = vmap(loss_fn, in_dims=(0, t_dim))(outputs, targets)
-        else:
-            losses = self._masked_losses(outputs, targets, t_dim, loss_fn, mask)
+        per_model = _targets_are_per_model(outputs, targets, per_model_targets)
+        weights = None if mask is None else self._mask_weights(outputs, mask)
+        spec = recognise(loss_fn)
+        losses = None
+        if spec is not None:
+            wf = None if weights is None else weights.to(outputs.dtype)
+            losses = flat_losses(spec, outputs, targets, per_model, wf)
+        if losses is None and weights is not None:
+            losses = self._masked_losses(outputs, targets, per_model, loss_fn, weights)
+        elif losses is None:
+            try:
+                losses = vmap(loss_fn, in_dims=(0, 0 if per_model else None))(outputs, targets)
+            except LOSS_ERRORS as e:
+                if type(e) not in LOSS_ERRORS:
+                    raise
+                raise targets_error(e, outputs, targets, per_model) from e
         if losses.shape != (n,):
             raise ValueError(
                 f"loss_fn must return a scalar per model; got per-model shape "
@@ -489,29 +534,28 @@ class ModelBatch(nn.Module):
         self.latest_losses = losses.detach()
         if reduction == "none":  # the [N] per-model losses (e.g. for BatchGradScaler.scale)
             return losses
-        if reduction != "sum":
-            raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
         return losses.sum()
 
-    def _masked_losses(
-        self, outputs: Tensor, targets: Tensor, t_dim: int | None, loss_fn: LossFn, mask: Tensor
-    ) -> Tensor:
-        n, b = outputs.shape[0], outputs.shape[1]
+    @staticmethod
+    def _mask_weights(outputs: Tensor, mask: Tensor) -> Tensor:
+        """``mask`` ``[N, B]`` or ``[B]`` as ``[N, B]`` (checked, dtype kept)."""
+        n, b = outputs.shape[0], outputs.shape[1] if outputs.dim() > 1 else 0
         if mask.dim() == 1:
             mask = mask.unsqueeze(0).expand(n, -1)
         if mask.shape != (n, b):
             raise ValueError(
                 f"mask must have shape [N, B] = [{n}, {b}] (or [B]), got {tuple(mask.shape)}"
             )
-        weights = mask.to(outputs.dtype)
+        return mask.to(outputs.device)
 
-        def per_sample(o: Tensor, t: Tensor) -> Tensor:
-            return loss_fn(o.unsqueeze(0), t.unsqueeze(0))
+    def _masked_losses(
+        self, outputs: Tensor, targets: Tensor, per_model: bool, loss_fn: LossFn, mask: Tensor
+    ) -> Tensor:
+        """``[N]`` losses of an unknown ``loss_fn`` on each model's selected samples: one
+        ``loss_fn`` call per model (see :func:`modelbatch.loss.masked_losses_per_model`)."""
+        from modelbatch.loss import masked_losses_per_model
 
-        per_sample_over_b = vmap(per_sample, in_dims=(0, 0))
-        sample_losses = vmap(per_sample_over_b, in_dims=(0, t_dim))(outputs, targets)  # [N, B]
-        denom = weights.sum(dim=1)
-        return (sample_losses * weights).sum(dim=1) / denom.clamp_min(torch.finfo(denom.dtype).tiny)
+        return masked_losses_per_model(loss_fn, outputs, targets, per_model, mask)
 
     def log_metric(self, name: str, values: Tensor | Sequence[float]) -> None:
         """Record a per-model metric (``[N]`` values) to be reported by :meth:`metrics`."""
@@ -541,10 +585,21 @@ class ModelBatch(nn.Module):
         return out
 
     # ------------------------------------------------------------------ extract / insert
-    def extract(self, i: int) -> nn.Module:
-        """A standalone copy of model ``i`` (position, not id) with its current weights and
-        buffers, on the batch's device and in the batch's train/eval mode."""
-        i = self._check_index(i)
+    def extract(self, model_id: int | str) -> nn.Module:
+        """A standalone copy of the model with id ``model_id``.
+
+        The copy has the model's current weights and buffers, on the batch's device, and
+        its own per-model settings (dropout rate, normalisation eps, ...). Each submodule
+        is in the train/eval mode it has in the batch (``batch.train()`` / ``.eval()`` set
+        them all; a BatchNorm frozen in eval when the batch was built stays so until then).
+
+        Models are addressed by id everywhere in the API (``extract``, ``insert``, ``drop``,
+        ``quarantine``, ``load_model``); the default ids ``0..N-1`` are the positions at
+        construction and do not shift when models are dropped. The model at position ``k``
+        is ``batch.extract(batch.model_ids[k])``. Raises ``KeyError`` (listing the valid
+        ids) for an unknown id.
+        """
+        i = self.index_of(model_id)
         template = self._template
         module = copy.deepcopy(template)
         stacked = dict(self.stacked.named_parameters(remove_duplicate=False))
@@ -567,25 +622,45 @@ class ModelBatch(nn.Module):
                 if id(b) not in buffers:
                     buffers[id(b)] = stacked_b[name][i].detach().clone()
                 sub._buffers[attr] = buffers[id(b)]
-        module.train(self.training)
+        for path, attrs in self._model_settings[i].items():
+            sub = module.get_submodule(path)
+            for attr, value in attrs.items():
+                setattr(sub, attr, value)
+        modes = {name: m.training for name, m in self.stacked.named_modules()}
+        for name, sub in module.named_modules():
+            sub.training = modes.get(name, self.training)
         return module
 
     def extract_all(self) -> list[nn.Module]:
-        """Standalone copies of all N models, in position order."""
-        return [self.extract(i) for i in range(len(self))]
+        """Standalone copies of all N models, in position order (ids: :attr:`model_ids`)."""
+        return [self.extract(mid) for mid in self._model_ids]
 
-    def insert(self, i: int, module: nn.Module) -> None:
-        """Write ``module``'s weights and buffers into slot ``i`` (position).
+    def insert(self, model_id: int | str, module: nn.Module) -> None:
+        """Write ``module``'s weights and buffers into the model with id ``model_id``.
 
-        The module must have the batch's architecture; optimizer state is left unchanged.
+        The module must have the batch's architecture, and the per-model settings (dropout
+        rate, normalisation eps, ...) the model was built with: they are fixed when the
+        batch is built. Train/eval modes are not compared (nothing of them is written).
+        Optimizer state is left unchanged.
         """
-        i = self._check_index(i)
-        template = self._template
+        i = self.index_of(model_id)
+        label = f"cannot insert into model {model_id!r}"
         try:
-            check_same_structure([template, module])
+            check_same_structure([self._template, module], compare_training=False)
         except ValueError as e:
-            message = str(e).replace("model 1", "the module")
-            raise type(e)(f"cannot insert into slot {i}: {message}") from None
+            message = str(e).replace("model 1", "the module").replace("model 0", "the batch")
+            raise type(e)(f"{label}: {message}") from None
+        expected = self._model_settings[i]
+        for path, attrs in model_settings(module).items():
+            for attr, value in attrs.items():
+                built = expected[path][attr]
+                if not same_setting(value, built):
+                    raise ArchitectureMismatchError(
+                        f"{label}: submodule {path or '<root>'!r} has {attr}={value!r} where "
+                        f"model {model_id!r} was built with {attr}={built!r}; per-model "
+                        "settings are fixed when the batch is built (build a new batch to "
+                        "change them)"
+                    )
         src = dict(module.named_parameters())
         src_b = dict(module.named_buffers())
         with torch.no_grad():
@@ -630,14 +705,20 @@ class ModelBatch(nn.Module):
 
     def _positions(self, ids: int | str | Iterable[int | str]) -> list[int]:
         """Current positions of the models with these ids (one dict lookup per id)."""
-        ids_list = [ids] if isinstance(ids, (int, str)) else list(ids)
+        scalar = (
+            isinstance(ids, (int, str))
+            or not isinstance(ids, Iterable)
+            or (isinstance(ids, Tensor) and ids.dim() == 0)
+        )
+        ids_list: list[Any] = [ids] if scalar else list(ids)  # type: ignore[arg-type]
         where = {mid: i for i, mid in enumerate(self._model_ids)}
         out = []
         for mid in ids_list:
-            pos = where.get(mid)
+            key = self._normalize_id(mid)
+            pos = where.get(key)
             if pos is None:
                 self.index_of(mid)  # raises the KeyError naming the id
-            out.append(where[mid])
+            out.append(where[key])
         return out
 
     def _set_active(self, ids: int | str | Iterable[int | str], value: bool) -> None:
@@ -694,9 +775,12 @@ class ModelBatch(nn.Module):
 
     def keep_positions(self, keep: Sequence[int], *, schedulers: Iterable[Any] = ()) -> None:
         """Keep only the models at positions ``keep`` (in that order); ``schedulers`` are LR
-        schedulers of this batch's optimizers whose per-model lists shrink alike."""
+        schedulers of this batch's optimizers whose per-model lists shrink alike.
+
+        The one positional method of the model API (``drop`` is its by-id form): ``keep``
+        holds positions ``0..N-1``, not model ids."""
         n = len(self)
-        keep = [self._check_index(i) for i in keep]
+        keep = [self._check_position(i) for i in keep]
         if not keep:
             raise ValueError("cannot drop every model from the batch")
         if len(set(keep)) != len(keep):
@@ -727,6 +811,7 @@ class ModelBatch(nn.Module):
             if v.shape[0] == n
         }
         self._model_ids = [self._model_ids[i] for i in keep]
+        self._keep_model_settings(keep)
         if self.seeds is not None:
             self.seeds = [self.seeds[i] for i in keep]
         for opt in self._live_optimizers():
@@ -736,3 +821,14 @@ class ModelBatch(nn.Module):
 
             for sched in schedulers:
                 shrink_scheduler(sched, keep, n)
+
+    def _keep_model_settings(self, keep: Sequence[int]) -> None:
+        """Keep the per-model settings of the models at positions ``keep``, in that order:
+        the list behind :meth:`extract`, and the ``per_model_<attr>`` lists that per-model
+        layers record (their ``[N]`` buffers shrink with the other buffers)."""
+        n = len(self._model_settings)
+        self._model_settings = [self._model_settings[i] for i in keep]
+        for module in self.stacked.modules():
+            for attr, value in list(vars(module).items()):
+                if attr.startswith("per_model_") and isinstance(value, list) and len(value) == n:
+                    setattr(module, attr, [value[i] for i in keep])

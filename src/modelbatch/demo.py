@@ -7,14 +7,14 @@ many models' weights agree with their one-by-one twins, and how their accuracies
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,18 +32,45 @@ the same models one after another with plain PyTorch and report the speedup, how
 weights agree with their one-by-one twins, and how their validation accuracies compare."""
 
 
-def _require_demo_extra() -> None:
+def _require_demo_extra(progress: bool = True) -> None:
+    """Raise a one-line ImportError naming every missing package of the ``demo`` extra
+    (tqdm only when progress bars are wanted)."""
     missing = []
-    for mod in ("sklearn", "matplotlib", "tqdm"):
+    packages = {"sklearn": "scikit-learn", "matplotlib": "matplotlib"}
+    if progress:
+        packages["tqdm"] = "tqdm"
+    for mod, name in packages.items():
         try:
             __import__(mod)
         except ImportError:
-            missing.append(mod)
+            missing.append(name)
     if missing:
+        hint = " (or pass --no-progress)" if missing == ["tqdm"] else ""
         raise ImportError(
-            f"the demo needs {', '.join(missing)}; "
-            "install them with: pip install 'modelbatch[demo]'"
+            f"the demo needs {', '.join(missing)}{hint}; install the demo extra from the "
+            "ModelBatch repository: pip install -e '.[demo]'"
         )
+
+
+class _NoBar:
+    """Stands in for a tqdm bar when progress bars are off (no tqdm needed)."""
+
+    def __init__(self, iterable: Iterable[int]) -> None:
+        self.iterable = iterable
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.iterable)
+
+    def set_postfix(self, **kwargs: object) -> None:
+        pass
+
+
+def _progress(iterable: Iterable[int], desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar(iterable)
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc)
 
 
 @dataclass
@@ -121,10 +148,10 @@ def run_demo(
     difference of each model's parameters from its one-by-one twin),
     ``max_rel_weight_diff``, ``plot`` (path) and ``points`` (the sweep points).
     """
-    _require_demo_extra()
-    from tqdm import tqdm
+    _require_demo_extra(progress)
+    from modelbatch.cli import parse_device
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = parse_device(device)
     points = [SweepPoint(lr, wd, s) for lr, wd, s in itertools.product(lrs, weight_decays, seeds)]
     n = len(points)
     x_tr, y_tr, x_val, y_val = load_digits_split(dev)
@@ -140,7 +167,7 @@ def run_demo(
     loss_curves = torch.zeros(epochs, n)
     _sync(dev)
     t0 = time.perf_counter()
-    bar = tqdm(range(epochs), desc=f"ModelBatch ({n} models, {dev.type})", disable=not progress)
+    bar = _progress(range(epochs), f"ModelBatch ({n} models, {dev.type})", progress)
     for epoch in bar:
         total = torch.zeros(n, device=dev)
         for idx in _batches(len(x_tr), batch_size, epoch):
@@ -169,7 +196,7 @@ def run_demo(
         _sync(dev)
         t0 = time.perf_counter()
         seq_models = []
-        for i in tqdm(range(n), desc="plain PyTorch, one by one", disable=not progress):
+        for i in _progress(range(n), "plain PyTorch, one by one", progress):
             m = copy.deepcopy(initial[i])
             o = torch.optim.AdamW(
                 m.parameters(), lr=points[i].lr, weight_decay=points[i].weight_decay
@@ -218,7 +245,7 @@ def run_demo(
             f"{val_acc[i]:>7.2%}  {loss_curves[-1, i]:>10.4f}"
         )
     plot_path = out / "demo_sweep.png"
-    _plot(points, val_acc, loss_curves, plot_path)
+    _plot(points, val_acc, loss_curves, plot_path, epochs)
     print(f"\nPlot written to {plot_path}")
     print(f"ModelBatch: {n} models in {t_batch:.2f} s on {dev.type} ({dtype_name})")
     if sequential:
@@ -263,56 +290,123 @@ def run_demo(
     }
 
 
-def _plot(points: list[SweepPoint], val_acc: Tensor, loss_curves: Tensor, path: Path) -> None:
+def _plot(
+    points: list[SweepPoint], val_acc: Tensor, loss_curves: Tensor, path: Path, epochs: int
+) -> None:
+    """Two panels, one colour map for one quantity (validation accuracy) on both.
+
+    Left: validation accuracy of every (learning rate, weight decay) cell, the mean over the
+    seeds written in the cell, the best model's cell outlined. Right: the training loss per
+    epoch of the best model at each learning rate (one curve per learning rate, labelled at
+    its end, coloured by its validation accuracy); the best model's curve in black.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    lrs = sorted({p.lr for p in points})
     wds = sorted({p.weight_decay for p in points})
     seeds = sorted({p.seed for p in points})
-    cmap = plt.get_cmap("viridis")
-    for k, wd in enumerate(wds):
-        color = cmap(k / max(1, len(wds) - 1))
-        for j, s in enumerate(seeds):
-            idx = [i for i, p in enumerate(points) if p.weight_decay == wd and p.seed == s]
-            ax1.plot(
-                [points[i].lr for i in idx],
-                [val_acc[i].item() for i in idx],
-                marker="o",
-                color=color,
-                alpha=0.9,
-                linestyle="-" if j == 0 else "--",
-                label=f"wd={wd:.1g}" if j == 0 else None,
-            )
-    ax1.set_xscale("log")
+    acc = val_acc.double()
+    best = int(acc.argmax())
+    grid = torch.full((len(wds), len(lrs)), math.nan, dtype=torch.float64)
+    for r, wd in enumerate(wds):
+        for c, lr in enumerate(lrs):
+            idx = [i for i, p in enumerate(points) if p.lr == lr and p.weight_decay == wd]
+            grid[r, c] = acc[idx].mean()
+    # viridis without its palest yellow, so that every curve stands out on white
+    cmap = matplotlib.colors.ListedColormap(
+        plt.get_cmap("viridis")(torch.linspace(0, 0.85, 256).numpy()), name="viridis_dark"
+    )
+    lo = float(acc.min())
+    hi = float(acc.max())
+    norm = matplotlib.colors.Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1e-3)
+
+    fig, (ax1, ax2) = plt.subplots(
+        1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1.1, 1]}, layout="constrained"
+    )
+    ax1.imshow(grid.numpy(), cmap=cmap, norm=norm, aspect="auto", origin="lower")
+    for r in range(len(wds)):
+        for c in range(len(lrs)):
+            v = float(grid[r, c])
+            dark = norm(v) < 0.6
+            ax1.text(
+                c, r, f"{v:.1%}", ha="center", va="center", fontsize=8,
+                color="white" if dark else "black",
+            )  # fmt: skip
+    bp = points[best]
+    br, bc = wds.index(bp.weight_decay), lrs.index(bp.lr)
+    ax1.add_patch(
+        matplotlib.patches.Rectangle(
+            (bc - 0.5, br - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5
+        )
+    )
+    ax1.set_xticks(range(len(lrs)), [f"{lr:.1e}" for lr in lrs], rotation=45)
+    ax1.set_yticks(range(len(wds)), [f"{wd:.0e}" if wd else "0" for wd in wds])
     ax1.set_xlabel("learning rate")
-    ax1.set_ylabel("validation accuracy")
-    ax1.set_title("Accuracy against learning rate (lines: weight decay; dashed: other seeds)")
-    ax1.legend(fontsize=8)
-    lrs = sorted({p.lr for p in points})
-    lr_cmap = plt.get_cmap("plasma")
-    lr_norm = matplotlib.colors.LogNorm(vmin=lrs[0], vmax=lrs[-1]) if len(lrs) > 1 else None
-    for i, p in enumerate(points):
-        c = lr_cmap(float(lr_norm(p.lr)) if lr_norm is not None else 0.5)
-        ax2.plot(range(1, loss_curves.shape[0] + 1), loss_curves[:, i].numpy(), color=c, alpha=0.4)
+    ax1.set_ylabel("weight decay")
+    seed_note = f"mean of {len(seeds)} seeds" if len(seeds) > 1 else "one seed"
+    ax1.set_title(f"Validation accuracy ({seed_note}); red box: best model", fontsize=10)
+
+    epochs_axis = range(1, loss_curves.shape[0] + 1)
+    last = epochs_axis[-1]
+    ends: list[tuple[float, str, bool]] = []  # (final loss, label, is best)
+    for lr in lrs:
+        idx = [i for i, p in enumerate(points) if p.lr == lr]
+        i = max(idx, key=lambda k: float(acc[k]))
+        curve = loss_curves[:, i].numpy()
+        ends.append((float(curve[-1]), f"lr {lr:.1e}", i == best))
+        if i != best:
+            ax2.plot(epochs_axis, curve, color=cmap(norm(float(acc[i]))), linewidth=1.8)
+    curve = loss_curves[:, best].numpy()
+    wd_text = f"{bp.weight_decay:.0e}" if bp.weight_decay else "0"
+    ax2.plot(
+        epochs_axis, curve, color="black", linewidth=3, linestyle="--",
+        label=f"best model: lr {bp.lr:.1e}, weight decay {wd_text}, seed {bp.seed}",
+    )  # fmt: skip
+    # Curve labels at the right end, spread apart so that none covers another.
+    finite = [e for e in ends if math.isfinite(e[0]) and e[0] > 0]
+    if finite:
+        logs = sorted((math.log10(v), text, is_best) for v, text, is_best in finite)
+        span = max(logs[-1][0] - logs[0][0], 1.0)
+        gap = span / max(12, 2 * len(logs))
+        placed: list[float] = []
+        for y, _, _ in logs:
+            placed.append(max(y, placed[-1] + gap) if placed else y)
+        for (y, text, is_best), y_text in zip(logs, placed, strict=True):
+            ax2.annotate(
+                text, (last, 10**y), xytext=(last + 0.4 + 0.04 * last, 10**y_text),
+                va="center", fontsize=7, fontweight="bold" if is_best else "normal",
+                arrowprops={"arrowstyle": "-", "color": "0.6", "linewidth": 0.6},
+            )  # fmt: skip
     ax2.set_yscale("log")
+    ax2.set_xlim(1, last + 1.5 + 0.2 * last)
+    ax2.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("training loss")
-    ax2.set_title("Loss curves of every model (colour: learning rate)")
-    if lr_norm is not None:
-        fig.colorbar(
-            matplotlib.cm.ScalarMappable(norm=lr_norm, cmap=lr_cmap), ax=ax2, label="learning rate"
-        )
-    fig.tight_layout()
+    ax2.set_title("Training loss of the best model at each learning rate", fontsize=10)
+    ax2.legend(fontsize=8, loc="upper right")
+    fig.colorbar(
+        matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap),
+        ax=[ax1, ax2],
+        label="validation accuracy (colour, both panels)",
+        format=matplotlib.ticker.PercentFormatter(1.0),
+    )
+    fig.suptitle(
+        f"{len(points)} MLPs on scikit-learn digits trained as one ModelBatch ({epochs} epochs, "
+        f"AdamW): best validation accuracy {float(acc[best]):.1%}",
+        fontsize=12,
+    )
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point of ``modelbatch demo``."""
-    parser = argparse.ArgumentParser(prog="modelbatch demo", description=_DESCRIPTION)
+    from modelbatch.cli import OneLineParser, parse_device
+
+    parser = OneLineParser(prog="modelbatch demo", description=_DESCRIPTION)
     parser.add_argument(
         "--lrs", type=int, default=8, help="number of learning rates (log grid 1e-4..3e-1)"
     )
@@ -320,26 +414,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--wds", type=int, default=4, help="number of weight decays (0 and a log grid)"
     )
     parser.add_argument("--seeds", type=int, default=2, help="number of seeds")
-    parser.add_argument("--epochs", type=int, default=15, help="epochs per model (default 15)")
+    parser.add_argument("--epochs", type=int, default=15, help="epochs per model")
+    parser.add_argument("--batch-size", type=int, default=64, help="samples per step and model")
+    parser.add_argument("--out", default="demo_out", help="folder for the plot")
     parser.add_argument(
-        "--batch-size", type=int, default=64, help="samples per step and model (default 64)"
+        "--device", default=None, help="cpu, cuda or cuda:K (None: cuda when present)"
     )
-    parser.add_argument("--out", default="demo_out", help="folder for the plot (default demo_out)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--no-sequential", action="store_true", help="skip the one-by-one baseline")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument(
         "--dtype",
         choices=["float32", "float64"],
         default="float32",
-        help="dtype of the models and data (default float32)",
+        help="dtype of the models and data",
     )
     args = parser.parse_args(argv)
     for flag in ("lrs", "wds", "seeds", "epochs", "batch_size"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: this PyTorch build sees no CUDA device")
+    try:
+        parse_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
+    _require_demo_extra(not args.no_progress)
     lrs = torch.logspace(-4, math.log10(0.3), args.lrs).tolist() if args.lrs > 1 else [1e-2]
     wds = [0.0, *torch.logspace(-4, -1, args.wds - 1).tolist()] if args.wds > 1 else [0.0]
     run_demo(

@@ -78,19 +78,24 @@ def seeded_models(factory: Callable[[], nn.Module], seeds: Sequence[int]) -> lis
 
 
 def use_seeded_dropout(module: nn.Module, seed: int) -> nn.Module:
-    """Replace, in place, the dropout layers of a plain module by :class:`SeededDropout`.
+    """Replace the dropout layers of a plain module by :class:`SeededDropout`.
 
-    The layers are numbered in the order a :class:`~modelbatch.ModelBatch` numbers them,
-    so the returned module, trained alone, draws exactly the dropout masks that model i of a
-    batch built with ``seeds[i] == seed`` draws. Returns ``module``.
+    Every layer of the dropout family (``nn.Dropout``, ``nn.Dropout1d/2d/3d``,
+    ``nn.AlphaDropout``, ``nn.FeatureAlphaDropout``) is replaced in place, numbered in the
+    order a :class:`~modelbatch.ModelBatch` numbers them, so the returned module, trained
+    alone, draws exactly the dropout masks that model i of a batch built with
+    ``seeds[i] == seed`` draws. Returns ``module``, or its replacement when ``module``
+    itself is a dropout layer.
     """
     (seed,) = check_seeds([seed], 1)
     layer = 0
     for name, sub in list(module.named_modules()):
-        if not name or type(sub) not in _FEATURE_DIMS:
+        if type(sub) not in _FEATURE_DIMS:
             continue
         new = _seeded_replacement(sub, seed, layer)
         layer += 1
+        if not name:
+            return new  # the module is itself a dropout layer (it has no children)
         parent_name, _, attr = name.rpartition(".")
         setattr(module.get_submodule(parent_name), attr, new)
     return module

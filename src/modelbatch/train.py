@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from modelbatch.core import ModelBatch
+from modelbatch.core import ModelBatch, _targets_are_per_model
 from modelbatch.data import DataRouter, _to_device, skip_models_without_samples
 
 if TYPE_CHECKING:
@@ -41,8 +41,9 @@ def train_one_epoch(
         optimizer: an optimizer built for ``batch`` (e.g. ``modelbatch.optim.Adam(batch)``).
         loss_fn: a single-model loss, e.g. ``torch.nn.functional.cross_entropy``.
         per_model: whether ``x`` carries a leading model dimension.
-        per_model_targets: whether ``y`` carries a leading model dimension (default:
-            inferred from the shapes, see :meth:`ModelBatch.compute_loss`).
+        per_model_targets: whether ``y`` carries a leading model dimension (default: the
+            shapes decide, and an error asks for it when they are ambiguous; see
+            :meth:`ModelBatch.compute_loss`).
         scheduler: optional LR scheduler stepped after every optimizer step.
         router: optional :class:`modelbatch.data.DataRouter`. The loader then yields
             ``(x, y, index)`` and model i's loss uses its ``[N, B]`` weights
@@ -115,7 +116,8 @@ def evaluate(
         loader: yields ``(x, y)`` as for :func:`train_one_epoch`.
         loss_fn: optional single-model loss, reported per model.
         per_model: whether ``x`` carries a leading model dimension.
-        per_model_targets: whether ``y`` does (default: inferred from the shapes).
+        per_model_targets: whether ``y`` does (default: the shapes decide, and an error
+            asks for it when they are ambiguous; see :meth:`ModelBatch.compute_loss`).
 
     Returns:
         ``{"accuracy": [N], "loss": [N]}`` (CPU tensors; ``loss`` only with ``loss_fn``).
@@ -132,10 +134,11 @@ def evaluate(
         for x, y in loader:
             x, y = _to_device(x, device), _to_device(y, device)
             out = batch(x, per_model=per_model)
-            # y is [B] (shared) or [N, B] (per model): both broadcast against [N, B].
-            correct += (out.argmax(dim=-1) == y).double().sum(dim=1)
+            # The targets rule of compute_loss: y is [B] (shared) or [N, B] (per model).
+            pm = _targets_are_per_model(out, y, per_model_targets)
+            correct += (out.argmax(dim=-1) == (y if pm else y.unsqueeze(0))).double().sum(dim=1)
             if loss_fn is not None:
-                batch.compute_loss(out, y, loss_fn, per_model_targets=per_model_targets)
+                batch.compute_loss(out, y, loss_fn, per_model_targets=pm)
                 assert batch.latest_losses is not None
                 loss_sum += batch.latest_losses.double() * out.shape[1]
             count += out.shape[1]

@@ -62,9 +62,15 @@ def check_outputs(out: Path, arch: str) -> list[dict[str, str]]:
     rows = read_csv(out / f"bench-{arch}.csv")
     md = (out / f"bench-{arch}.md").read_text()
     assert "| precision | method | N | model-images/s |" in md
-    for kind in ("throughput", "memory"):
-        assert (out / f"bench-{arch}-{kind}.png").read_bytes()[:8] == PNG_MAGIC
+    assert "target" not in md.lower()  # the project's targets live in benchmarks/targets.py
+    assert (out / f"bench-{arch}-throughput.png").read_bytes()[:8] == PNG_MAGIC
+    # The CPU has no peak-memory counter: no (empty) memory plot is written.
+    assert not (out / f"bench-{arch}-memory.png").exists()
     assert (out / f"bench-{arch}.json").stat().st_size > 0
+    for r in rows:  # nothing impossible: shares and fractions of a ceiling are at most 1
+        for key in ("opt_share", "tflops_frac", "bytes_frac"):
+            if r[key]:
+                assert 0 < float(r[key]) <= 1, (key, r)
     return rows
 
 
@@ -111,6 +117,8 @@ def test_bench_mlp_smoke_with_cifar_data(tmp_path: Path) -> None:
         assert float(r["model_images_per_s"]) > 0
         assert float(r["tflops_frac"]) > 0
     assert float(cells[("eager", "2")]["opt_ms"]) > 0
+    assert 0 < float(cells[("eager", "2")]["opt_share"]) < 1
+    assert float(cells[("eager", "2")]["speedup_vs_sequential"]) > 0
     assert cells[("processes", "2")]["status"] == "skipped"
     assert "GPU only" in cells[("processes", "2")]["note"]
     assert cells[("cudagraph", "1")]["status"] == "skipped"
@@ -187,8 +195,9 @@ def test_workload_sizes_and_flops() -> None:
     mlp, resnet = MLP(), ResNet8()
     assert sum(p.numel() for p in mlp.parameters()) == 118_282
     assert 77_000 <= sum(p.numel() for p in resnet.parameters()) <= 79_000
-    # 3 x (2 x multiply-adds) of the three linear layers.
-    assert count_flops_per_image(mlp, (784,)) == 6 * (784 * 128 + 128 * 128 + 128 * 10)
+    # 2 FLOPs per multiply-add; forward, weight gradient and input gradient (3 passes), but
+    # no input gradient for the first layer: the data need none.
+    assert count_flops_per_image(mlp, (784,)) == 2 * (2 * 784 * 128 + 3 * (128 * 128 + 128 * 10))
     assert 30e6 < count_flops_per_image(resnet, (3, 32, 32)) < 120e6
 
 
@@ -277,4 +286,97 @@ def test_bench_stopped_by_sigterm_writes_what_it_measured(tmp_path: Path) -> Non
     rows = read_csv(out / "bench-mlp.csv")
     assert rows[0]["status"] == rows[1]["status"] == "ok"
     assert rows[-1]["status"] == "interrupted" and len(rows) < 20
-    assert "Targets" in (out / "bench-mlp.md").read_text()
+    assert "| fp32 | recipe | 1 |" in (out / "bench-mlp.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--steps", "0"], "--steps must be at least 1 (got 0)"),
+        (["--repeats", "0"], "--repeats must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--models", "0"], "--models must be positive"),
+        (["--target-seconds", "0"], "--target-seconds must be positive"),
+        (["--device", "nonsense"], "--device 'nonsense': not a device name"),
+        (["--device", "meta"], "only cpu and cuda"),
+        (["--data", "/nonexistent/folder"], "no such folder"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    assert cli_main(["bench", "--out", str(tmp_path / "o"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA graphs run on a GPU")
+def test_cudagraph_on_cpu_measures_nothing_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(bench_args(tmp_path / "o", "--models", "2", "--methods", "cudagraph")) == 2
+    err = capsys.readouterr().err
+    assert "measured nothing" in err and "cudagraph: needs CUDA" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_no_vs_sequential_without_sequential_in_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "o"
+    assert cli_main(bench_args(out, "--models", "2", "--methods", "eager")) == 0
+    printed = capsys.readouterr().out
+    assert "vs seq " not in printed and "sequential was not measured" in printed
+    md = (out / "bench-mlp.md").read_text()
+    assert "| vs sequential |" not in md and "sequential fp32 was not measured" in md
+    assert all(not r["speedup_vs_sequential"] for r in read_csv(out / "bench-mlp.csv"))
+
+
+def test_unreliable_cells_are_marked_in_the_report_and_plot(tmp_path: Path) -> None:
+    from modelbatch.bench.report import write_markdown, write_plots
+
+    meta = {
+        "arch": "mlp",
+        "device_name": "test CPU",
+        "device": "cpu",
+        "torch": torch.__version__,
+        "python": "3",
+        "date": "2026-11-29",
+        "command": "modelbatch bench",
+        "params_per_model": 10,
+        "batch_per_model": 8,
+        "flops_per_image": 1.0,
+        "data": "random",
+        "ceilings": {},
+        "max_spread": 0.1,
+    }
+
+    def row(method: str, n: int, ms: float, reliable: bool, **kw: object) -> dict[str, object]:
+        return {
+            "arch": "mlp",
+            "precision": "fp32",
+            "method": method,
+            "n_models": n,
+            "batch_per_model": 8,
+            "status": "ok",
+            "step_ms": ms,
+            "step_ms_min": ms * 0.9,
+            "step_ms_max": ms * (3 if not reliable else 1.05),
+            "spread": 2.1 if not reliable else 0.15,
+            "reliable": reliable,
+            "model_images_per_s": n * 8 / (ms / 1e3),
+            **kw,
+        }
+
+    rows = [
+        row("sequential", 1, 1.0, False, speedup_vs_sequential=1.0, speedup_reliable=False),
+        row("eager", 4, 2.0, True, speedup_vs_sequential=2.0, speedup_reliable=False),
+        row("recipe", 4, 2.5, True, speedup_vs_sequential=1.6, speedup_reliable=False),
+    ]
+    md = write_markdown(rows, meta, tmp_path / "r.md")
+    assert "| fp32 | sequential | 1 | 8k | 1.0x *unreliable* | 1 (±105%) *unreliable* |" in md
+    assert "| 2.0x *unreliable* | 2 (±8%) |" in md  # a speedup from an unreliable reference
+    paths = write_plots(rows, meta, tmp_path, "bench-mlp")
+    assert [p.name for p in paths] == ["bench-mlp-throughput.png"]  # no memory measured

@@ -286,7 +286,7 @@ def test_bad_set_ups_are_refused(tmp_path: Path) -> None:
 def test_missing_transformers_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "transformers", None)
     monkeypatch.delitem(sys.modules, "modelbatch.integrations.huggingface")
-    with pytest.raises(ImportError, match=r"pip install 'modelbatch\[huggingface\]'"):
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[huggingface\]'"):
         importlib.import_module("modelbatch.integrations.huggingface")
 
 

@@ -29,7 +29,7 @@ def test_import_modelbatch_imports_no_optional_library() -> None:
 
 def test_require_names_the_extra() -> None:
     assert require("json", "demo").__name__ == "json"
-    with pytest.raises(ImportError, match=r"install it with: pip install 'modelbatch\[foo\]'"):
+    with pytest.raises(ImportError, match=r"the ModelBatch repository: pip install -e '\.\[foo\]'"):
         require("modelbatch_no_such_module", "foo")
 
 

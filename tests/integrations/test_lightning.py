@@ -123,6 +123,33 @@ def test_validate_logs_per_model_metrics(tmp_path: Path) -> None:
     }
 
 
+def test_per_model_targets_reach_loss_and_metrics_by_the_same_rule(tmp_path: Path) -> None:
+    """[N, B] class targets for [N, B, C] outputs: model i's loss and metrics use targets[i]
+    (the metrics used to get all N rows); N == B without per_model_targets is an error."""
+    models = _models()
+    module = _module(models)
+    g = torch.Generator().manual_seed(3)
+    items = [
+        {"x": torch.randn(8, 4, generator=g, dtype=torch.float64),
+         "y": torch.randint(0, 3, (3, 8), generator=g)}
+        for _ in range(2)
+    ]
+    results = _trainer(1, default_root_dir=tmp_path).validate(
+        module, DataLoader(items, batch_size=None), verbose=False
+    )[0]
+    for i, m in enumerate(models):
+        with torch.no_grad():
+            acc = [float(_acc(m(d["x"]), d["y"][i])) for d in items]
+            loss = [float(F.cross_entropy(m(d["x"]), d["y"][i])) for d in items]
+        assert results[f"val/acc/model_{i}"] == pytest.approx(sum(acc) / 2, rel=1e-12)
+        assert results[f"val/loss/model_{i}"] == pytest.approx(sum(loss) / 2, rel=1e-12)
+    square = [{"x": d["x"][:3], "y": d["y"][:, :3]} for d in items]  # N = B = 3
+    with pytest.raises(ValueError, match="ambiguous targets"):
+        _trainer(1, default_root_dir=tmp_path).validate(
+            module, DataLoader(square, batch_size=None), verbose=False
+        )
+
+
 def test_checkpoint_resume_restores_every_model_and_optimizer(tmp_path: Path) -> None:
     models = _models()
     first = _module(models)
@@ -214,7 +241,7 @@ def test_missing_lightning_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> N
     for name in ("lightning", "lightning.pytorch", "pytorch_lightning"):
         monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.delitem(sys.modules, "modelbatch.integrations.lightning")
-    with pytest.raises(ImportError, match=r"pip install 'modelbatch\[lightning\]'"):
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[lightning\]'"):
         importlib.import_module("modelbatch.integrations.lightning")
 
 

@@ -2,8 +2,12 @@
 every method.
 
 Timing: warm-up steps first (compilation, cuDNN autotuning, allocator growth stay out), then
-``repeats`` windows of ``steps`` steps each, timed with CUDA events on a GPU (host clock
-after ``synchronize`` on the CPU); the reported step time is the median over windows.
+windows of ``steps`` steps each, timed with CUDA events on a GPU (host clock after
+``synchronize`` on the CPU). At least ``repeats`` windows are timed; more are added (up to
+``max_windows``) until the ``repeats`` fastest windows agree within ``max_spread``. The
+reported step time is the median of those fastest windows: other work on a shared machine
+only ever slows a window down, so the fastest consistent windows are what the method costs.
+A measurement whose windows never agree is returned with ``reliable=False``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "MAX_SPREAD",
     "Ceilings",
     "Timing",
     "UtilSampler",
@@ -25,6 +30,7 @@ __all__ = [
     "memory_allocated",
     "peak_memory",
     "reset_peak_memory",
+    "settle",
     "synchronize",
     "time_steps",
 ]
@@ -56,20 +62,58 @@ def memory_allocated(device: torch.device) -> int | None:
     return None
 
 
+#: Default agreement asked of the fastest windows: (max - min) / median <= 10% (about ±5%).
+MAX_SPREAD = 0.10
+
+
 @dataclass
 class Timing:
-    """Result of :func:`time_steps`: median milliseconds per step and every window's value."""
+    """Result of :func:`time_steps`.
+
+    ``step_ms`` is the median milliseconds per step over the ``used_ms`` windows (the
+    fastest ``repeats`` windows); ``windows_ms`` holds every timed window in the order
+    measured; ``reliable`` is False when the used windows still disagree by more than
+    ``max_spread``.
+    """
 
     step_ms: float
     windows_ms: list[float] = field(default_factory=list)
     steps: int = 0
+    used_ms: list[float] = field(default_factory=list)
+    max_spread: float = MAX_SPREAD
 
     @property
     def spread(self) -> float:
-        """(max - min) / median over the windows: the noise of this measurement."""
-        if len(self.windows_ms) < 2 or self.step_ms <= 0:
+        """(max - min) / median over the used windows: the noise of this measurement."""
+        used = self.used_ms or self.windows_ms
+        if len(used) < 2 or self.step_ms <= 0:
             return 0.0
-        return (max(self.windows_ms) - min(self.windows_ms)) / self.step_ms
+        return (max(used) - min(used)) / self.step_ms
+
+    @property
+    def reliable(self) -> bool:
+        """Whether the used windows agree within ``max_spread``."""
+        return self.spread <= self.max_spread
+
+    @property
+    def fastest_ms(self) -> float:
+        """The fastest used window (ms per step)."""
+        return min(self.used_ms or self.windows_ms)
+
+    @property
+    def slowest_ms(self) -> float:
+        """The slowest used window (ms per step)."""
+        return max(self.used_ms or self.windows_ms)
+
+
+def settle(windows_ms: list[float], repeats: int, max_spread: float) -> tuple[float, list[float]]:
+    """The median of the ``repeats`` fastest windows, and those windows (in ms per step).
+
+    >>> settle([10.0, 30.0, 11.0, 10.5], repeats=3, max_spread=0.1)
+    (10.5, [10.0, 10.5, 11.0])
+    """
+    used = sorted(windows_ms)[: max(1, repeats)]
+    return statistics.median(used), used
 
 
 def time_steps(
@@ -81,13 +125,21 @@ def time_steps(
     repeats: int = 3,
     target_seconds: float | None = None,
     sampler: UtilSampler | None = None,
+    max_spread: float = MAX_SPREAD,
+    max_windows: int | None = None,
 ) -> Timing:
     """Time ``step(k)`` (k = running step index, to rotate input batches).
 
-    With ``target_seconds``, the number of steps per window is lowered so that one window
-    lasts about that long (at least 2 steps), judged from the last warm-up step.
-    ``sampler`` (a :class:`UtilSampler`) runs only during the timed windows, not the warm-up.
+    Times ``repeats`` windows of ``steps`` steps, then adds windows (at most
+    ``max_windows``, default ``3 * repeats``) until the ``repeats`` fastest agree within
+    ``max_spread`` ((max - min) / median). With ``target_seconds``, the number of steps per
+    window is lowered so that one window lasts about that long (at least 2 steps), judged
+    from the last warm-up step. ``sampler`` (a :class:`UtilSampler`) runs only during the
+    timed windows, not the warm-up.
     """
+    if steps < 1 or repeats < 1:
+        raise ValueError(f"steps ({steps}) and repeats ({repeats}) must be at least 1")
+    limit = max(repeats, max_windows if max_windows is not None else 3 * repeats)
     k = 0
     last = 0.0
     for _ in range(max(warmup, 1)):
@@ -98,11 +150,11 @@ def time_steps(
         last = time.perf_counter() - t0
         k += 1
     if target_seconds is not None and last > 0:
-        steps = max(2, min(steps, int(target_seconds / last)))
-    windows = []
+        steps = max(min(2, steps), min(steps, int(target_seconds / last)))
+    windows: list[float] = []
     if sampler is not None:
         sampler.start()
-    for _ in range(repeats):
+    while len(windows) < limit:
         if device.type == "cuda":
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
@@ -119,9 +171,14 @@ def time_steps(
                 step(k)
                 k += 1
             windows.append((time.perf_counter() - t0) * 1e3 / steps)
+        if len(windows) >= repeats:
+            median, used = settle(windows, repeats, max_spread)
+            if repeats < 2 or (max(used) - min(used)) <= max_spread * median:
+                break
     if sampler is not None:
         sampler.stop()
-    return Timing(statistics.median(windows), windows, steps)
+    median, used = settle(windows, repeats, max_spread)
+    return Timing(median, windows, steps, used, max_spread)
 
 
 _NVML_HANDLES: dict[int, tuple[Any, Any] | None] = {}
@@ -267,7 +324,7 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype, *, tf32: bool = F
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
-        t_mm = _best_time(lambda: torch.mm(a, b), device, 10 if gpu else 5)
+        t_mm = _best_time(lambda: torch.mm(a, b), device, 10)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     nbytes = (1 << 30) if gpu else (64 << 20)

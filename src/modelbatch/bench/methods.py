@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modelbatch.bench.measure import (
+    MAX_SPREAD,
     Timing,
     UtilSampler,
     memory_allocated,
@@ -45,10 +46,30 @@ from modelbatch.bench.measure import (
     synchronize,
     time_steps,
 )
-from modelbatch.bench.targets import MB_METHODS, RECIPE_METHODS
 from modelbatch.bench.workloads import Workload, get_workload, make_batches
 
-__all__ = ["ALL_METHODS", "BenchContext", "MethodResult", "run_method"]
+__all__ = [
+    "ALL_METHODS",
+    "MB_METHODS",
+    "RECIPE_METHODS",
+    "BenchContext",
+    "MethodResult",
+    "run_method",
+]
+
+#: The ModelBatch methods (every speed-up toggle).
+MB_METHODS = (
+    "eager",
+    "compile",
+    "compile-opt",
+    "cudagraph",
+    "compile-opt-cudagraph",
+    "compile-cudagraph",
+    "eager-cl",
+    "cudagraph-cl",
+)
+#: The hand-written torch.func recipe, in float32/autocast and with bf16 parameters.
+RECIPE_METHODS = ("recipe", "recipe-bf16params")
 
 ALL_METHODS = ("sequential", *RECIPE_METHODS, "processes", *MB_METHODS)
 
@@ -65,6 +86,7 @@ class BenchContext:
     steps: int = 20
     repeats: int = 3
     target_seconds: float | None = 1.0
+    max_spread: float = MAX_SPREAD
     lr: float = 1e-3
     seed: int = 0
     max_procs: int = 16
@@ -99,7 +121,12 @@ class MethodResult:
     base_bytes: int | None = None
     gpu_util: float | None = None
     opt_ms: float | None = None
+    opt_share: float | None = None
     spread: float | None = None
+    reliable: bool | None = None
+    fastest_ms: float | None = None
+    slowest_ms: float | None = None
+    windows: int | None = None
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -131,29 +158,63 @@ def _timed(ctx: BenchContext, step: Callable[[int], Any], result: MethodResult, 
             repeats=ctx.repeats,
             target_seconds=ctx.target_seconds,
             sampler=util,
+            max_spread=ctx.max_spread,
         )
     finally:
         util.stop()
     result.step_ms = timing.step_ms
     result.spread = timing.spread
+    result.reliable = timing.reliable
+    result.fastest_ms = timing.fastest_ms
+    result.slowest_ms = timing.slowest_ms
+    result.windows = len(timing.windows_ms)
     result.gpu_util = util.mean
     result.peak_bytes = peak_memory(ctx.device)
     result.extra["timed_steps"] = timing.steps * len(timing.windows_ms)
     return timing
 
 
-def _time_optimizer(ctx: BenchContext, opt: torch.optim.Optimizer, repeats: int = 5) -> float:
-    """Median ms of ``opt.step()`` alone (gradients left from the last training step)."""
-    opt.step()
-    times = []
-    for _ in range(repeats):
-        synchronize(ctx.device)
-        t0 = time.perf_counter()
-        opt.step()
-        synchronize(ctx.device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
+def _optimizer_share(
+    ctx: BenchContext,
+    forward_backward: Callable[[int], Any],
+    opt: torch.optim.Optimizer,
+    steps: int,
+    start: int,
+) -> float:
+    """The optimizer's share of a training step, measured inside ``steps`` whole steps.
+
+    Each step runs ``forward_backward(k)`` then ``opt.step()``; the time from the end of
+    the backward to the end of ``opt.step()`` (CUDA events on a GPU, the host clock after
+    ``synchronize`` on the CPU) is summed and divided by the time of the same steps, so the
+    share is a fraction of the very steps it was measured in: between 0 and 1.
+    """
+    synchronize(ctx.device)
+    total = 0.0
+    in_opt = 0.0
+    if ctx.device.type == "cuda":
+        marks = []
+        for k in range(start, start + steps):
+            e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+            e0.record()
+            forward_backward(k)
+            e1.record()
+            opt.step()
+            e2.record()
+            marks.append((e0, e1, e2))
+        marks[-1][2].synchronize()
+        for e0, e1, e2 in marks:
+            total += e0.elapsed_time(e2)
+            in_opt += e1.elapsed_time(e2)
+    else:
+        for k in range(start, start + steps):
+            t0 = time.perf_counter()
+            forward_backward(k)
+            t1 = time.perf_counter()
+            opt.step()
+            t2 = time.perf_counter()
+            total += t2 - t0
+            in_opt += t2 - t1
+    return in_opt / total if total > 0 else 0.0
 
 
 # ---------------------------------------------------------------------------- methods
@@ -227,13 +288,17 @@ def _modelbatch(
     if compiled_opt or (compiled_opt is None and compiled):
         compile_optimizer(opt)
 
-    def eager_step(k: int) -> Tensor:
+    def forward_backward(k: int) -> Tensor:
         x, y = batches[k % len(batches)]
         with ctx.autocast():
             out = batch(x)
             loss = batch.compute_loss(out, y, F.cross_entropy)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        return loss
+
+    def eager_step(k: int) -> Tensor:
+        loss = forward_backward(k)
         opt.step()
         return loss
 
@@ -255,9 +320,11 @@ def _modelbatch(
         eager_step(0)
         synchronize(ctx.device)
         notes.append(f"first step (compile) {time.perf_counter() - t0:.1f} s")
-    _timed(ctx, step, result, n)
+    timing = _timed(ctx, step, result, n)
     if not graph:
-        result.opt_ms = _time_optimizer(ctx, opt)
+        share = _optimizer_share(ctx, forward_backward, opt, max(2, timing.steps), 10**6)
+        result.opt_share = share
+        result.opt_ms = share * timing.step_ms
     result.note = "; ".join(notes)
 
 

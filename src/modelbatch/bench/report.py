@@ -19,11 +19,16 @@ COLUMNS = (
     "batch_per_model",
     "status",
     "step_ms",
+    "step_ms_min",
+    "step_ms_max",
+    "windows",
+    "spread",
+    "reliable",
     "model_images_per_s",
     "speedup_vs_sequential",
+    "speedup_reliable",
     "peak_mem_bytes",
     "mem_per_model_bytes",
-    "mem_bound_bytes",
     "gpu_util_pct",
     "tflops",
     "tflops_frac",
@@ -31,7 +36,6 @@ COLUMNS = (
     "bytes_frac",
     "opt_ms",
     "opt_share",
-    "spread",
     "device",
     "note",
 )
@@ -73,9 +77,8 @@ def _pct(v: float | None) -> str:
 def scaling_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (precision, method): cost per model-image between consecutive N, per doubling.
 
-    ``ratio`` > 1 means each model-image got dearer; the target is at most 1.2 per
-    doubling until the device saturates. ``saturates_at`` is the first N after which the
-    throughput grows by less than 10% per doubling.
+    ``ratio`` > 1 means each model-image got dearer as N doubled. ``saturates_at`` is the
+    first N after which the throughput grows by less than 10% per doubling.
     """
     out = []
     keys = sorted({(r["precision"], r["method"]) for r in rows})
@@ -100,13 +103,18 @@ def scaling_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def write_markdown(
-    rows: Sequence[dict[str, Any]],
-    meta: dict[str, Any],
-    path: Path,
-    checks: Sequence[tuple[str, str, str]] = (),
-) -> str:
-    """The markdown report (also returned): setup, the main table, scaling and checks."""
+def _unreliable(r: dict[str, Any]) -> bool:
+    return r.get("status") == "ok" and r.get("reliable") is False
+
+
+def write_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any], path: Path) -> str:
+    """The markdown report (also returned): setup, the main table and scaling.
+
+    The "vs sequential" column is there only when sequential fp32 was measured in the same
+    run; a cell whose timing windows never agreed within ``meta["max_spread"]`` is marked
+    *unreliable*, and so is every speedup computed from one.
+    """
+    with_ref = any(r.get("speedup_vs_sequential") for r in rows)
     lines = [f"# ModelBatch benchmark: {meta['arch']}", ""]
     lines.append(f"- device: {meta['device_name']} ({meta['device']})")
     lines.append(f"- torch {meta['torch']}, python {meta['python']}, {meta['date']}")
@@ -129,53 +137,62 @@ def write_markdown(
     for prec, ws in meta.get("working_set_bytes", {}).items():
         if ws:
             lines.append(f"- one model's training working set ({prec}): {_si(ws, 'B')}")
-    lines += [
-        "",
-        "| precision | method | N | model-images/s | vs sequential | step ms (spread) | "
-        "peak mem | per model | GPU util | TFLOP/s (frac) | B/s (frac) | opt share | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    spread = meta.get("max_spread")
+    if spread:
+        lines.append(
+            f"- step time: median of the fastest timing windows, which must agree within "
+            f"±{50 * spread:.0f}%; cells whose windows never did are marked *unreliable*"
+        )
+    if not with_ref:
+        lines.append(
+            "- no 'vs sequential' column: sequential fp32 was not measured in this run, or failed"
+        )
+    head = ["precision", "method", "N", "model-images/s"]
+    if with_ref:
+        head.append("vs sequential")
+    head += ["step ms (spread)", "peak mem", "per model", "GPU util", "TFLOP/s (frac)"]
+    head += ["B/s (frac)", "opt share", "note"]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+        cells = [str(r["precision"]), str(r["method"]), str(r["n_models"])]
         if r["status"] != "ok":
-            lines.append(
-                f"| {r['precision']} | {r['method']} | {r['n_models']} | {r['status']} | | | | | "
-                f"| | | | {r.get('note', '')} |"
-            )
+            cells.append(str(r["status"]))
+            cells += [""] * (len(head) - 5)
+            cells.append(str(r.get("note", "")))
+            lines.append("| " + " | ".join(cells) + " |")
             continue
         util = "-" if r.get("gpu_util_pct") is None else f"{r['gpu_util_pct']:.0f}%"
         speed = r.get("speedup_vs_sequential")
-        spread = "" if not r.get("spread") else f" (±{50 * r['spread']:.0f}%)"
-        lines.append(
-            f"| {r['precision']} | {r['method']} | {r['n_models']} | "
-            f"{_si(r['model_images_per_s'])} | {'-' if speed is None else f'{speed:.1f}x'} | "
-            f"{r['step_ms']:.3g}{spread} | {_si(r.get('peak_mem_bytes'), 'B')} | "
-            f"{_si(r.get('mem_per_model_bytes'), 'B')} | {util} | "
-            f"{_si(r.get('tflops'))} ({_pct(r.get('tflops_frac'))}) | "
-            f"{_si(r.get('bytes_per_s'))} ({_pct(r.get('bytes_frac'))}) | "
-            f"{_pct(r.get('opt_share'))} | {r.get('note', '')} |"
-        )
+        noise = "" if r.get("spread") is None else f" (±{50 * r['spread']:.0f}%)"
+        if _unreliable(r):
+            noise += " *unreliable*"
+        cells.append(_si(r["model_images_per_s"]))
+        if with_ref:
+            sp = "-" if speed is None else f"{speed:.1f}x"
+            if speed is not None and not r.get("speedup_reliable"):
+                sp += " *unreliable*"
+            cells.append(sp)
+        exceeded = r.get("ceiling_exceeded")
+        cells += [
+            f"{r['step_ms']:.3g}{noise}",
+            _si(r.get("peak_mem_bytes"), "B"),
+            _si(r.get("mem_per_model_bytes"), "B"),
+            util,
+            f"{_si(r.get('tflops'))} ({_pct(r.get('tflops_frac'))})",
+            f"{_si(r.get('bytes_per_s'))} ({_pct(r.get('bytes_frac'))})",
+            _pct(r.get("opt_share")),
+            str(r.get("note", ""))
+            + (f" above the measured {exceeded} ceiling: fraction left out" if exceeded else ""),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     scaling = scaling_summary(rows)
     if scaling:
-        lines += [
-            "",
-            "## Scaling (cost per model-image, ratio per doubling of N; target <= 1.2)",
-            "",
-        ]
+        lines += ["", "## Scaling (cost per model-image, ratio per doubling of N)", ""]
         for s in scaling:
             parts = ", ".join(f"{a}->{b}: {ratio:.2f}" for a, b, ratio in s["steps"])
             sat = s["saturates_at"]
             tail = f"; throughput flat (<10%/doubling) from N={sat}" if sat else ""
             lines.append(f"- {s['precision']} {s['method']}: {parts}{tail}")
-    if checks:
-        lines += [
-            "",
-            "## Targets (this run alone; benchmarks/summarize.py joins the runs)",
-            "",
-            "| target | measured | verdict |",
-            "|---|---|---|",
-        ]
-        for target, measured, verdict in checks:
-            lines.append(f"| {target} | {measured} | {verdict} |")
     text = "\n".join(lines) + "\n"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -186,47 +203,111 @@ def write_markdown(
 def write_plots(
     rows: Sequence[dict[str, Any]], meta: dict[str, Any], out_dir: Path, stem: str
 ) -> list[Path]:
-    """Throughput and peak memory against N (log-log), one line per (method, precision)."""
+    """Throughput (with the spread of the timing windows as error bars) and peak memory
+    against N (log-log), one colour per method, one line style per precision.
+
+    A plot with nothing to show is not written: no throughput plot without a measured
+    cell, no memory plot without a peak-memory measurement (the CPU has none).
+    Sequential (one model alone) is a dotted horizontal line with its band. Unreliable cells
+    (timing windows that never agreed) have hollow markers and "[unreliable]" in the legend.
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "the benchmark plots need matplotlib: pip install 'modelbatch[demo]'"
-        ) from e
-    paths = []
-    series: dict[str, list[tuple[int, float, float | None]]] = {}
-    for r in rows:
-        if r["status"] != "ok" or not r.get("model_images_per_s"):
-            continue
-        label = f"{r['method']} ({r['precision']})"
-        series.setdefault(label, []).append(
-            (r["n_models"], r["model_images_per_s"], r.get("peak_mem_bytes"))
-        )
+        raise ImportError("the benchmark plots need matplotlib: pip install -e '.[demo]'") from e
+    ok = [r for r in rows if r["status"] == "ok" and r.get("model_images_per_s")]
+    methods = list(dict.fromkeys(r["method"] for r in ok))
+    palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    colour = {m: palette(i % palette.N) for i, m in enumerate(methods)}
+    styles = {"fp32": "-", "bf16": "--"}
+    markers = {"fp32": "o", "bf16": "s"}
     all_n = sorted({r["n_models"] for r in rows}) or [1]
+    paths = []
     for kind in ("throughput", "memory"):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for label, pts in sorted(series.items()):
-            pts.sort()
-            if label.startswith("sequential") and kind == "throughput":
-                ax.hlines(pts[0][1], all_n[0], all_n[-1], linestyles="dashed", label=label)
-                continue
-            ys = [p[1] if kind == "throughput" else p[2] for p in pts]
-            xs = [p[0] for p in pts]
-            keep = [(x, y) for x, y in zip(xs, ys, strict=True) if y]
-            if not keep:
-                continue
-            ax.plot(*zip(*keep, strict=True), marker="o", label=label)
+        key = "model_images_per_s" if kind == "throughput" else "peak_mem_bytes"
+        pts = [r for r in ok if r.get(key)]
+        if not pts:
+            continue
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        for method in methods:
+            for prec in ("fp32", "bf16"):
+                series = sorted(
+                    (r for r in pts if r["method"] == method and r["precision"] == prec),
+                    key=lambda r: r["n_models"],
+                )
+                if not series:
+                    continue
+                label = f"{method} ({prec})"
+                if any(_unreliable(r) for r in series):
+                    label += " [unreliable]"
+                ys = [r[key] for r in series]
+                if kind == "throughput":
+                    # Error bars: the throughput of the slowest and fastest window used.
+                    lo = [
+                        y - r["n_models"] * r["batch_per_model"] / (r["step_ms_max"] / 1e3)
+                        if r.get("step_ms_max")
+                        else 0.0
+                        for r, y in zip(series, ys, strict=True)
+                    ]
+                    hi = [
+                        r["n_models"] * r["batch_per_model"] / (r["step_ms_min"] / 1e3) - y
+                        if r.get("step_ms_min")
+                        else 0.0
+                        for r, y in zip(series, ys, strict=True)
+                    ]
+                    if method == "sequential":
+                        y0 = ys[0]
+                        ax.axhspan(y0 - lo[0], y0 + hi[0], color=colour[method], alpha=0.15)
+                        ax.axhline(
+                            y0, color=colour[method], linestyle=":", linewidth=1.5, label=label
+                        )
+                        continue
+                    ax.errorbar(
+                        [r["n_models"] for r in series],
+                        ys,
+                        yerr=[lo, hi],
+                        color=colour[method],
+                        linestyle=styles.get(prec, "-"),
+                        marker=markers.get(prec, "o"),
+                        capsize=3,
+                        label=label,
+                    )
+                    shaky = [r for r in series if _unreliable(r)]
+                    if shaky:  # hollow markers: cells whose windows never agreed
+                        ax.scatter(
+                            [r["n_models"] for r in shaky],
+                            [r[key] for r in shaky],
+                            marker=markers.get(prec, "o"),
+                            facecolors="white",
+                            edgecolors=colour[method],
+                            zorder=3,
+                        )
+                else:
+                    ax.plot(
+                        [r["n_models"] for r in series],
+                        ys,
+                        color=colour[method],
+                        linestyle=styles.get(prec, "-"),
+                        marker=markers.get(prec, "o"),
+                        label=label,
+                    )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.set_xticks(all_n, [str(n) for n in all_n])
         ax.set_xlabel("N (models trained together)")
-        ax.set_ylabel("model-images / s" if kind == "throughput" else "peak device memory (bytes)")
-        ax.set_title(f"{meta['arch']} on {meta['device_name']}")
+        if kind == "throughput":
+            ax.set_ylabel("model-images / s (bars: fastest to slowest window)")
+        else:
+            ax.set_ylabel("peak device memory (bytes)")
+        title = f"{meta['arch']} on {meta['device_name']}, {meta['date']}"
+        if any(_unreliable(r) for r in pts):
+            title += "\nhollow markers: unreliable (the timing windows never agreed)"
+        ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        ax.legend(fontsize=8)
         fig.tight_layout()
         p = out_dir / f"{stem}-{kind}.png"
         fig.savefig(p, dpi=120)

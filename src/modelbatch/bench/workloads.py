@@ -1,6 +1,7 @@
-"""Benchmark workloads: the MLP and the CIFAR ResNet-8, their FLOP and byte counts, and data.
+"""Benchmark workloads: the MLP, the CIFAR ResNet-8 and two recurrent sequence classifiers
+(LSTM, GRU), their FLOP and byte counts, and data.
 
-Shapes: ``B`` = images per model per step.
+Shapes: ``B`` = images (for the recurrent workloads: sequences) per model per step.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "MLP",
+    "RNNClassifier",
     "ResNet8",
     "Workload",
     "count_flops_per_image",
@@ -84,6 +86,33 @@ class ResNet8(nn.Module):
         return self.fc(out.mean(dim=(2, 3)))
 
 
+class RNNClassifier(nn.Module):
+    """Sequence classifier: a one-layer LSTM or GRU (``batch_first``, hidden 128) over
+    ``[B, 32, 96]`` sequences (a CIFAR image read row by row: 32 steps of 3 x 32 values),
+    last time step's output -> Linear(128, 10). LSTM 116k parameters, GRU 87k."""
+
+    def __init__(self, cell: str = "lstm", input_size: int = 96, hidden: int = 128) -> None:
+        super().__init__()
+        rnn_cls = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
+        self.rnn = rnn_cls(input_size, hidden, batch_first=True)
+        self.fc = nn.Linear(hidden, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.rnn(x)
+        return self.fc(out[:, -1])
+
+
+def _lstm() -> nn.Module:
+    return RNNClassifier("lstm")
+
+
+def _gru() -> nn.Module:
+    return RNNClassifier("gru")
+
+
+ARCHS = ("mlp", "resnet8", "lstm", "gru")
+
+
 @dataclass(frozen=True)
 class Workload:
     """A benchmark workload: model factory, per-model batch size and input shape."""
@@ -96,12 +125,16 @@ class Workload:
 
 
 def get_workload(arch: str, batch_size: int | None = None) -> Workload:
-    """The workload called ``arch`` (``"mlp"`` or ``"resnet8"``)."""
+    """The workload called ``arch`` (one of :data:`ARCHS`)."""
     if arch == "mlp":
         return Workload("mlp", MLP, batch_size or 256, (784,))
     if arch == "resnet8":
         return Workload("resnet8", ResNet8, batch_size or 128, (3, 32, 32))
-    raise ValueError(f"unknown arch {arch!r}; choose 'mlp' or 'resnet8'")
+    if arch == "lstm":
+        return Workload("lstm", _lstm, batch_size or 64, (32, 96))
+    if arch == "gru":
+        return Workload("gru", _gru, batch_size or 64, (32, 96))
+    raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
 
 
 def _leaf_modules(model: nn.Module) -> list[nn.Module]:
@@ -109,35 +142,47 @@ def _leaf_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def count_flops_per_image(model: nn.Module, input_shape: tuple[int, ...]) -> float:
-    """Training FLOPs per image (forward + backward = 3x the forward's multiply-adds x 2).
+    """Training FLOPs per image: 2 x the multiply-adds of the forward, the weight gradient
+    and, where the layer's input needs one, the input gradient.
 
-    Counts conv and linear layers only (the rest is a few percent); the backward computes
-    both the input and the weight gradient, hence 2x the forward.
+    Counts conv, linear and recurrent layers only (the rest is a few percent). The backward
+    computes the weight gradient of every layer and the input gradient of every layer but those
+    fed by the data (which needs none): 3x the forward for most layers, 2x for the first. A
+    recurrent layer uses each weight matrix once per time step and sample; its recurrent and
+    projection matrices always need the input (hidden state) gradient.
     """
-    macs = 0
+    macs = 0.0
 
     def hook(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
         nonlocal macs
-        if isinstance(mod, nn.Conv2d):
+        passes = 3 if inp[0].requires_grad else 2
+        if isinstance(mod, nn.RNNBase):
+            positions = out[0].numel() // out[0].shape[-1]  # time steps x samples
+            for name, w in mod.named_parameters():
+                if name.startswith("weight"):
+                    fed_by_input = name.startswith("weight_ih_l0")
+                    macs += (passes if fed_by_input else 3) * positions * w.numel()
+        elif isinstance(mod, nn.Conv2d):
             k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
-            macs += out.numel() * k
+            macs += passes * out.numel() * k
         elif isinstance(mod, nn.Linear):
-            macs += out.numel() * mod.in_features
+            macs += passes * out.numel() * mod.in_features
 
-    _forward_with_hooks(model, input_shape, hook)
-    return 3.0 * 2.0 * macs
+    _forward_with_hooks(model, input_shape, hook, grad=True)
+    return 2.0 * macs
 
 
 def _forward_with_hooks(
-    model: nn.Module, input_shape: tuple[int, ...], hook: Callable[..., None]
+    model: nn.Module, input_shape: tuple[int, ...], hook: Callable[..., None], grad: bool = False
 ) -> None:
     """One eval-mode forward of a ``[1, *input_shape]`` zero input with ``hook`` on every
-    leaf module (the model's train/eval mode is restored)."""
+    leaf module (the model's train/eval mode is restored); with ``grad``, autograd records
+    (so a hook sees which inputs require a gradient)."""
     handles = [m.register_forward_hook(hook) for m in _leaf_modules(model)]
     try:
         was = model.training
         model.eval()
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             model(torch.zeros(1, *input_shape))
         model.train(was)
     finally:
@@ -152,13 +197,19 @@ def estimate_activation_bytes_per_image(
 
     Each leaf layer's output is written once in the forward, read by the next layer, read
     again in the backward and its gradient written and read: about 5 passes over every
-    activation. An estimate for the bytes/s column, not a measurement.
+    activation. An estimate for the bytes/s column, not a measurement. A recurrent layer
+    counts its output and its gate pre-activations at every time step.
     """
     elems = 0
 
     def hook(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
         nonlocal elems
-        elems += out.numel()
+        if isinstance(mod, nn.RNNBase):
+            positions = out[0].numel() // out[0].shape[-1]
+            gates = sum(p.shape[0] for n, p in mod.named_parameters() if n.startswith("weight_hh"))
+            elems += out[0].numel() + positions * gates
+        else:
+            elems += out.numel()
 
     _forward_with_hooks(model, input_shape, hook)
     return 5.0 * elems * elem_bytes + float(np.prod(input_shape)) * elem_bytes
@@ -248,7 +299,8 @@ def make_batches(
     """``count`` batches ``(x [B, ...], y [B])`` on ``device`` (rotated during timing).
 
     Random normal inputs and uniform labels unless ``data`` (e.g. :func:`load_cifar10`) is
-    given; for the MLP, real images become 28x28 grey crops (784 features).
+    given; for the MLP, real images become 28x28 grey crops (784 features); for the
+    recurrent workloads, sequences of the 32 image rows (3 x 32 values each).
     """
     g = torch.Generator().manual_seed(seed)
     b = workload.batch_size
@@ -263,5 +315,7 @@ def make_batches(
             x, y = images[idx], labels[idx]
             if workload.name == "mlp":
                 x = x.mean(dim=1)[:, 2:30, 2:30].reshape(b, 784)
+            elif workload.name in ("lstm", "gru"):
+                x = x.permute(0, 2, 1, 3).reshape(b, 32, 96)
         out.append((x.to(device), y.to(device)))
     return out

@@ -58,14 +58,16 @@ def require(module_name: str, extra: str) -> ModuleType:
 
     Raises:
         ImportError: The module (or one of its dependencies) is not installed; the message says
-            ``pip install 'modelbatch[<extra>]'``.
+            ``pip install -e '.[<extra>]'`` (run in a clone of the ModelBatch repository:
+            ``pip install modelbatch`` would install the older 0.1.0 prototype).
     """
     try:
         return importlib.import_module(module_name)
     except ImportError as err:
         raise ImportError(
             f"{module_name!r} is needed for this modelbatch integration but could not be "
-            f"imported ({err}); install it with: pip install 'modelbatch[{extra}]'"
+            f"imported ({err}); install the modelbatch[{extra}] extra from a clone of the "
+            f"ModelBatch repository: pip install -e '.[{extra}]'"
         ) from err
 
 

@@ -23,7 +23,7 @@ What changes compared with a plain ``Trainer``:
   resume reads), ``modelbatch.json`` (model ids) and, by default, one ``save_pretrained``
   folder per model: ``model_<id>/``.
 
-Needs ``transformers`` and ``accelerate``: ``pip install 'modelbatch[huggingface]'``.
+Needs ``transformers`` and ``accelerate``: ``pip install -e '.[huggingface]'``.
 """
 
 from __future__ import annotations
@@ -589,8 +589,8 @@ class HFTrainerMixin:
         if _internal_call or not self.save_per_model or not self.args.should_save:
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        for i, mid in enumerate(self.model_batch.model_ids):
-            save_pretrained = getattr(self.model_batch.extract(i), "save_pretrained", None)
+        for mid in self.model_batch.model_ids:
+            save_pretrained = getattr(self.model_batch.extract(mid), "save_pretrained", None)
             if callable(save_pretrained):
                 save_pretrained(os.path.join(output_dir, f"model_{mid}"))
 

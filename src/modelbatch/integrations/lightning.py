@@ -6,7 +6,7 @@ passes as one vectorised step, logs every model's metrics under its own name
 schedulers from ``configure_optimizers`` and clips gradients per model. The ModelBatch is a
 submodule, so Lightning checkpoints hold every model and the optimizer state of all of them.
 
-Needs ``lightning`` (or the older ``pytorch_lightning``): ``pip install 'modelbatch[lightning]'``.
+Needs ``lightning`` (or the older ``pytorch_lightning``): ``pip install -e '.[lightning]'``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from modelbatch.integrations._common import (
     clip_grad_value_per_model,
     per_model_metrics,
 )
+from modelbatch.loss import resolve_per_model_targets
 from modelbatch.optim.factory import OptimizerFactory
 
 __all__ = ["BatchLightningModule"]
@@ -53,14 +54,13 @@ OptimizerSpec = (
 SchedulerSpec = Callable[[torch.optim.Optimizer], Any]
 
 
-def _infer_per_model_targets(outputs: Tensor, targets: Tensor) -> bool:
-    """The rule of :meth:`ModelBatch.compute_loss`: per-model only when unambiguous."""
-    n = outputs.shape[0]
-    return (
-        targets.dim() == outputs.dim()
-        and targets.shape[0] == n
-        and targets.dtype.is_floating_point == outputs.dtype.is_floating_point
-    )
+def _infer_per_model_targets(
+    outputs: Tensor, targets: Tensor, per_model_targets: bool | None = None
+) -> bool:
+    """The targets rule of :meth:`ModelBatch.compute_loss`, for the per-model metrics too:
+    ``[B, ...]`` shared, ``[N, B, ...]`` per model, an error when ambiguous (see
+    :func:`modelbatch.loss.resolve_per_model_targets`)."""
+    return resolve_per_model_targets(outputs, targets, per_model_targets)
 
 
 def _mean_of_healthy(values: Tensor, active: Tensor) -> Tensor:
@@ -212,9 +212,7 @@ class BatchLightningModule(pl.LightningModule):  # type: ignore[misc,name-define
         self.model_batch.latest_losses = previous
         values = {"loss": losses}
         if self.metric_fns:
-            pmt = self.per_model_targets
-            if pmt is None:
-                pmt = _infer_per_model_targets(outputs, y)
+            pmt = _infer_per_model_targets(outputs, y, self.per_model_targets)
             values.update(per_model_metrics(outputs, y, self.metric_fns, per_model_targets=pmt))
         self._log_per_model(stage, values, outputs.shape[1], on_step=False)
         return total

@@ -309,7 +309,7 @@ def train_bundle(
             elif last_epoch:
                 results[mid].status = "completed"
             if keep_models and (mid in leaving or last_epoch):
-                results[mid].model = batch.extract(batch.index_of(mid))
+                results[mid].model = batch.extract(mid)
         if on_epoch_end is not None:
             on_epoch_end(epoch, results)
         if last_epoch or len(leaving) == len(current):
@@ -348,8 +348,8 @@ def sweep(
     Args:
         configs: the configs (dicts).
         make_model: ``make_model(config) -> nn.Module``.
-        train_loader, loss_fn, epochs, val_loader, metric, eval_fn, optimizer_cls, device,
-            logger, keep_models: as for :func:`train_bundle`.
+        train_loader, loss_fn, epochs, val_loader, metric: as for :func:`train_bundle`.
+        eval_fn, optimizer_cls, device, logger, keep_models: as for :func:`train_bundle`.
         models_per_batch: largest ModelBatch to build (split larger groups).
         key: key the results by ``config[key]`` (e.g. ``"name"``) instead of the config's
             index in ``configs``.

@@ -30,28 +30,38 @@ def register_substitution(cls: type[nn.Module], fn: Substitution) -> None:
 
 def _load_builtin_substitutions() -> None:
     # Each module registers its substitutions on import.
-    from modelbatch.layers import batchnorm, conv, dropout  # noqa: F401
+    from modelbatch.layers import batchnorm, conv, dropout, recurrent, settings  # noqa: F401
 
 
 def substitute_layers(
     mirror: nn.Module, context: dict[str, object], models: Sequence[nn.Module] = ()
-) -> None:
-    """Replace, in place, every submodule of ``mirror`` that has a registered substitution.
+) -> nn.Module:
+    """Replace every submodule of ``mirror`` that has a registered substitution, the root
+    included (a model that *is* an ``nn.Dropout`` or ``nn.BatchNorm2d``).
 
     ``context`` carries batch-wide facts (``num_models``, ``seeds``, ...). ``models`` are
     the N original models: each substitution sees their submodules at its path as
     ``context["peers"]`` (empty when ``models`` is not given).
+
+    Returns the new root: ``mirror`` itself unless the root was replaced by a new module.
+    Submodules are replaced in place.
     """
     _load_builtin_substitutions()
     per_model = [dict(m.named_modules()) for m in models]
+    root = mirror
     for name, module in list(mirror.named_modules()):
         fn = _SUBSTITUTIONS.get(type(module))
-        if fn is None or not name:
+        if fn is None:
             continue
         # One dict for all calls: substitutions may keep batch-wide counters in it.
         context["path"] = name
         context["peers"] = [mods[name] for mods in per_model]
         new = fn(module, context)
-        if new is not module:
-            parent_name, _, attr = name.rpartition(".")
-            setattr(mirror.get_submodule(parent_name), attr, new)
+        if new is module:
+            continue
+        if not name:
+            root = new
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        setattr(mirror.get_submodule(parent_name), attr, new)
+    return root

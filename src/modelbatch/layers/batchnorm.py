@@ -1,26 +1,47 @@
-"""BatchNorm under vmap: mixed precision (autocast) and ``momentum=None``.
+"""BatchNorm of its own: the N models' BatchNorm as ONE native ``batch_norm`` over N*C channels.
 
-Two things break when ``nn.BatchNorm1d/2d/3d`` runs inside ``vmap``:
-
-* **Mixed dtypes** (autocast): the previous layer hands BatchNorm a bf16/fp16 input while
-  its weight and running statistics stay float32. A single module handles that, but the
-  vmap batching rules do not: the CPU forward rule and the CUDA backward rule fail with
-  "expected scalar type BFloat16 but found Float" / "Expected running_mean to have type
-  BFloat16 but got Float" (pytorch#184890).
-* ``momentum=None`` (cumulative average) calls ``float(num_batches_tracked)``, which vmap
-  refuses.
+vmap's own ``batch_norm`` rule normalises without the affine and applies each model's weight
+and bias as a separate multiply and add; the multiply saves the normalised output a second
+time for backward (ResNet-8 at batch 128: 120 MiB per model against 78 MiB for one model
+alone). It also fails with mixed dtypes (autocast, pytorch#184890), and ``momentum=None``
+calls ``float(num_batches_tracked)``, which vmap refuses.
 
 When a :class:`~modelbatch.ModelBatch` is built, every exact ``nn.BatchNorm1d/2d/3d`` of its
 stacked mirror becomes the matching ``VmapBatchNorm*`` below (the class is swapped in place,
-so parameter and buffer names, and therefore checkpoints and ``extract``, are unchanged).
-When the input dtype equals the parameters' dtype and ``momentum`` is a number, its forward
-**is** ``nn.BatchNorm``'s (same calls, bit-identical results). With a lower-precision input
-it normalises in the parameters' dtype (float32) and casts the output back to the input's
-dtype, as cuDNN's mixed-precision BatchNorm does internally; the cost is one upcast and one
-downcast of the activation.
+so parameter and buffer names, checkpoints and ``extract`` are unchanged). Its forward calls
+the custom operator ``modelbatch::batch_norm``, whose vmap batching rule runs the N models as
+one native ``batch_norm`` on a ``[B, N*C, ...]`` view of the activations, with the per-model
+weight, bias and running statistics as ``[N*C]`` views of the stacked ``[N, C]`` tensors: the
+affine is fused, the running statistics of every model are updated in the same kernel, and
+autograd saves exactly what one model alone saves (the input, the weight and the per-channel
+mean and inverse standard deviation), once per model. Low-precision inputs (autocast) go to the
+native mixed-precision kernel (float32 statistics and affine), as ``nn.BatchNorm`` alone does.
+
+Per-model settings: each model keeps its own ``momentum`` and ``eps``
+(:attr:`VmapBatchNormMixin.per_model_momentum`, :attr:`~VmapBatchNormMixin.per_model_eps`),
+so a momentum sweep is one batch. Paths:
+
+* one momentum (a number) and one eps for all models (the usual case): one native call;
+* momenta that differ, or ``momentum=None`` (cumulative average, ``1 / num_batches_tracked``
+  per model): the same native call for the output, and the running statistics updated from a
+  separate ``var_mean`` of the input with each model's factor (one more pass over the input,
+  nothing more saved for backward);
+* eps that differ: the operator ``modelbatch::batch_norm_eps`` (training), one pass over
+  ``[B, N*C, ...]`` with a ``[N*C]`` eps (``var_mean``, ``rsqrt``, one multiply-add), whose
+  autograd formula saves what the native kernel saves and is the native backward; in eval
+  mode, ``x * scale + shift`` from the running statistics.
+
+The per-model settings are stored as Python lists indexed by the non-persistent ``[N]``
+buffer ``mb_slot`` (each model's slot among the models the batch was built with), so they follow
+the models through ``drop`` / ``keep_positions`` like every stacked buffer, and survive
+``.to(dtype)``. ``insert(i, module)`` writes tensors only: model i keeps the momentum and eps
+it had.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,57 +49,396 @@ from torch import Tensor, nn
 
 from modelbatch.layers import register_substitution
 
-__all__ = ["VmapBatchNorm1d", "VmapBatchNorm2d", "VmapBatchNorm3d"]
+__all__ = [
+    "VmapBatchNorm1d",
+    "VmapBatchNorm2d",
+    "VmapBatchNorm3d",
+    "VmapBatchNormMixin",
+    "batch_norm",
+]
 
 
-class _VmapBatchNormMixin:
+@torch.library.custom_op("modelbatch::batch_norm", mutates_args=("running_mean", "running_var"))
+def batch_norm(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """``F.batch_norm`` as an operator with a batching rule that fuses the N models.
+
+    Outside vmap it is exactly ``F.batch_norm(input [B, C, ...], running_mean [C],
+    running_var [C], weight [C], bias [C], training, momentum, eps)`` (running statistics
+    updated in place in training). Under vmap see :func:`_batch_norm_vmap`.
+
+    Autograd: the operator mutates the running statistics, and PyTorch accepts an autograd
+    formula only for functional operators. None is needed: the batching rule runs before
+    autograd (vmap's dispatch key is above autograd's), so autograd records the native
+    ``batch_norm`` the rule runs and differentiates it with the native formula, saving what
+    one model alone saves. Outside vmap the layers call ``F.batch_norm`` itself.
+    """
+    return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+@batch_norm.register_fake
+def _batch_norm_fake(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    return torch.empty_like(input)
+
+
+def _per_model_channels(t: Tensor | None, dim: int | None, n: int) -> Tensor | None:
+    """A per-model ``[C]`` tensor batched at ``dim`` as ``[N*C]`` (a view when possible)."""
+    if t is None:
+        return None
+    stacked = t.movedim(dim, 0) if dim is not None else t.expand(n, *t.shape)
+    return stacked.reshape(-1)
+
+
+def _batch_norm_vmap(
+    info: Any,
+    in_dims: tuple[int | None, ...],
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> tuple[Tensor, int]:
+    """Batching rule: the N BatchNorms as one native ``batch_norm`` over N*C channels.
+
+    Per model: input ``[B, C, ...]`` (batched at ``in_dims[0]``, or shared), weight/bias
+    ``[C]``, running statistics ``[C]`` (batched: one per model). Returns ``[B, N, C, ...]``, a
+    view of the ``[B, N*C, ...]`` result, with the model dimension at 1.
+    """
+    n = int(info.batch_size)
+    x_dim, w_dim, b_dim, m_dim, v_dim = in_dims[:5]
+    x = (
+        input.movedim(x_dim, 1)
+        if x_dim is not None
+        else input.unsqueeze(1).expand(input.shape[0], n, *input.shape[1:])
+    )
+    c = x.shape[2]
+    flat_x = x.reshape(x.shape[0], n * c, *x.shape[3:])
+    copied: list[tuple[Tensor, Tensor]] = []  # (per-model [N, C], its [N*C] copy)
+    flat_stats: list[Tensor | None] = []
+    for t, dim, what in (
+        (running_mean, m_dim, "running_mean"),
+        (running_var, v_dim, "running_var"),
+    ):
+        if t is None:
+            flat_stats.append(None)
+            continue
+        if dim is None:
+            raise RuntimeError(
+                f"modelbatch::batch_norm under vmap needs per-model (batched) {what}; got one "
+                f"shared across the {n} models, which cannot hold each model's statistics"
+            )
+        per_model = t.movedim(dim, 0)
+        if per_model.is_contiguous():  # a view: the native kernel updates it in place
+            flat = per_model.view(-1)
+        else:
+            flat = per_model.reshape(-1).clone()
+            copied.append((per_model, flat))
+        flat_stats.append(flat)
+    out = torch.batch_norm(
+        flat_x,
+        _per_model_channels(weight, w_dim, n),
+        _per_model_channels(bias, b_dim, n),
+        flat_stats[0],
+        flat_stats[1],
+        training,
+        momentum,
+        eps,
+        torch.backends.cudnn.enabled,
+    )
+    if training:
+        for per_model, flat in copied:  # write the update back
+            per_model.copy_(flat.view(per_model.shape))
+    return out.unflatten(1, (n, c)), 1
+
+
+torch.library.register_vmap(batch_norm, _batch_norm_vmap)
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _stat_dtype(x: Tensor, weight: Tensor | None, eps: Tensor) -> torch.dtype:
+    """float32 statistics for a low-precision input, as the native mixed kernel."""
+    ref = weight.dtype if weight is not None else eps.dtype
+    return x.dtype if x.element_size() >= torch.finfo(ref).bits // 8 else ref
+
+
+@torch.library.custom_op("modelbatch::batch_norm_eps", mutates_args=())
+def batch_norm_eps(
+    input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode batch normalisation with one ``eps`` per channel, no running statistics.
+
+    Input ``[B, K, ...]``, weight/bias/eps ``[K]``. Returns ``(output [B, K, ...], mean [K],
+    invstd [K])``. Its autograd formula saves what the native kernel saves (input, weight,
+    mean, inverse std) and is the native ``native_batch_norm_backward``; its vmap rule runs
+    the N models as one call over ``[B, N*C, ...]``. For BatchNorm sweeps over ``eps``.
+    """
+    dims = [0, *range(2, input.dim())]
+    xs = input.to(_stat_dtype(input, weight, eps))
+    var, mean = torch.var_mean(xs, dim=dims, correction=0)
+    invstd = torch.rsqrt(var + eps.to(xs.dtype))
+    scale = invstd if weight is None else invstd * weight
+    shift = -mean * scale if bias is None else bias - mean * scale
+    shape = [1, -1, *([1] * (input.dim() - 2))]
+    out = torch.addcmul(shift.view(shape), xs, scale.view(shape)).to(input.dtype)
+    return out, mean, invstd
+
+
+@batch_norm_eps.register_fake
+def _batch_norm_eps_fake(
+    input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    stat = input.new_empty(input.shape[1], dtype=_stat_dtype(input, weight, eps))
+    return torch.empty_like(input), stat, torch.empty_like(stat)
+
+
+def _eps_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    input, weight, bias, _ = inputs
+    _, mean, invstd = output
+    ctx.save_for_backward(input, weight, mean, invstd)
+    ctx.has_bias = bias is not None
+
+
+def _eps_backward(ctx: Any, grad: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+    input, weight, mean, invstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+        grad.contiguous(memory_format=_memory_format(input)),
+        input,
+        weight,
+        None,
+        None,
+        mean,
+        invstd,
+        True,
+        0.0,
+        [bool(need[0]), weight is not None and bool(need[1]), ctx.has_bias and bool(need[2])],
+    )
+    return grad_input, grad_weight, grad_bias, None
+
+
+batch_norm_eps.register_autograd(_eps_backward, setup_context=_eps_setup_context)
+
+
+def _batch_norm_eps_vmap(
+    info: Any,
+    in_dims: tuple[int | None, ...],
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: Tensor,
+) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[int, int, int]]:
+    """Batching rule: the N models as one call over ``[B, N*C, ...]`` (eps ``[N*C]``)."""
+    n = int(info.batch_size)
+    x_dim, w_dim, b_dim, e_dim = in_dims
+    x = (
+        input.movedim(x_dim, 1)
+        if x_dim is not None
+        else input.unsqueeze(1).expand(input.shape[0], n, *input.shape[1:])
+    )
+    c = x.shape[2]
+    flat_x = x.reshape(x.shape[0], n * c, *x.shape[3:])
+    out, mean, invstd = batch_norm_eps(
+        flat_x,
+        _per_model_channels(weight, w_dim, n),
+        _per_model_channels(bias, b_dim, n),
+        _per_model_channels(eps, e_dim, n),  # type: ignore[arg-type]
+    )
+    return (out.unflatten(1, (n, c)), mean.view(n, c), invstd.view(n, c)), (1, 0, 0)
+
+
+torch.library.register_vmap(batch_norm_eps, _batch_norm_eps_vmap)
+
+
+def _under_vmap(*tensors: Tensor | None) -> bool:
+    is_batched = torch._C._functorch.is_batchedtensor
+    return any(t is not None and is_batched(t) for t in tensors)
+
+
+def _single(
+    bn: nn.modules.batchnorm._BatchNorm,
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    bn_training: bool,
+) -> Tensor:
+    """``nn.BatchNorm``'s own call, for the layer used outside vmap."""
+    momentum = bn.momentum
+    if momentum is None:
+        assert bn.num_batches_tracked is not None or not bn.training
+        nbt = bn.num_batches_tracked
+        momentum = 1.0 / float(nbt) if nbt is not None and bn.training else 0.0
+    return F.batch_norm(
+        input, running_mean, running_var, bn.weight, bn.bias, bn_training, momentum, bn.eps
+    )
+
+
+def _param_like(bn: nn.modules.batchnorm._BatchNorm, input: Tensor) -> Tensor:
+    """A tensor in the dtype BatchNorm computes its statistics in (float32 under autocast)."""
+    for t in (bn.weight, bn.running_mean):
+        if t is not None:
+            return t
+    return input
+
+
+class VmapBatchNormMixin:
     """Forward shared by the three classes (see the module docstring)."""
+
+    mb_slot: Tensor
+    _mb_momenta: list[float | None]
+    _mb_epss: list[float]
+
+    def _init_per_model(
+        self, momenta: Sequence[float | None], epss: Sequence[float], device: torch.device
+    ) -> None:
+        """Record the N models' own momentum and eps; ``mb_slot`` [N] points into them."""
+        self._mb_momenta = list(momenta)
+        self._mb_epss = [float(e) for e in epss]
+        self._mb_tables: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
+        bn: nn.Module = self  # type: ignore[assignment]
+        bn.register_buffer(
+            "mb_slot", torch.arange(len(epss), dtype=torch.int64, device=device), persistent=False
+        )
+
+    @property
+    def per_model_momentum(self) -> list[float | None]:
+        """Each model's ``momentum`` (``None``: cumulative average), in position order."""
+        return [self._mb_momenta[k] for k in self.mb_slot.tolist()]
+
+    @property
+    def per_model_eps(self) -> list[float]:
+        """Each model's ``eps``, in position order."""
+        return [self._mb_epss[k] for k in self.mb_slot.tolist()]
+
+    def _table(self, name: str, values: Sequence[float | None], like: Tensor) -> Tensor:
+        """``values`` as a device tensor (``None`` -> nan), cached per device and dtype."""
+        key = (name, like.device, like.dtype)
+        table = self._mb_tables.get(key)
+        if table is None:
+            table = torch.tensor(
+                [float("nan") if v is None else v for v in values], dtype=like.dtype
+            ).to(like.device)
+            self._mb_tables[key] = table
+        return table
 
     def forward(self, input: Tensor) -> Tensor:
         bn: nn.modules.batchnorm._BatchNorm = self  # type: ignore[assignment]
-        ref = bn.running_mean if bn.running_mean is not None else bn.weight
-        mixed = ref is not None and input.dtype != ref.dtype and input.is_floating_point()
-        cumulative = (
-            bn.momentum is None
-            and bn.training
-            and bn.track_running_stats
-            and bn.num_batches_tracked is not None
-        )
-        if not (mixed or cumulative):
-            return super().forward(input)  # type: ignore[misc]
-        x = input.to(ref.dtype) if mixed else input  # type: ignore[union-attr]
-        out = self._cumulative_forward(x) if cumulative else super().forward(x)  # type: ignore[misc]
-        return out.to(input.dtype) if mixed else out
-
-    def _cumulative_forward(self, x: Tensor) -> Tensor:
-        """Training step with ``momentum=None``: running statistics are the cumulative
-        average over all batches seen, with the factor ``1 / num_batches_tracked`` kept as a
-        per-model tensor instead of a Python float."""
-        bn: nn.modules.batchnorm._BatchNorm = self  # type: ignore[assignment]
-        bn._check_input_dim(x)
-        assert bn.num_batches_tracked is not None
-        bn.num_batches_tracked.add_(1)
-        out = F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
-        if bn.running_mean is not None and bn.running_var is not None:
-            with torch.no_grad():
-                dims = [0, *range(2, x.dim())]
-                var, mean = torch.var_mean(x, dim=dims, correction=1)
-                factor = 1.0 / bn.num_batches_tracked.to(bn.running_mean.dtype)
-                bn.running_mean.mul_(1 - factor).add_(mean.to(factor.dtype) * factor)
-                bn.running_var.mul_(1 - factor).add_(var.to(factor.dtype) * factor)
+        if "_mb_epss" not in self.__dict__:  # built outside a ModelBatch: one model
+            self._init_per_model([bn.momentum], [bn.eps], input.device)
+        bn._check_input_dim(input)
+        track = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+        if track:
+            assert bn.num_batches_tracked is not None
+            bn.num_batches_tracked.add_(1)
+        bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+        use_stats = not bn.training or bn.track_running_stats
+        running_mean = bn.running_mean if use_stats else None
+        running_var = bn.running_var if use_stats else None
+        if not _under_vmap(input, bn.weight, running_mean):  # one model: nn.BatchNorm's call
+            return _single(bn, input, running_mean, running_var, bn_training)
+        momenta, epss = self._mb_momenta, self._mb_epss
+        one_eps = all(e == epss[0] for e in epss)
+        one_momentum = momenta[0] is not None and all(m == momenta[0] for m in momenta)
+        if not one_eps and not bn_training:
+            return self._composite(input, running_mean, running_var)
+        if not one_eps:  # per-model eps: one pass, native backward, running stats apart
+            eps = self._table("eps", epss, _param_like(bn, input))[self.mb_slot]
+            out = batch_norm_eps(input, bn.weight, bn.bias, eps.expand(input.shape[1]))[0]
+            if track:
+                self._update_running(input, running_mean, running_var)
+            return out
+        if one_momentum or not (bn_training and track):
+            momentum = momenta[0] if momenta[0] is not None else 0.0
+            return batch_norm(
+                input,
+                bn.weight,
+                bn.bias,
+                running_mean,
+                running_var,
+                bn_training,
+                float(momentum),
+                epss[0],
+            )
+        # Per-model momenta or momentum=None: the running statistics are updated apart.
+        out = batch_norm(input, bn.weight, bn.bias, None, None, True, 0.0, epss[0])
+        self._update_running(input, running_mean, running_var)
         return out
 
+    def _factor(self, like: Tensor) -> Tensor:
+        """This model's running-average factor (0-dim): its momentum, or
+        ``1 / num_batches_tracked`` for ``momentum=None``."""
+        bn: nn.modules.batchnorm._BatchNorm = self  # type: ignore[assignment]
+        m = self._table("momentum", self._mb_momenta, like)[self.mb_slot]
+        if any(v is None for v in self._mb_momenta):
+            assert bn.num_batches_tracked is not None
+            cumulative = 1.0 / bn.num_batches_tracked.to(like.dtype)
+            m = torch.where(torch.isnan(m), cumulative, m)
+        return m
 
-class VmapBatchNorm1d(_VmapBatchNormMixin, nn.BatchNorm1d):
-    """``nn.BatchNorm1d`` that works under vmap with autocast and ``momentum=None``."""
+    def _update_running(
+        self, x: Tensor, running_mean: Tensor | None, running_var: Tensor | None
+    ) -> None:
+        if running_mean is None or running_var is None:
+            return
+        with torch.no_grad():
+            dims = [0, *range(2, x.dim())]
+            var, mean = torch.var_mean(x.to(running_mean.dtype), dim=dims, correction=1)
+            f = self._factor(running_mean)
+            running_mean.mul_(1 - f).add_(mean * f)
+            running_var.mul_(1 - f).add_(var * f)
+
+    def _composite(
+        self, input: Tensor, running_mean: Tensor | None, running_var: Tensor | None
+    ) -> Tensor:
+        """Eval mode with per-model eps: ``x * scale + shift`` from the running statistics."""
+        bn: nn.modules.batchnorm._BatchNorm = self  # type: ignore[assignment]
+        assert running_mean is not None and running_var is not None
+        x = input.to(running_mean.dtype)
+        eps = self._table("eps", self._mb_epss, x)[self.mb_slot]
+        scale = torch.rsqrt(running_var + eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -running_mean * scale if bn.bias is None else bn.bias - running_mean * scale
+        shape = [1, -1, *([1] * (x.dim() - 2))]
+        return torch.addcmul(shift.view(shape), x, scale.view(shape)).to(input.dtype)
 
 
-class VmapBatchNorm2d(_VmapBatchNormMixin, nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` that works under vmap with autocast and ``momentum=None``."""
+class VmapBatchNorm1d(VmapBatchNormMixin, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` whose N copies run as one native call (see the module docstring)."""
 
 
-class VmapBatchNorm3d(_VmapBatchNormMixin, nn.BatchNorm3d):
-    """``nn.BatchNorm3d`` that works under vmap with autocast and ``momentum=None``."""
+class VmapBatchNorm2d(VmapBatchNormMixin, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose N copies run as one native call (see the module docstring)."""
+
+
+class VmapBatchNorm3d(VmapBatchNormMixin, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` whose N copies run as one native call (see the module docstring)."""
 
 
 _REPLACEMENTS: dict[type[nn.Module], type[nn.Module]] = {
@@ -89,7 +449,18 @@ _REPLACEMENTS: dict[type[nn.Module], type[nn.Module]] = {
 
 
 def _substitute(module: nn.Module, context: dict[str, object]) -> nn.Module:
+    peers = list(context.get("peers") or [])  # type: ignore[call-overload]
+    n = int(context.get("num_models", len(peers) or 1))  # type: ignore[call-overload]
+    if not peers:
+        peers = [module] * n
     module.__class__ = _REPLACEMENTS[type(module)]
+    given = context.get("device")
+    ref = module.running_mean if module.running_mean is not None else module.weight
+    device = given if isinstance(given, torch.device) else torch.device("cpu")
+    if not isinstance(given, torch.device) and isinstance(ref, Tensor):
+        device = ref.device
+    assert isinstance(module, VmapBatchNormMixin)
+    module._init_per_model([p.momentum for p in peers], [p.eps for p in peers], device)
     return module
 
 

@@ -1,13 +1,23 @@
-"""The issue's targets evaluated on benchmark rows: each verdict from made-up GPU rows."""
+"""The project's targets (benchmarks/targets.py, used by benchmarks/summarize.py) evaluated on
+benchmark rows: each verdict from made-up GPU rows."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from modelbatch.bench import _ceiling_key
-from modelbatch.bench.targets import evaluate_targets
+
+_spec = importlib.util.spec_from_file_location(
+    "benchmark_targets", Path(__file__).resolve().parents[2] / "benchmarks" / "targets.py"
+)
+assert _spec is not None and _spec.loader is not None
+targets = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(targets)
+evaluate_targets = targets.evaluate_targets
 
 
 def row(arch: str, prec: str, method: str, n: int, ips: float | None, **kw: Any) -> dict[str, Any]:

@@ -1,0 +1,75 @@
+"""The step profile (benchmarks/profile_step.py): counts that reproduce issue 9's table for
+the torch.func recipe and one model alone, ModelBatch's loss and BatchNorm phases, and the
+report's command line (tiny sizes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modelbatch.bench.profile import PHASES, KernelCounter, format_table, main, profile
+
+
+def test_kernel_counter_counts_kernels_not_views() -> None:
+    x = torch.ones(4, 3)
+    with KernelCounter() as k:
+        with k.phase("forward"):
+            y = (x.t().reshape(-1) + 1).view(3, 4)  # t, reshape (a copy), add, view
+            z = y.mul(2)
+        z.sum()
+    assert k.counts["forward"] == 3 and k.counts["other"] == 1 and k.total == 4
+
+
+def test_reference_counts_match_the_issue_table() -> None:
+    """MLP: one model alone 27 kernels per step, the recipe with foreach Adam 42, of which 7
+    for the optimizer (issue 9's table, steady-state step, torch.optim's host step counters
+    excluded)."""
+    alone = profile("mlp", "alone", 1, count_batch=2, time_steps=0)
+    recipe = profile("mlp", "recipe", 2, count_batch=2, time_steps=0)
+    assert alone.total_kernels == 27 and recipe.total_kernels == 42
+    assert alone.kernels["optimizer"] == recipe.kernels["optimizer"] == 7
+    assert recipe.opt_bytes_per_element == pytest.approx(52.0, abs=0.5)
+
+
+def test_modelbatch_phases_loss_flat_and_forward_like_the_recipe() -> None:
+    mb = profile("mlp", "modelbatch", 2, count_batch=2, time_steps=2)
+    recipe = profile("mlp", "recipe", 2, count_batch=2, time_steps=0)
+    assert set(mb.kernels) == set(PHASES)
+    assert mb.kernels["forward"] == recipe.kernels["forward"]
+    assert mb.kernels["loss"] <= recipe.kernels["loss"] + 4  # one loss call + [N] reduction
+    assert mb.host_ms > 0
+
+
+def test_resnet8_batchnorm_forward_below_the_recipe_and_saved_bytes_per_model() -> None:
+    mb = profile("resnet8", "modelbatch", 2, count_batch=2, saved_batch=4, time_steps=0, spatial=8)
+    alone = profile("resnet8", "alone", 1, count_batch=2, saved_batch=4, time_steps=0, spatial=8)
+    recipe = profile("resnet8", "recipe", 2, count_batch=2, time_steps=0, spatial=8)
+    assert alone.total_kernels == 83 and recipe.total_kernels == 162
+    # 7 BatchNorms: one native call each instead of vmap's normalisation + mul + add.
+    assert mb.kernels["forward"] <= alone.kernels["forward"] + 2 < recipe.kernels["forward"]
+    assert mb.saved_mib_per_model <= 1.05 * alone.saved_mib_per_model
+
+
+def test_report_command_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        main(
+            [
+                "--arch",
+                "mlp",
+                "--models",
+                "1",
+                "--count-batch",
+                "2",
+                "--time-steps",
+                "1",
+                "--saved-batch",
+                "0",
+                "--threads",
+                str(torch.get_num_threads()),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "| mlp | modelbatch | 1 |" in out and "| mlp | alone | 1 | 27 |" in out
+    assert format_table([]).count("\n") == 1
