@@ -27,7 +27,7 @@ trainer = BundledTrainer(
     per_model_hparams={"lr": [1e-4, 3e-4, 1e-3, 3e-3]},  # one learning rate per model
 )  # fmt: skip
 trainer.train()
-metrics = trainer.evaluate()  # eval_accuracy_model_0 ... _3, eval_loss_model_0 ..., eval_loss
-best = max(range(4), key=lambda i: metrics[f"eval_accuracy_model_{i}"])
-print(f"best: model {best}, accuracy {metrics[f'eval_accuracy_model_{best}']:.2f}")
+metrics = trainer.evaluate()  # eval_accuracy/model_0 ... /model_3, eval_loss/model_0 ..., eval_loss
+best = max(range(4), key=lambda i: metrics[f"eval_accuracy/model_{i}"])
+print(f"best: model {best}, accuracy {metrics[f'eval_accuracy/model_{best}']:.2f}")
 trainer.save_model()  # bundle/model.safetensors (all models) and bundle/model_<id>/ per model

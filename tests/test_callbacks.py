@@ -199,3 +199,63 @@ def test_pack_flag_validates_mask() -> None:
         pack.flag(torch.zeros(3, dtype=torch.bool), "x")
     with pytest.raises(TypeError, match="Callback instances"):
         CallbackPack(make_batch(), [object()])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_early_stopping_keeps_each_models_best_weights_after_it_is_dropped(
+    on_disk: bool, tmp_path: Any
+) -> None:
+    """Real training: every validation, each model's val loss; the dropped models' best
+    weights come back by id and reproduce their best loss exactly."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 3, dtype=torch.float64), torch.randint(0, 2, (32,))
+    xv, yv = torch.randn(32, 3, dtype=torch.float64), torch.randint(0, 2, (32,))
+    models = [nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+              for _ in range(3)]
+    batch = ModelBatch(models)
+    opt = modelbatch.optim.SGD(batch, lr=[0.5, 3.0, 0.05])
+    es = EarlyStopping("val_loss", patience=2, action="drop",
+                       directory=tmp_path if on_disk else None)
+    pack = CallbackPack(batch, [es], optimizer=opt)
+    history: dict[int | str, list[float]] = {i: [] for i in range(3)}
+    snapshots: dict[int | str, list[dict[str, Tensor]]] = {i: [] for i in range(3)}
+    for _ in range(30):
+        if pack.should_stop:
+            break
+        step(batch, opt, pack, x, y)
+        val = modelbatch.evaluate(batch, [(xv, yv)], F.cross_entropy)["loss"]
+        for pos, mid in enumerate(batch.model_ids):
+            history[mid].append(float(val[pos]))
+            state = batch.extract(mid).state_dict()
+            snapshots[mid].append({k: v.clone() for k, v in state.items()})
+        pack.on_validation_end({"val_loss": val})
+    dropped = [e["model_id"] for e in pack.events if e["action"] == "drop"]
+    assert dropped, history
+    for mid in range(3):
+        best_epoch = min(range(len(history[mid])), key=history[mid].__getitem__)
+        assert es.best_values[mid] == history[mid][best_epoch]
+        state = es.best_state(mid)
+        for k, v in snapshots[mid][best_epoch].items():
+            assert torch.equal(state[k], v), (mid, k)
+        model = es.best_model(mid)
+        with torch.no_grad():
+            assert float(F.cross_entropy(model(xv), yv)) == pytest.approx(
+                history[mid][best_epoch], rel=1e-12
+            )
+    with pytest.raises(KeyError, match="no best weights for model 7"):
+        es.best_state(7)
+
+
+def test_restore_best_weights_puts_a_stopped_models_best_back() -> None:
+    batch = make_batch(bn=False)
+    es = EarlyStopping("val", patience=1, restore_best_weights=True)
+    pack = CallbackPack(batch, [es])
+    before = batch.extract(1).state_dict()
+    pack.on_validation_end({"val": torch.tensor([1.0, 0.5, 1.0, 1.0])})  # model 1's best
+    with torch.no_grad():
+        for _, p in batch.stacked_parameters():
+            p.add_(1.0)
+    pack.on_validation_end({"val": torch.tensor([0.9, 0.7, 0.9, 0.9])})  # model 1 stops
+    assert not bool(batch.active[1])
+    for k, v in batch.extract(1).state_dict().items():
+        assert torch.equal(v, before[k])

@@ -219,3 +219,78 @@ def test_skip_models_without_samples_restores_quarantine() -> None:
     with skip_models_without_samples(batch, mask):
         assert batch.active.tolist() == [True, False, False]
     assert batch.active.tolist() == [True, True, False]
+
+
+# ------------------------------------------------------------------------- isolation
+def _bn_models(n: int) -> list[nn.Module]:
+    torch.manual_seed(3)
+    return [
+        nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
+        for _ in range(n)
+    ]
+
+
+def _routed_run(router: DataRouter, x_all: Tensor, y_all: Tensor) -> tuple[ModelBatch, Adam]:
+    batch = ModelBatch(_bn_models(router.num_models))
+    opt = Adam(batch, lr=0.05)
+    pack = modelbatch.CallbackPack(batch, [modelbatch.NaNGuard()], optimizer=opt)
+    order = torch.Generator().manual_seed(4)
+    data = []
+    for _ in range(2):
+        perm = torch.randperm(D, generator=order)
+        data += [(x_all[i], y_all[i], i) for i in perm.split(6)]
+    modelbatch.train_one_epoch(batch, data, opt, F.cross_entropy, router=router, callbacks=pack)
+    return batch, opt
+
+
+@pytest.mark.parametrize("kind", ["kfold", "bootstrap"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nonfinite_sample_reaches_only_the_models_routed_to_it(kind: str, bad: float) -> None:
+    """Sample 5 is non-finite and only model 0 trains on it (weight 0 for the others):
+    model 0 is quarantined, every other model (weights, BatchNorm statistics, optimizer
+    state) is bit-identical to the run in which sample 5 is an ordinary sample."""
+    n = 3
+    router = DataRouter.kfold(n, D, seed=0) if kind == "kfold" else DataRouter.bootstrap(n, D, 1)
+    w = router.train_weights.clone()
+    w[:, 5] = 0
+    w[0, 5] = 1
+    router = DataRouter(w, isolate_inputs=True)
+    x_clean, y = dataset().tensors
+    x_bad = x_clean.clone()
+    x_bad[5, 2] = bad
+    clean, opt_clean = _routed_run(router, x_clean, y)
+    dirty, opt_dirty = _routed_run(router, x_bad, y)
+    assert clean.active.tolist() == [True] * n
+    assert dirty.active.tolist() == [False] + [True] * (n - 1)
+    for i in range(1, n):
+        for (name, a), b in zip(
+            clean.extract(i).state_dict().items(), dirty.extract(i).state_dict().values(),
+            strict=True,
+        ):
+            assert torch.equal(a, b), f"model {i} {name}"
+        for name, s in opt_clean.state.items():
+            for key, v in s.items():
+                assert torch.equal(v[i], opt_dirty.state[name][key][i]), (i, name, key)
+    # Without the per-model masking the bad sample poisons every model (0 * NaN = NaN).
+    shared = DataRouter(w, isolate_inputs=False)
+    poisoned, _ = _routed_run(shared, x_bad, y)
+    assert poisoned.active.tolist() == [False] * n
+
+
+def test_route_inputs_and_targets() -> None:
+    mask = torch.tensor([[1, 0, 2], [0, 1, 0]])
+    x = torch.arange(6.0).view(3, 2)
+    routed = modelbatch.data.route_inputs(x, mask)
+    assert routed.shape == (2, 3, 2)
+    assert routed[0].tolist() == [[0, 1], [0, 0], [4, 5]]
+    assert routed[1].tolist() == [[0, 0], [2, 3], [0, 0]]
+    assert torch.equal(modelbatch.data.route_inputs(routed, mask, per_model=True), routed)
+    y = torch.tensor([1.0, float("nan"), 3.0])
+    out = torch.zeros(2, 3)
+    ys, per = modelbatch.data.route_targets(out, y, mask)
+    assert per is True and ys[0].tolist() == [1.0, 0.0, 3.0]
+    assert ys[1, 1].isnan() and ys[1, 0] == 0 and ys[1, 2] == 0
+    classes = torch.tensor([0, 1, 2])
+    assert modelbatch.data.route_targets(out, classes, mask) == (classes, None)
+    with pytest.raises(ValueError, match="do not match"):
+        modelbatch.data.route_inputs(torch.zeros(4, 2), mask)

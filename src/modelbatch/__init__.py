@@ -18,6 +18,7 @@ from modelbatch.callbacks import (
     NaNGuard,
 )
 from modelbatch.checkpoint import CheckpointError, load_model
+from modelbatch.checkpoint_manager import CheckpointManager
 from modelbatch.core import ModelBatch
 from modelbatch.data import DataRouter, IndexedDataset, evaluate_held_out
 from modelbatch.isolation import (
@@ -38,6 +39,7 @@ __all__ = [
     "Callback",
     "CallbackPack",
     "CheckpointError",
+    "CheckpointManager",
     "DataRouter",
     "DivergenceGuard",
     "EarlyStopping",

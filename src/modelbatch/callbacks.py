@@ -26,11 +26,14 @@ the step, so a model is frozen exactly as it was before the bad step).
 
 from __future__ import annotations
 
+import copy
+import os
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from modelbatch.isolation import (
     clip_grad_norm_,
@@ -97,6 +100,10 @@ class Callback:
 
     def on_keep_positions(self, keep: Sequence[int]) -> None:
         """The batch now holds only the models formerly at positions ``keep``."""
+
+    def on_models_replaced(self, pack: CallbackPack, positions: Sequence[int]) -> None:
+        """Fresh models now sit at ``positions`` (a sweep refilled freed slots): reset any
+        per-model state kept for those positions."""
 
 
 class CallbackPack:
@@ -374,9 +381,14 @@ class DivergenceGuard(Callback):
         self._threshold = _select(self._threshold, keep)
         self._count = _select(self._count, keep)
 
+    def on_models_replaced(self, pack: CallbackPack, positions: Sequence[int]) -> None:
+        if self._count is not None:
+            for pos in positions:
+                self._count[pos] = 0
+
 
 class EarlyStopping(Callback):
-    """Per-model early stopping on a validation metric.
+    """Per-model early stopping on a validation metric, keeping each model's best weights.
 
     A model that has not improved ``metric`` by more than ``min_delta`` for ``patience``
     validations in a row is stopped: quarantined (``action="quarantine"``, it stays in the
@@ -385,15 +397,27 @@ class EarlyStopping(Callback):
     remaining model would stop, they are quarantined instead (a batch cannot be empty);
     check :attr:`CallbackPack.should_stop`.
 
+    With ``keep_best`` (default), each model's weights at its best validation so far are
+    copied to host memory (or, with ``directory``, to ``<directory>/<id>.safetensors``)
+    whenever it improves, so :meth:`best_state` / :meth:`best_model` give them back by model
+    id, also after the model was dropped. ``restore_best_weights`` writes a stopped model's
+    best weights back into its slot (quarantine) before it is frozen, as Keras does.
+
     Args:
         metric: the name passed to :meth:`CallbackPack.on_validation_end`.
         mode: ``"min"`` (lower is better, e.g. a loss) or ``"max"`` (e.g. accuracy).
         patience: validations without improvement before stopping.
         min_delta: smallest change that counts as an improvement.
         action: ``"quarantine"`` or ``"drop"``.
+        keep_best: keep each model's best weights (one host copy per improvement).
+        restore_best_weights: with ``action="quarantine"``, put a stopped model's best
+            weights back in the batch.
+        directory: write the best weights there (safetensors, one file per model id)
+            instead of keeping them in memory.
 
     Attributes:
         best: ``[N]`` best value seen per model (float64, CPU).
+        best_values: ``{model id: best value}``, also for models no longer in the batch.
     """
 
     def __init__(
@@ -404,6 +428,9 @@ class EarlyStopping(Callback):
         min_delta: float = 0.0,
         *,
         action: str = "quarantine",
+        keep_best: bool = True,
+        restore_best_weights: bool = False,
+        directory: str | os.PathLike[str] | None = None,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -413,20 +440,84 @@ class EarlyStopping(Callback):
             raise ValueError(f"patience must be >= 1, got {patience}")
         if min_delta < 0:
             raise ValueError(f"min_delta must be >= 0, got {min_delta}")
+        if restore_best_weights and not keep_best:
+            raise ValueError("restore_best_weights needs keep_best=True")
         self.metric = metric
         self.mode = mode
         self.patience = patience
         self.min_delta = float(min_delta)
         self.action = action
+        self.keep_best = keep_best
+        self.restore_best_weights = restore_best_weights
+        self.directory = Path(directory) if directory is not None else None
         self.best: Tensor | None = None
+        self.best_values: dict[int | str, float] = {}
         self._wait: Tensor | None = None
+        self._weights: dict[int | str, dict[str, Tensor]] = {}
+        self._template: nn.Module | None = None
+        self._state_keys: list[str] = []
 
     def on_attach(self, pack: CallbackPack) -> None:
         n = len(pack.batch)
         self.best = torch.full((n,), torch.inf if self.mode == "min" else -torch.inf,
                                dtype=torch.float64)
         self._wait = torch.zeros(n, dtype=torch.int64)
+        if self.keep_best:
+            template = pack.batch.extract(pack.batch.model_ids[0]).to("cpu")
+            self._state_keys = list(template.state_dict())
+            self._template = template
+            if self.directory is not None:
+                self.directory.mkdir(parents=True, exist_ok=True)
 
+    # ------------------------------------------------------------------ best weights
+    @torch.no_grad()
+    def _save_best(self, batch: ModelBatch, positions: Sequence[int]) -> None:
+        stacked: dict[str, Tensor] = dict(batch.stacked.named_parameters(remove_duplicate=False))
+        stacked.update(dict(batch.stacked.named_buffers(remove_duplicate=False)))
+        ids = batch.model_ids
+        index = torch.tensor(list(positions), dtype=torch.long)
+        rows = {k: stacked[k].detach().index_select(0, index.to(stacked[k].device)).cpu()
+                for k in self._state_keys}
+        for j, pos in enumerate(positions):
+            state = {k: v[j].clone() for k, v in rows.items()}
+            if self.directory is not None:
+                from safetensors.torch import save_file
+
+                save_file(state, str(self._path(ids[pos])))
+            else:
+                self._weights[ids[pos]] = state
+
+    def _path(self, model_id: int | str) -> Path:
+        from modelbatch.checkpoint import model_folder_name
+
+        assert self.directory is not None
+        return self.directory / f"{model_folder_name(model_id)}.safetensors"
+
+    def best_state(self, model_id: int | str) -> dict[str, Tensor]:
+        """Model ``model_id``'s state dict at its best validation (CPU tensors), also after
+        it was dropped from the batch."""
+        if not self.keep_best:
+            raise RuntimeError("this EarlyStopping was built with keep_best=False")
+        if model_id not in self.best_values:
+            raise KeyError(
+                f"no best weights for model {model_id!r}: it never had a finite "
+                f"{self.metric}; models with best weights: {sorted(self.best_values, key=str)}"
+            )
+        if self.directory is not None:
+            from safetensors.torch import load_file
+
+            return load_file(str(self._path(model_id)))
+        return self._weights[model_id]
+
+    def best_model(self, model_id: int | str) -> nn.Module:
+        """Model ``model_id`` as a plain ``nn.Module`` (on the CPU) with its best weights."""
+        state = self.best_state(model_id)
+        assert self._template is not None
+        module = copy.deepcopy(self._template)
+        module.load_state_dict(state)
+        return module
+
+    # ------------------------------------------------------------------ hooks
     def on_validation_end(self, pack: CallbackPack, metrics: Mapping[str, Tensor]) -> None:
         if self.metric not in metrics:
             raise KeyError(
@@ -443,17 +534,28 @@ class EarlyStopping(Callback):
             improved = values < self.best - self.min_delta
         else:
             improved = values > self.best + self.min_delta
+        improved &= pack.batch.active.to(improved.device) & values.isfinite()
         self.best = torch.where(improved, values, self.best)
         self._wait = torch.where(improved, torch.zeros_like(self._wait), self._wait + 1)
+        better = improved.nonzero().flatten().tolist()
+        if better:
+            ids = pack.batch.model_ids
+            for pos in better:
+                self.best_values[ids[pos]] = float(values[pos])
+            if self.keep_best:
+                self._save_best(pack.batch, better)
         stop = (self._wait >= self.patience).to(pack.batch.active.device) & pack.batch.active
         reason = f"early stopping on {self.metric}"
-        if self.action == "quarantine":
-            pack.flag(stop, reason, restore_buffers=False)
-            return
         positions = stop.nonzero().flatten().tolist()
         if not positions:
             return
-        if len(positions) == len(pack.batch):
+        if self.restore_best_weights:
+            ids = pack.batch.model_ids
+            for pos in positions:
+                if ids[pos] in self.best_values:
+                    module = self.best_model(ids[pos]).to(pack.batch.device)
+                    pack.batch.insert(ids[pos], module)
+        if self.action == "quarantine" or len(positions) == len(pack.batch):
             pack.flag(stop, reason, restore_buffers=False)
             return
         pack.drop([pack.batch.model_ids[i] for i in positions], reason)
@@ -461,6 +563,12 @@ class EarlyStopping(Callback):
     def on_keep_positions(self, keep: Sequence[int]) -> None:
         self.best = _select(self.best, keep)
         self._wait = _select(self._wait, keep)
+
+    def on_models_replaced(self, pack: CallbackPack, positions: Sequence[int]) -> None:
+        assert self.best is not None and self._wait is not None
+        for pos in positions:
+            self.best[pos] = torch.inf if self.mode == "min" else -torch.inf
+            self._wait[pos] = 0
 
 
 class GradClipping(Callback):

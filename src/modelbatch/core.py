@@ -6,6 +6,7 @@ Shapes used throughout: ``N`` = number of models in the batch, ``B`` = samples p
 from __future__ import annotations
 
 import copy
+import json
 import operator
 import os
 import weakref
@@ -674,9 +675,9 @@ class ModelBatch(nn.Module):
     def save_all(
         self, directory: str | os.PathLike[str], optimizer: Any = None, **kwargs: Any
     ) -> Any:
-        """Save every model (one folder per id), atomically: see
-        :func:`modelbatch.checkpoint.save_all` (``scheduler=``, ``scaler=``, ``step=``,
-        ``extra=``)."""
+        """Save every model (one folder per id) as a new version of ``directory``,
+        atomically: see :func:`modelbatch.checkpoint.save_all` (``scheduler=``, ``scaler=``,
+        ``step=``, ``extra=``, ``keep=``, ``signing_key=``)."""
         from modelbatch.checkpoint import save_all
 
         return save_all(self, directory, optimizer=optimizer, **kwargs)
@@ -686,10 +687,43 @@ class ModelBatch(nn.Module):
     ) -> dict[str, Any]:
         """Load a checkpoint into this batch, checking it first: see
         :func:`modelbatch.checkpoint.load_all` (``scheduler=``, ``scaler=``, ``model_ids=``,
-        ...)."""
+        ``version=``, ``signing_key=``, ...)."""
         from modelbatch.checkpoint import load_all
 
         return load_all(self, directory, optimizer=optimizer, **kwargs)
+
+    # state_dict() carries the model ids (key "model_ids": their UTF-8 JSON as a uint8
+    # tensor), so [N, ...] rows cannot silently load into other models; load checks them
+    # before anything is copied.
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        ids = json.dumps(self._model_ids).encode("utf-8")
+        destination[prefix + "model_ids"] = torch.tensor(list(ids), dtype=torch.uint8)
+
+    def _load_from_state_dict(
+        self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
+        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:
+        key = prefix + "model_ids"
+        if key not in state_dict:  # a missing key: only load_state_dict(strict=False) loads it
+            missing_keys.append(key)
+        else:
+            t = state_dict[key]
+            try:
+                saved = json.loads(bytes(t.to("cpu", torch.uint8).tolist()).decode("utf-8"))
+            except (AttributeError, TypeError, ValueError) as e:
+                raise RuntimeError(f"{key!r} in the state_dict is not a list of ids: {e}") from None
+            if json.dumps(saved) != json.dumps(self._model_ids):
+                raise RuntimeError(
+                    f"the state_dict holds models {saved}, this batch holds {self._model_ids}; "
+                    "nothing was loaded. Build the batch with model_ids=... as saved, or set "
+                    f"state_dict[{key!r}] = batch.state_dict()[{key!r}] to load by position"
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
 
     # ------------------------------------------------------------------ optimizers & shrinking
     def _register_optimizer(self, optimizer: BatchOptimizer) -> None:

@@ -1,6 +1,6 @@
 """Data routing: per-model sample weights over one shared batch (bagging, k-fold CV).
 
-All N models see the same input batch (copied to the device once); a :class:`DataRouter`
+All N models get the same input batch (copied to the device once); a :class:`DataRouter`
 decides, per model, which samples count in its loss. It holds an ``[N, D]`` weight table
 over the ``D`` samples of the dataset; for a batch with dataset indices ``idx`` ``[B]`` it
 returns the ``[N, B]`` weights that :meth:`ModelBatch.compute_loss` takes as ``mask``.
@@ -9,10 +9,22 @@ alone on its selected samples of that batch (bool weights) or on the batch with 
 repeated ``w_ib`` times (bootstrap counts). Steps in which a model has no sample are skipped
 for that model (see :func:`skip_models_without_samples`), as they would be alone.
 
-What routing does not change: the forward pass still runs every model on the whole shared
-batch, so layers that mix samples in training mode (BatchNorm) see all B samples, not the
-model's subset. For exact subset semantics with such layers, feed per-model inputs
-``[N, B, ...]`` (``per_model=True``) instead.
+Isolation: a model only ever sees the values of its own samples. With
+``isolate_inputs=True`` (the default), :func:`train_one_epoch` and :func:`evaluate_held_out`
+feed per-model inputs ``[N, B, ...]`` built by :func:`route_inputs`: sample b's values for
+the models routed to it, zeros for the others (floating targets alike, see
+:func:`route_targets`). A non-finite sample that only model 0 trains on then reaches model
+0 alone; every other model stays bit-identical to a run without it. Without the masking, a
+weight of 0 does not stop a NaN: ``0 * NaN`` is NaN, in the loss and in every gradient of
+the shared forward. The cost is one ``[N, B, ...]`` copy of the inputs per step.
+
+What BatchNorm sees: in training mode a BatchNorm layer still normalises over all B
+positions of the batch; for model i the positions of samples it is not routed are zero
+inputs (so they shift its batch statistics and running estimates). For exact subset
+semantics with such layers, give each model a batch of its own samples only (per-model
+inputs of your own making). ``DataRouter(..., isolate_inputs=False)`` restores the shared
+forward (every model sees all B real samples, one wide matmul instead of a batched one),
+at the price of isolation.
 
 The loader must yield the dataset index of each sample: wrap a dataset in
 :class:`IndexedDataset` so it yields ``(x, y, index)``.
@@ -39,6 +51,8 @@ __all__ = [
     "bootstrap_counts",
     "evaluate_held_out",
     "kfold_assignments",
+    "route_inputs",
+    "route_targets",
     "skip_models_without_samples",
 ]
 
@@ -117,12 +131,21 @@ class DataRouter:
             for training: model i trains on sample d with weight ``train_weights[i, d]``.
         eval_weights: optional ``[N, D]`` weights of each model's held-out samples (the
             k-fold validation fold, or the bootstrap out-of-bag samples).
+        isolate_inputs: mask the inputs per model before the forward (see the module
+            docstring), so no model sees a sample it is not routed. Default True.
 
     Build one with :meth:`kfold`, :meth:`bootstrap` or from your own masks. Move it to the
     batch's device once with :meth:`to`; lookups then cost one small gather per batch.
     """
 
-    def __init__(self, train_weights: Tensor, eval_weights: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        train_weights: Tensor,
+        eval_weights: Tensor | None = None,
+        *,
+        isolate_inputs: bool = True,
+    ) -> None:
+        self.isolate_inputs = bool(isolate_inputs)
         self.train_weights = self._check("train_weights", train_weights)
         if eval_weights is not None:
             eval_weights = self._check("eval_weights", eval_weights)
@@ -147,22 +170,32 @@ class DataRouter:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def kfold(cls, k: int, dataset_size: int, *, shuffle: bool = True, seed: int = 0) -> DataRouter:
+    def kfold(
+        cls,
+        k: int,
+        dataset_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        isolate_inputs: bool = True,
+    ) -> DataRouter:
         """k models for k-fold cross-validation: model f trains on every fold but f and is
         evaluated on fold f. ``router.folds`` holds the ``[D]`` fold of each sample."""
         folds = kfold_assignments(k, dataset_size, shuffle=shuffle, seed=seed)
         held_out = folds.unsqueeze(0) == torch.arange(k).unsqueeze(1)  # [k, D]
-        router = cls(~held_out, held_out)
+        router = cls(~held_out, held_out, isolate_inputs=isolate_inputs)
         router.folds = folds
         return router
 
     @classmethod
-    def bootstrap(cls, n_models: int, dataset_size: int, seed: int = 0) -> DataRouter:
+    def bootstrap(
+        cls, n_models: int, dataset_size: int, seed: int = 0, *, isolate_inputs: bool = True
+    ) -> DataRouter:
         """``n_models`` bagging members: model i weights sample d by how often it was drawn
         in its bootstrap resample (:func:`bootstrap_counts`); its out-of-bag samples (never
         drawn) are its evaluation set."""
         counts = bootstrap_counts(n_models, dataset_size, seed)
-        return cls(counts, counts == 0)
+        return cls(counts, counts == 0, isolate_inputs=isolate_inputs)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -190,6 +223,7 @@ class DataRouter:
             None
             if self.eval_weights is None
             else self.eval_weights[index.to(self.eval_weights.device)],
+            isolate_inputs=self.isolate_inputs,
         )
         sub.folds = self.folds
         return sub
@@ -227,6 +261,60 @@ class DataRouter:
     def __repr__(self) -> str:
         kind = self.train_weights.dtype
         return f"DataRouter(N={self.num_models}, D={self.dataset_size}, weights={kind})"
+
+
+def _keep_mask(mask: Tensor, like: Tensor) -> Tensor:
+    """``[N, B, 1, ...]`` bool: where model i is routed sample b, broadcastable over ``like``
+    (``[N, B, ...]`` or ``[1, B, ...]``)."""
+    if mask.dim() != 2:
+        raise ValueError(f"mask must have shape [N, B], got {tuple(mask.shape)}")
+    keep = mask.ne(0).to(like.device, non_blocking=True)
+    return keep.view(*keep.shape, *([1] * (like.dim() - 2)))
+
+
+def route_inputs(x: Any, mask: Tensor, *, per_model: bool = False) -> Any:
+    """Per-model inputs ``[N, B, ...]`` in which model i sees sample b only if it is routed
+    to it (``mask[i, b] != 0``) and zeros otherwise.
+
+    Args:
+        x: shared inputs ``[B, ...]`` (or per-model ``[N, B, ...]`` with ``per_model``).
+            Anything but a tensor is returned unchanged (it cannot be masked).
+        mask: ``[N, B]`` routing weights (bool, counts or floats).
+        per_model: whether ``x`` already has the leading N dimension.
+
+    Returns:
+        ``[N, B, ...]`` tensor to pass with ``per_model=True`` (``x`` itself if not a tensor).
+    """
+    if not isinstance(x, Tensor):
+        return x
+    xs = x if per_model else x.unsqueeze(0)
+    if xs.dim() < 2 or xs.shape[1] != mask.shape[-1]:
+        raise ValueError(
+            f"inputs of shape {tuple(x.shape)} do not match the [N, B] = "
+            f"{list(mask.shape)} routing mask (per_model={per_model})"
+        )
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    return torch.where(_keep_mask(mask, xs), xs, zero)
+
+
+def route_targets(
+    outputs: Tensor, targets: Any, mask: Tensor, per_model_targets: bool | None = None
+) -> tuple[Any, bool | None]:
+    """Floating targets masked per model like :func:`route_inputs` (a NaN target of a
+    sample model i is not routed cannot reach model i's loss or gradient).
+
+    Returns ``(targets, per_model_targets)`` to pass on to
+    :meth:`ModelBatch.compute_loss`: ``[N, B, ...]`` targets and ``True`` for floating
+    targets; integer targets (class indices) unchanged.
+    """
+    if not isinstance(targets, Tensor) or not targets.is_floating_point():
+        return targets, per_model_targets
+    from modelbatch.core import _targets_are_per_model
+
+    per = _targets_are_per_model(outputs, targets, per_model_targets)
+    ys = targets if per else targets.unsqueeze(0)
+    zero = torch.zeros((), dtype=targets.dtype, device=targets.device)
+    return torch.where(_keep_mask(mask, ys), ys, zero), True
 
 
 @contextmanager
@@ -294,12 +382,18 @@ def evaluate_held_out(
             x, y, idx = item
             x, y = _to_device(x, device), _to_device(y, device)
             w = router.eval_mask(idx).to(device=device, dtype=torch.float64)
-            out = batch(x, per_model=per_model)
+            x_model = per_model
+            if router.isolate_inputs and isinstance(x, Tensor):
+                x, x_model = route_inputs(x, w, per_model=per_model), True
+            out = batch(x, per_model=x_model)
             hit = (out.argmax(dim=-1) == y).double()  # [N, B]
             correct += (hit * w).sum(dim=1)
             total_w = w.sum(dim=1)
             if loss_fn is not None:
-                batch.compute_loss(out, y, loss_fn, mask=w)
+                y_loss, per_t = (
+                    route_targets(out, y, w) if router.isolate_inputs else (y, None)
+                )
+                batch.compute_loss(out, y_loss, loss_fn, mask=w, per_model_targets=per_t)
                 assert batch.latest_losses is not None
                 loss_sum += batch.latest_losses.double() * total_w
             weight += total_w

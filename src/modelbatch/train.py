@@ -9,7 +9,13 @@ import torch
 from torch import Tensor
 
 from modelbatch.core import ModelBatch, _targets_are_per_model
-from modelbatch.data import DataRouter, _to_device, skip_models_without_samples
+from modelbatch.data import (
+    DataRouter,
+    _to_device,
+    route_inputs,
+    route_targets,
+    skip_models_without_samples,
+)
 
 if TYPE_CHECKING:
     from modelbatch.callbacks import CallbackPack
@@ -72,9 +78,15 @@ def train_one_epoch(
         x, y = _to_device(x, device), _to_device(y, device)
         if callbacks is not None:
             callbacks.on_step_begin()
-        outputs = batch(x, per_model=per_model)
+        x_per_model, y_per_model = per_model, per_model_targets
+        if mask is not None and router is not None and router.isolate_inputs:
+            # Each model sees only its own samples' values (see modelbatch.data).
+            x, x_per_model = route_inputs(x, mask, per_model=per_model), isinstance(x, Tensor)
+        outputs = batch(x, per_model=x_per_model or per_model)
+        if mask is not None and router is not None and router.isolate_inputs:
+            y, y_per_model = route_targets(outputs, y, mask, per_model_targets)
         loss = batch.compute_loss(
-            outputs, y, loss_fn, mask=mask, per_model_targets=per_model_targets
+            outputs, y, loss_fn, mask=mask, per_model_targets=y_per_model
         )
         optimizer.zero_grad()
         loss.backward()

@@ -34,3 +34,27 @@ def make_mlp(config: Mapping[str, Any]) -> nn.Module:
 def make_mlp64(config: Mapping[str, Any]) -> nn.Module:
     """:func:`make_mlp` in float64."""
     return make_mlp({**config, "dtype": torch.float64})
+
+
+class FailOnce:
+    """A cross-entropy loss that raises once, in whichever process first reaches its
+    ``at``-th call, and never again once ``marker`` exists (picklable, for Ray workers)."""
+
+    def __init__(self, marker: str, at: int) -> None:
+        self.marker = marker
+        self.at = at
+        self.calls = 0
+
+    def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        import os
+
+        self.calls += 1
+        if self.calls == self.at and not os.path.exists(self.marker):
+            try:
+                fd = os.open(self.marker, os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                pass
+            else:
+                os.close(fd)
+                raise RuntimeError("worker lost (simulated)")
+        return torch.nn.functional.cross_entropy(out, y)

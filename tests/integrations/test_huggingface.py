@@ -142,10 +142,14 @@ def test_train_matches_each_model_trained_alone(tmp_path: Path) -> None:
     )
     # Logs: each model's loss, and the mean over models as "loss" / "train_loss".
     first = trainer.state.log_history[0]
-    per_model = [first[f"loss_model_{i}"] for i in range(3)]
+    per_model = [first[f"loss/model_{i}"] for i in range(3)]
     assert first["loss"] == pytest.approx(sum(per_model) / 3)
+    # Every model's learning rate, not only model 0's (per_model_hparams lr=LRS, decayed).
+    lrs = [first[f"learning_rate/model_{i}"] for i in range(3)]
+    ratios = [lr / base for lr, base in zip(lrs, LRS, strict=True)]
+    assert 0 < ratios[0] <= 1 and ratios == pytest.approx([ratios[0]] * 3)
     assert result.training_loss == pytest.approx(
-        sum(result.metrics[f"train_loss_model_{i}"] for i in range(3)) / 3
+        sum(result.metrics[f"train_loss/model_{i}"] for i in range(3)) / 3
     )
 
 
@@ -161,11 +165,11 @@ def test_evaluate_returns_per_model_metrics(tmp_path: Path) -> None:
         with torch.no_grad():
             out = model.eval()(**batch)
         acc = float((out.logits.argmax(-1) == batch["labels"]).double().mean())
-        assert metrics[f"eval_loss_model_{i}"] == pytest.approx(float(out.loss), rel=1e-12)
-        assert metrics[f"eval_accuracy_model_{i}"] == pytest.approx(acc)
-        assert metrics[f"eval_top1_model_{i}"] == pytest.approx(acc)
+        assert metrics[f"eval_loss/model_{i}"] == pytest.approx(float(out.loss), rel=1e-12)
+        assert metrics[f"eval_accuracy/model_{i}"] == pytest.approx(acc)
+        assert metrics[f"eval_top1/model_{i}"] == pytest.approx(acc)
     assert metrics["eval_loss"] == pytest.approx(
-        sum(metrics[f"eval_loss_model_{i}"] for i in range(3)) / 3
+        sum(metrics[f"eval_loss/model_{i}"] for i in range(3)) / 3
     )
     assert trainer.model_batch.training  # evaluation restored train mode
 
@@ -175,7 +179,7 @@ def test_evaluate_returns_per_model_metrics(tmp_path: Path) -> None:
         with torch.no_grad():
             logits = model(**batch).logits.float().numpy()
         assert abs(pred.predictions[i] - logits).max() < 1e-6
-        assert pred.metrics[f"test_loss_model_{i}"] == metrics[f"eval_loss_model_{i}"]
+        assert pred.metrics[f"test_loss/model_{i}"] == metrics[f"eval_loss/model_{i}"]
     unlabelled = [{k: v for k, v in row.items() if k != "labels"} for row in _data(5)]
     pred = trainer.predict(unlabelled)
     assert pred.label_ids is None and pred.predictions.shape == (3, 5, 3)
@@ -234,7 +238,7 @@ def test_causal_lm_with_tied_weights(tmp_path: Path) -> None:
             opt.zero_grad()
         ref.append(m)
     assert_close_models(trainer.model_batch.extract_all(), ref, torch.float32)
-    assert set(trainer.evaluate()) >= {"eval_loss_model_0", "eval_loss_model_1", "eval_loss"}
+    assert set(trainer.evaluate()) >= {"eval_loss/model_0", "eval_loss/model_1", "eval_loss"}
     trainer.save_model(str(tmp_path / "lm"))  # tied weights: stored once per name
     loaded = LlamaForCausalLM.from_pretrained(tmp_path / "lm" / "model_1")
     assert_close_models([loaded], [trainer.model_batch.extract(1)], torch.float32)
@@ -295,7 +299,7 @@ def test_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     ns = runpy.run_path(str(EXAMPLES / "huggingface_example.py"), run_name="__main__")
     metrics = ns["metrics"]
-    assert {f"eval_accuracy_model_{i}" for i in range(4)} <= set(metrics)
+    assert {f"eval_accuracy/model_{i}" for i in range(4)} <= set(metrics)
     best = ns["best"]
     loaded = BertForSequenceClassification.from_pretrained(tmp_path / "bundle" / f"model_{best}")
     assert_close_models([loaded], [ns["batch"].extract(best)], torch.float32)
@@ -356,7 +360,7 @@ def test_padded_token_labels_and_preprocess_logits_for_metrics(tmp_path: Path) -
                 logits = model.eval()(input_ids=row["input_ids"][None]).logits[0]
             hits.append(logits.argmax(-1) == row["labels"])
         expected = float(torch.cat(hits).double().mean())
-        assert pred.metrics[f"test_tokacc_model_{i}"] == pytest.approx(expected)
+        assert pred.metrics[f"test_tokacc/model_{i}"] == pytest.approx(expected)
 
 
 def test_unsupported_trainer_features_are_refused(tmp_path: Path) -> None:

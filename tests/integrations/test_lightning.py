@@ -24,7 +24,10 @@ from torch.utils.data import DataLoader, TensorDataset
 pl = pytest.importorskip("lightning.pytorch")
 
 from modelbatch import ModelBatch, evaluate, optim  # noqa: E402
-from modelbatch.integrations.lightning import BatchLightningModule  # noqa: E402
+from modelbatch.integrations.lightning import (  # noqa: E402
+    BatchLightningModule,
+    PerModelEarlyStopping,
+)
 from tests.helpers import TOL, assert_close_models, rel_err  # noqa: E402
 
 pytestmark = [
@@ -226,8 +229,8 @@ def test_gradient_scaler_is_refused(tmp_path: Path) -> None:
 
 def test_bad_arguments_have_clear_errors() -> None:
     batch = ModelBatch(_models())
-    with pytest.raises(ValueError, match="no optimizer"):
-        BatchLightningModule(batch, F.cross_entropy)
+    with pytest.raises(ValueError, match="no optimizer"):  # only when training starts
+        BatchLightningModule(batch, F.cross_entropy).configure_optimizers()
     module = BatchLightningModule(batch, F.cross_entropy, optimizer=optim.SGD)
     with pytest.raises(ValueError, match=r"\(x, y\)"):
         module.training_step(torch.zeros(2, 4), 0)
@@ -328,3 +331,81 @@ def test_drop_mid_fit_shrinks_the_schedulers_lightning_holds(tmp_path: Path) -> 
     assert [g["lr"] for g in trainer.optimizers[0].param_groups] == pytest.approx(
         [0.1 * 0.5**3, 0.3 * 0.5**3]
     )
+
+
+def test_each_models_lr_is_logged(tmp_path: Path) -> None:
+    module = _module(_models())
+    trainer = _trainer(2, default_root_dir=tmp_path)
+    trainer.fit(module, _loader())
+    for i, lr in enumerate(LRS):  # StepLR(2, 0.5) per step: 6 steps -> 3 halvings
+        assert float(trainer.callback_metrics[f"lr/model_{i}"]) == pytest.approx(lr * 0.5**3)
+
+
+def test_torchmetrics_objects_per_model(tmp_path: Path) -> None:
+    torchmetrics = pytest.importorskip("torchmetrics")
+    models = _models()
+    module = BatchLightningModule(
+        ModelBatch(copy.deepcopy(models)), F.cross_entropy, optimizer=functools.partial(
+            optim.SGD, lr=0.1),
+        metrics={"acc": torchmetrics.classification.MulticlassAccuracy(num_classes=3,
+                                                                       average="micro"),
+                 "fn_acc": _acc},
+    )
+    trainer = _trainer(1, default_root_dir=tmp_path)
+    trainer.fit(module, _loader(), _loader())
+    results = trainer.validate(module, _loader(), verbose=False)[0]
+    expected = evaluate(module.model_batch, _loader())["accuracy"]
+    for i in range(3):
+        assert results[f"val/acc/model_{i}"] == pytest.approx(float(expected[i]))
+        assert results[f"val/acc/model_{i}"] == pytest.approx(results[f"val/fn_acc/model_{i}"])
+    # One clone per model: model 0's object saw only model 0's predictions.
+    objs = module.metric_objects["acc"]["val"]
+    assert len({id(objs[str(i)]) for i in range(3)}) == 3
+
+
+def test_per_model_early_stopping_keeps_each_models_best(tmp_path: Path) -> None:
+    """Model 1 (lr 5.0) gets worse at once and is dropped; every model's best weights
+    (from disk) reproduce its best validation loss."""
+    models = _models()
+    module = BatchLightningModule(
+        ModelBatch(models), F.cross_entropy,
+        optimizer=functools.partial(optim.SGD, lr=[0.05, 5.0, 0.02]),
+    )
+    stopper = PerModelEarlyStopping("val/loss", patience=1, action="drop",
+                                    dirpath=str(tmp_path / "best"))
+    history: dict[int, list[float]] = {0: [], 1: [], 2: []}
+
+    class Record(pl.Callback):
+        def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+            if not trainer.sanity_checking:
+                for mid in pl_module.model_batch.model_ids:
+                    history[mid].append(float(trainer.callback_metrics[f"val/loss/model_{mid}"]))
+
+    trainer = _trainer(6, default_root_dir=tmp_path, callbacks=[Record(), stopper],
+                       num_sanity_val_steps=0)
+    trainer.fit(module, _loader(), _loader())
+    assert 1 in stopper.stopped and 1 not in module.model_batch.model_ids
+    for mid, values in history.items():
+        assert stopper.best_values[mid] == pytest.approx(min(values))
+        model = stopper.best_model(mid)
+        with torch.no_grad():
+            loss = sum(float(F.cross_entropy(model(x), y)) * len(y) for x, y in _loader()) / 24
+        assert loss == pytest.approx(min(values), rel=1e-9)
+        assert (tmp_path / "best" / f"{mid}.safetensors").is_file()
+
+
+def test_load_from_checkpoint_without_an_optimizer(tmp_path: Path) -> None:
+    module = _module(_models())
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt")
+    trainer = _trainer(1, default_root_dir=tmp_path, enable_checkpointing=True, callbacks=[ckpt])
+    trainer.fit(module, _loader())
+    loaded = BatchLightningModule.load_from_checkpoint(
+        ckpt.best_model_path, batch=ModelBatch(_models(seed=5)), loss_fn=F.cross_entropy
+    )
+    x = next(iter(_loader()))[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), module(x))
+    preds = _trainer(1, default_root_dir=tmp_path).predict(
+        loaded, DataLoader(TensorDataset(x), batch_size=len(x))
+    )
+    assert torch.equal(preds[0], module(x).detach())

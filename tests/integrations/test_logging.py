@@ -325,3 +325,54 @@ def test_csv_example_runs(tmp_path, monkeypatch):
     assert steps_of == {"a": {0}, "b": {0, 1, 2}, "c": {0, 1, 2}, "d": {0, 1, 2}}
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4 + 3 * 2  # 4 models at step 0, then 3
+
+
+def _read_hparams(run_dir: Path) -> dict[str, Any]:
+    """The HParams session of one TensorBoard run folder, read back with tensorboard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    ea = EventAccumulator(str(run_dir))
+    ea.Reload()
+    out: dict[str, Any] = {}
+    for content in ea.PluginTagToContent("hparams").values():
+        data = plugin_data_pb2.HParamsPluginData.FromString(content)
+        if data.HasField("session_start_info"):
+            for k, v in data.session_start_info.hparams.items():
+                out[k] = v.number_value if v.HasField("number_value") else v.string_value
+    scalars = {tag: ea.Scalars(tag)[-1].value for tag in ea.Tags()["scalars"]}
+    return {"hparams": out, "metrics": scalars}
+
+
+def test_a_sweep_fills_tensorboard_hparams_and_logs_each_models_lr(tmp_path):
+    from modelbatch.integrations import sweep
+    from tests.integrations._toy import make_loader, make_mlp
+
+    configs = [{"seed": s, "lr": lr} for s, lr in enumerate([0.01, 0.1, 0.3])]
+    logger = TensorBoardLogger(tmp_path / "tb")
+    res = sweep(configs, make_mlp, train_loader=make_loader(), loss_fn=F.cross_entropy,
+                epochs=2, optimizer_cls=torch.optim.SGD, logger=logger, progress=False,
+                scheduler_fn=lambda o: torch.optim.lr_scheduler.StepLR(o, 1, 0.5))
+    logger.close()
+    scalars = _read_tensorboard(tmp_path / "tb")
+    for i, c in enumerate(configs):
+        # The lr each model trained its epoch with: halved after every step (3 per epoch).
+        assert [v for _, v in scalars[f"lr/model_{i}"]] == pytest.approx(
+            [c["lr"] * 0.5**3, c["lr"] * 0.5**6]
+        )
+        session = _read_hparams(tmp_path / "tb" / f"model_{i}")
+        assert session["hparams"] == {"seed": i, "lr": pytest.approx(c["lr"])}
+        assert session["metrics"]["hparam/loss"] == pytest.approx(res[i].value, rel=1e-6)
+        assert session["metrics"]["hparam/best_loss"] == pytest.approx(res[i].best_value, rel=1e-6)
+
+
+def test_log_batch_metrics_adds_each_models_lr(tmp_path):
+    import modelbatch
+
+    batch = _batch_with_metrics([5, 7])
+    opt = modelbatch.optim.SGD(batch, lr=[0.1, 0.2])
+    logger = JSONLLogger(tmp_path / "m.jsonl")
+    log_batch_metrics(logger, batch, 0, optimizer=opt)
+    logger.close()
+    lines = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [(r["model_id"], r["lr"]) for r in lines] == [(5, 0.1), (7, 0.2)]

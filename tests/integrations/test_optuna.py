@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from optuna.trial import TrialState
 
 from modelbatch.integrations.optuna import create_sqlite_study, optimize_batched
-from modelbatch.integrations.sweep import sweep
+from modelbatch.integrations.sweeping import sweep
 from tests.integrations._toy import make_loader, make_mlp64
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -46,13 +46,13 @@ class PruneSmallLr(optuna.pruners.BasePruner):
 
 
 class RecordingLogger:
-    """A BatchLogger that records which trials were still in the batch at each step."""
+    """A BatchLogger that records (trial number, epoch) in the order they were logged."""
 
     def __init__(self) -> None:
-        self.ids: list[list[int]] = []
+        self.rows: list[tuple[int, int]] = []
 
     def log(self, metrics, step):
-        self.ids.append([row["model_id"] for row in metrics])
+        self.rows.extend((row["model_id"], step) for row in metrics)
 
     def close(self):
         pass
@@ -92,13 +92,15 @@ def test_pruned_trials_are_dropped_and_survivors_match_training_alone():
             assert list(t.intermediate_values) == list(range(EPOCHS))
             assert t.value == t.intermediate_values[EPOCHS - 1]
             assert len(t.user_attrs["train_loss"]) == EPOCHS
-    # Each round's batch shrank once its pruned trials were dropped.
-    pruned_ids = {t.number for t in pruned}
-    for rnd in range(2):
-        first, *later = logger.ids[rnd * EPOCHS : (rnd + 1) * EPOCHS]
-        assert first == [3 * rnd, 3 * rnd + 1, 3 * rnd + 2]
-        for ids in later:
-            assert ids == [i for i in first if i not in pruned_ids]
+    # A pruned trial's slot is refilled at once: trial 3 starts (is asked) right after
+    # the first trial that ended, not after the whole first three.
+    first_end = min(t.datetime_complete for t in trials[:3])
+    assert trials[3].datetime_start >= first_end
+    assert trials[3].datetime_start < max(t.datetime_complete for t in trials[:3])
+    assert all(t.user_attrs["train_seconds"] > 0 for t in trials)
+    assert sorted(logger.rows) == sorted(
+        (t.number, e) for t in trials for e in range(len(t.user_attrs["train_loss"]))
+    )
     # The survivors' objectives equal the same configs trained without the pruned ones.
     survivors = [t for t in trials if t.state == TrialState.COMPLETE]
     direct = sweep(
@@ -161,17 +163,13 @@ def test_trials_with_different_architectures_train_in_separate_batches():
     def model(trial):
         return make_mlp64({"seed": trial.number, "hidden": trial.suggest_categorical("h", [4, 8])})
 
-    logger = RecordingLogger()
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=1))
-    trials = _run(study, n_trials=5, models_per_batch=5, make_model=model, metric="accuracy",
-                  logger=logger)
+    trials = _run(study, n_trials=5, models_per_batch=5, make_model=model, metric="accuracy")
     assert all(t.state == TrialState.COMPLETE for t in trials)
     assert all(0.0 <= t.value <= 1.0 for t in trials)
     hidden = {t.number: t.params["h"] for t in trials}
     assert len(set(hidden.values())) == 2
-    groups = logger.ids[::EPOCHS]
-    assert sorted(i for ids in groups for i in ids) == list(range(5))
-    assert all(len({hidden[i] for i in ids}) == 1 for ids in groups)
+    assert all(len(t.user_attrs["train_loss"]) == EPOCHS for t in trials)
 
 
 def test_errors_fail_the_open_trials_and_are_raised():
@@ -202,3 +200,62 @@ def test_optuna_example_runs(tmp_path, monkeypatch):
     study = optuna.load_study(study_name="modelbatch-example", storage=f"sqlite:///{tmp_path}/ex.db")
     assert len(study.trials) >= 8
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+
+
+def test_study_optimize_semantics_timeout_callbacks_catch_stop_and_progress(capsys):
+    seen = []
+
+    def callback(study, frozen):
+        seen.append((frozen.number, frozen.state))
+        if frozen.number == 4:
+            study.stop()
+
+    def flaky(trial):
+        if trial.number == 1:
+            raise KeyError("bad architecture")
+        return model_of(trial)
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trials = _run(study, n_trials=20, models_per_batch=2, make_model=flaky,
+                  callbacks=[callback], catch=(KeyError,), show_progress_bar=True)
+    assert trials[1].state == TrialState.FAIL
+    assert "bad architecture" in trials[1].user_attrs["error"]
+    assert sorted(n for n, _ in seen) == [t.number for t in trials]
+    assert len(trials) < 20  # study.stop() in the callback stopped asking
+    assert all(t.state == TrialState.COMPLETE for t in trials if t.number != 1)
+    assert "trials" in capsys.readouterr().err  # the tqdm bar
+    # timeout: no new trial is asked after it; those in flight finish.
+    assert _run(optuna.create_study(), n_trials=None, timeout=0.0, models_per_batch=2) == []
+    with pytest.raises(ValueError, match="n_trials or timeout"):
+        _run(optuna.create_study(), n_trials=None)
+    # An exception not in catch fails the open trials and is raised.
+    study3 = optuna.create_study()
+    with pytest.raises(KeyError):
+        _run(study3, n_trials=3, make_model=flaky)
+    assert [t.state for t in study3.trials] == [TrialState.FAIL, TrialState.FAIL]
+
+
+def test_trials_record_their_checkpoint_and_return_models(tmp_path):
+    import modelbatch
+
+    study = create_sqlite_study(tmp_path / "s.db", pruner=PruneSmallLr(),
+                                sampler=optuna.samplers.RandomSampler(seed=3))
+    trials, models = _run(study, n_trials=4, models_per_batch=2, save_dir=tmp_path / "models",
+                          return_models=True)
+    stored = {t.number: t for t in create_sqlite_study(tmp_path / "s.db").get_trials()}
+    assert any(t.state == TrialState.PRUNED for t in trials)
+    for t in trials:
+        path = stored[t.number].user_attrs["checkpoint"]
+        loaded = modelbatch.load_model(path, t.number, make_mlp64({}))
+        for a, b in zip(loaded.state_dict().values(), models[t.number].state_dict().values(),
+                        strict=True):
+            assert torch.equal(a, b)
+    # Every trial, pruned ones included, trained exactly as alone for the epochs it ran.
+    for t in trials:
+        n_epochs = len(t.user_attrs["train_loss"])
+        direct = sweep([{"seed": t.number, "lr": t.params["lr"]}], make_mlp64,
+                       train_loader=LOADER, loss_fn=F.cross_entropy, epochs=n_epochs,
+                       optimizer_cls=torch.optim.SGD, keep_models=True, progress=False)
+        for a, b in zip(models[t.number].state_dict().values(),
+                        direct[0].model.state_dict().values(), strict=True):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)

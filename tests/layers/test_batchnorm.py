@@ -68,7 +68,8 @@ def test_float64_training_equals_nn_batchnorm(case: str, option: str) -> None:
     _, vcls, shape = BN_CASES[case]
     assert type(batch.stacked.bn) is vcls
     assert batch.state_dict().keys() == {f"stacked.{k}" for k in models[0].state_dict()} | {
-        "active"
+        "active",
+        "model_ids",
     }
     opt = modelbatch.optim.SGD(batch, lr=0.1, momentum=0.9)
     g = torch.Generator().manual_seed(1)

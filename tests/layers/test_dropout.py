@@ -422,4 +422,4 @@ def test_a_model_without_tensors_runs() -> None:
     assert out.shape == (2, 40, 50) and not torch.equal(out[0], out[1])
     batch.drop(0)
     assert batch(torch.ones(2, 3)).shape == (1, 2, 3)
-    assert batch.state_dict().keys() == {"active"}
+    assert batch.state_dict().keys() == {"active", "model_ids"}

@@ -8,12 +8,12 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from modelbatch.integrations.sweep import sweep
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import modelbatch
 from modelbatch import ModelBatch
-from modelbatch.integrations.sweep import sweep
 from modelbatch.layers.settings import (
     PerModelGroupNorm,
     PerModelLayerNorm,

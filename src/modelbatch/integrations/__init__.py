@@ -8,6 +8,7 @@ its library through :func:`require`, which names the extra to install when the l
 from __future__ import annotations
 
 import importlib
+import sys
 from types import ModuleType
 from typing import Any
 
@@ -18,6 +19,9 @@ __all__ = [
     "ConfigResult",
     "HFTrainerMixin",
     "JSONLLogger",
+    "PerModelEarlyStopping",
+    "SuccessiveHalving",
+    "SweepResults",
     "TensorBoardLogger",
     "WandbLogger",
     "create_sqlite_study",
@@ -31,6 +35,7 @@ __all__ = [
 # Public name -> the integration module (relative to this package) that defines it.
 _LAZY: dict[str, str] = {
     "BatchLightningModule": "lightning",
+    "PerModelEarlyStopping": "lightning",
     "BundledTrainer": "huggingface",
     "HFTrainerMixin": "huggingface",
     "CSVLogger": "logging",
@@ -38,8 +43,10 @@ _LAZY: dict[str, str] = {
     "TensorBoardLogger": "logging",
     "WandbLogger": "logging",
     "log_batch_metrics": "logging",
-    "sweep": "sweep",
-    "ConfigResult": "sweep",
+    "sweep": "sweeping",
+    "ConfigResult": "sweeping",
+    "SuccessiveHalving": "sweeping",
+    "SweepResults": "sweeping",
     "optimize_batched": "optuna",
     "create_sqlite_study": "optuna",
     "tune_bundles": "ray_tune",
@@ -84,3 +91,11 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     """List the public names, including the lazily imported ones."""
     return sorted(set(globals()) | set(__all__))
+
+
+# ``sweep`` is the function. Its module is ``sweeping``; the old module path
+# ``modelbatch.integrations.sweep`` still imports (``from modelbatch.integrations.sweep import
+# sweep, ConfigResult`` keeps working) as an alias that does not shadow the function.
+from modelbatch.integrations import sweeping as _sweeping  # noqa: E402
+
+sys.modules[f"{__name__}.sweep"] = _sweeping

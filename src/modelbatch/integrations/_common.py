@@ -19,11 +19,25 @@ if TYPE_CHECKING:
     from modelbatch.core import ModelBatch
 
 __all__ = [
+    "PER_MODEL_KEY",
     "clip_grad_norm_per_model",
     "clip_grad_value_per_model",
     "per_model_grad_norms",
+    "per_model_key",
     "per_model_metrics",
 ]
+
+#: The one naming scheme for per-model metrics in every integration (Lightning, the Hugging
+#: Face Trainer, the TensorBoard / W&B loggers, Ray Tune, sweeps): ``<metric>/model_<id>``,
+#: where ``<metric>`` is the integration's own name for the value (``train/loss`` in
+#: Lightning, ``eval_loss`` in the HF Trainer, ``loss``, ``lr``, ``val_accuracy`` ...) and
+#: ``<id>`` the model's stable id.
+PER_MODEL_KEY = "{metric}/model_{model_id}"
+
+
+def per_model_key(metric: str, model_id: int | str) -> str:
+    """``<metric>/model_<id>``: the name of model ``model_id``'s value of ``metric``."""
+    return PER_MODEL_KEY.format(metric=metric, model_id=model_id)
 
 MetricFn = Callable[[Tensor, Tensor], Tensor]
 

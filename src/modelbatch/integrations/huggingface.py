@@ -12,11 +12,11 @@ What changes compared with a plain ``Trainer``:
   skipped for biases and norm weights, as the Trainer does), with optional per-model values.
   The Trainer's LR schedulers work unchanged: ``param_groups[i]`` is model i.
 * ``compute_loss`` returns the sum of the N per-model losses (each model gets exactly the
-  gradient it would get alone) and records each model's loss; logs gain ``loss_model_<id>``
+  gradient it would get alone) and records each model's loss; logs gain ``loss/model_<id>``
   and ``loss`` becomes the mean over models.
 * Gradient clipping (``max_grad_norm``) clips each model by its own norm, never by one
   global norm over all N models; the logged ``grad_norm`` is the mean of the per-model norms.
-* ``evaluate`` (and ``predict``) returns ``eval_loss_model_<id>``, ``eval_accuracy_model_<id>`` (for
+* ``evaluate`` (and ``predict``) returns ``eval_loss/model_<id>``, ``eval_accuracy/model_<id>`` (for
   classification labels of shape ``[B]``), every ``compute_metrics`` value per model, and
   their means over models (``eval_loss``, ...).
 * ``save_model`` writes the stacked weights as ``model.safetensors`` (what a checkpoint
@@ -40,7 +40,11 @@ from torch import Tensor
 
 from modelbatch.core import ModelBatch
 from modelbatch.integrations import require
-from modelbatch.integrations._common import clip_grad_norm_per_model, per_model_grad_norms
+from modelbatch.integrations._common import (
+    clip_grad_norm_per_model,
+    per_model_grad_norms,
+    per_model_key,
+)
 from modelbatch.optim.adam import Adam, AdamW
 from modelbatch.optim.factory import OptimizerFactory
 from modelbatch.optim.sgd import SGD
@@ -329,7 +333,7 @@ class HFTrainerMixin:
         """The sum of the N models' losses on ``inputs`` (each model's own mean loss).
 
         The per-model losses (``[N]``) are stored in ``model_batch.latest_losses`` and, in
-        training, accumulated for the ``loss_model_<id>`` logs.
+        training, accumulated for the ``loss/model_<id>`` logs.
         """
         outputs, total = self._forward(model, inputs)
         assert total is not None
@@ -363,20 +367,27 @@ class HFTrainerMixin:
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add each model's training loss (``loss_model_<id>``); ``loss`` is the mean over
-        models (the Trainer's own value would be their sum)."""
+        """Add each model's training loss (``loss/model_<id>``) and learning rate
+        (``learning_rate/model_<id>``); ``loss`` is the mean over models (the Trainer's own
+        value would be their sum)."""
         ids = self.model_batch.model_ids
+        optimizer = getattr(self, "optimizer", None)
+        if "learning_rate" in logs and optimizer is not None:
+            for group in optimizer.param_groups:
+                mid = group.get("model_id")
+                if mid is not None and per_model_key("learning_rate", mid) not in logs:
+                    logs[per_model_key("learning_rate", mid)] = float(group["lr"])
         if "loss" in logs and self._train_loss_sum is not None and self._train_loss_count:
             per_model = (self._train_loss_sum / self._train_loss_count).tolist()
             for mid, v in zip(ids, per_model, strict=True):
-                logs[f"loss_model_{mid}"] = v
+                logs[per_model_key("loss", mid)] = v
             logs["loss"] = sum(per_model) / len(per_model)
             self._train_loss_sum.zero_()
             self._train_loss_count = 0
         if "train_loss" in logs and self._total_loss_sum is not None and self._total_loss_count:
             per_model = (self._total_loss_sum / self._total_loss_count).tolist()
             for mid, v in zip(ids, per_model, strict=True):
-                logs[f"train_loss_model_{mid}"] = v
+                logs[per_model_key("train_loss", mid)] = v
             logs["train_loss"] = sum(per_model) / len(per_model)
         super().log(logs, start_time)  # type: ignore[misc]
 
@@ -466,7 +477,7 @@ class HFTrainerMixin:
         metrics: dict[str, float] = {}
         for name, values in per_model.items():
             for mid, v in zip(self.model_batch.model_ids, values, strict=True):
-                metrics[f"{prefix}_{name}_model_{mid}"] = v
+                metrics[per_model_key(f"{prefix}_{name}", mid)] = v
             metrics[f"{prefix}_{name}"] = sum(values) / len(values)
         metrics.update(
             transformers.trainer_utils.speed_metrics(
@@ -481,8 +492,8 @@ class HFTrainerMixin:
         ignore_keys: list[str] | None = None,
         metric_key_prefix: str = "eval",
     ) -> dict[str, float]:
-        """Evaluate every model: ``{prefix}_loss_model_<id>``, ``{prefix}_accuracy_model_<id>``
-        (labels of shape ``[B]``), ``{prefix}_<metric>_model_<id>`` for each value of
+        """Evaluate every model: ``{prefix}_loss/model_<id>``, ``{prefix}_accuracy/model_<id>``
+        (labels of shape ``[B]``), ``{prefix}_<metric>/model_<id>`` for each value of
         ``compute_metrics`` (called once per model), and the mean over models of each."""
         override = eval_dataset is not None
         eval_dataset = eval_dataset if override else self.eval_dataset
@@ -654,5 +665,5 @@ class BundledTrainer(HFTrainerMixin, transformers.Trainer):  # type: ignore[misc
         ...                          train_dataset=train, eval_dataset=val,
         ...                          per_model_hparams={"lr": [1e-4 * 2**i for i in range(8)]})
         >>> trainer.train()
-        >>> trainer.evaluate()["eval_accuracy_model_3"]
+        >>> trainer.evaluate()["eval_accuracy/model_3"]
     """

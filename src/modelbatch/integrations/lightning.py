@@ -25,12 +25,13 @@ from modelbatch.integrations._common import (
     MetricFn,
     clip_grad_norm_per_model,
     clip_grad_value_per_model,
+    per_model_key,
     per_model_metrics,
 )
 from modelbatch.loss import resolve_per_model_targets
 from modelbatch.optim.factory import OptimizerFactory
 
-__all__ = ["BatchLightningModule"]
+__all__ = ["BatchLightningModule", "PerModelEarlyStopping"]
 
 
 def _import_lightning() -> ModuleType:
@@ -63,6 +64,14 @@ def _infer_per_model_targets(
     return resolve_per_model_targets(outputs, targets, per_model_targets)
 
 
+def _is_torchmetric(obj: Any) -> bool:
+    """Whether ``obj`` is a ``torchmetrics.Metric`` (without importing torchmetrics)."""
+    return any(
+        c.__name__ == "Metric" and c.__module__.startswith("torchmetrics")
+        for c in type(obj).__mro__
+    )
+
+
 def _mean_of_healthy(values: Tensor, active: Tensor) -> Tensor:
     """Mean of ``values [N]`` over the active models whose value is finite (nan if none)."""
     values = values.detach().float()
@@ -83,7 +92,11 @@ class BatchLightningModule(pl.LightningModule):  # type: ignore[misc,name-define
     ``val/loss/model_<id>``, ``val/<metric>/model_<id>`` (and ``test/...``), plus the mean over
     models as ``train/loss``, ``val/loss``, ``val/<metric>`` (over the active models with a
     finite value, so a diverged or quarantined model does not stop ``EarlyStopping``). To
-    remove models mid-fit (from a callback), call :meth:`drop`.
+    remove models mid-fit (from a callback), call :meth:`drop`; for per-model early stopping
+    with each model's best weights kept, add :class:`PerModelEarlyStopping` to the trainer.
+    Each model's learning rate is logged as ``lr/model_<id>`` after every training epoch.
+    ``optimizer`` may be left out for inference, e.g. with ``load_from_checkpoint(path,
+    batch=ModelBatch(models), loss_fn=...)``.
 
     Args:
         batch: the ModelBatch to train.
@@ -99,7 +112,9 @@ class BatchLightningModule(pl.LightningModule):  # type: ignore[misc,name-define
             ``torch.optim.lr_scheduler`` scheduler (it drives each model's own learning rate,
             since ``param_groups[i]`` is model i) or a full Lightning ``lr_scheduler`` dict.
         metrics: name -> single-model metric ``fn(output [B, ...], target [B, ...]) -> scalar``,
-            computed for every model in validation and test.
+            computed for every model in validation and test; or a ``torchmetrics.Metric``
+            object, cloned once per model (each accumulates its own model's state over the
+            epoch; logged as ``<stage>/<name>/model_<id>``).
         per_model: whether inputs carry a leading model dimension ``[N, B, ...]``.
         per_model_targets: whether targets carry a leading model dimension; ``None`` infers it
             as :meth:`ModelBatch.compute_loss` does.
@@ -129,11 +144,6 @@ class BatchLightningModule(pl.LightningModule):  # type: ignore[misc,name-define
         super().__init__()
         if not isinstance(batch, ModelBatch):
             raise TypeError(f"batch must be a ModelBatch, got {type(batch).__name__}")
-        if optimizer is None and batch.optimizer is None:
-            raise ValueError(
-                "no optimizer: pass optimizer= (e.g. functools.partial(modelbatch.optim.Adam, "
-                "lr=1e-3)) or build the batch with ModelBatch(models, lr=..., optimizer_cls=...)"
-            )
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(
                 f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}"
@@ -142,7 +152,21 @@ class BatchLightningModule(pl.LightningModule):  # type: ignore[misc,name-define
         self.loss_fn = loss_fn
         self.optimizer_spec = optimizer
         self.scheduler_spec = scheduler
-        self.metric_fns: dict[str, MetricFn] = dict(metrics or {})
+        self.metric_fns: dict[str, MetricFn] = {}
+        # torchmetrics Metric objects: one clone per model and stage, keyed by model id.
+        self.metric_objects = torch.nn.ModuleDict()
+        for name, metric in dict(metrics or {}).items():
+            if _is_torchmetric(metric):
+                self.metric_objects[name] = torch.nn.ModuleDict(
+                    {
+                        stage: torch.nn.ModuleDict(
+                            {str(mid): cast(Any, metric).clone() for mid in batch.model_ids}
+                        )
+                        for stage in ("val", "test")
+                    }
+                )
+            else:
+                self.metric_fns[name] = metric
         self.per_model = per_model
         self.per_model_targets = per_model_targets
         self.scheduler_interval = scheduler_interval
@@ -186,7 +210,7 @@ class BatchLightningModule(pl.LightningModule):  # type: ignore[misc,name-define
         logs: dict[str, Tensor] = {}
         for name, per_model in values.items():
             for i, mid in enumerate(ids):
-                logs[f"{stage}/{name}/model_{mid}"] = per_model[i]
+                logs[per_model_key(f"{stage}/{name}", mid)] = per_model[i]
         self.log_dict(logs, on_step=on_step, on_epoch=True, batch_size=batch_size)
         # The means skip quarantined models and non-finite values: one diverged model must not
         # turn ``val/loss`` into nan (EarlyStopping and ModelCheckpoint monitor these means).
@@ -215,7 +239,23 @@ class BatchLightningModule(pl.LightningModule):  # type: ignore[misc,name-define
             pmt = _infer_per_model_targets(outputs, y, self.per_model_targets)
             values.update(per_model_metrics(outputs, y, self.metric_fns, per_model_targets=pmt))
         self._log_per_model(stage, values, outputs.shape[1], on_step=False)
+        if len(self.metric_objects):
+            self._update_metric_objects(stage, outputs, y)
         return total
+
+    def _update_metric_objects(self, stage: str, outputs: Tensor, y: Tensor) -> None:
+        """Update each model's own torchmetrics object and log it as
+        ``<stage>/<name>/model_<id>`` (Lightning computes and resets it each epoch)."""
+        pmt = self.per_model_targets
+        if pmt is None:
+            pmt = _infer_per_model_targets(outputs, y)
+        for name, per_stage in self.metric_objects.items():
+            objects = cast(Any, per_stage)[stage]
+            for i, mid in enumerate(self.model_batch.model_ids):
+                metric = objects[str(mid)]
+                metric.update(outputs[i].detach(), y[i] if pmt else y)
+                self.log(per_model_key(f"{stage}/{name}", mid), metric, on_step=False,
+                         on_epoch=True, batch_size=outputs.shape[1])
 
     def validation_step(self, data: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Per-model loss and metrics on a validation batch (logged as epoch means; with
@@ -254,7 +294,13 @@ class BatchLightningModule(pl.LightningModule):  # type: ignore[misc,name-define
     def _build_optimizer(self) -> torch.optim.Optimizer:
         spec = self.optimizer_spec
         if spec is None:
-            assert self.model_batch.optimizer is not None
+            if self.model_batch.optimizer is None:
+                raise ValueError(
+                    "no optimizer to train with: pass optimizer= (e.g. functools.partial("
+                    "modelbatch.optim.Adam, lr=1e-3)) or build the batch with ModelBatch(models, "
+                    "lr=..., optimizer_cls=...). (Without one the module still validates, tests "
+                    "and predicts, e.g. after load_from_checkpoint.)"
+                )
             return self.model_batch.optimizer
         if isinstance(spec, torch.optim.Optimizer):
             return spec
@@ -313,6 +359,20 @@ class BatchLightningModule(pl.LightningModule):  # type: ignore[misc,name-define
         else:
             clip_grad_value_per_model(self.model_batch, float(gradient_clip_val))
 
+    def on_train_epoch_end(self) -> None:
+        """Log each model's current learning rate as ``lr/model_<id>``."""
+        trainer = self._trainer
+        if trainer is None or not trainer.optimizers:
+            return
+        seen: dict[Any, float] = {}
+        for group in trainer.optimizers[0].param_groups:
+            mid = group.get("model_id")
+            if mid is not None and mid not in seen and "lr" in group:
+                seen[mid] = float(group["lr"])
+        if seen:
+            self.log_dict({per_model_key("lr", mid): v for mid, v in seen.items()},
+                          on_step=False, on_epoch=True)
+
     def on_fit_start(self) -> None:
         """Refuse set-ups that would silently couple the models."""
         plugin = getattr(self.trainer, "precision_plugin", None)
@@ -355,3 +415,89 @@ class BatchLightningModule(pl.LightningModule):  # type: ignore[misc,name-define
                 raise KeyError(f"{key!r} was not logged; logged keys: {sorted(metrics)}")
             out[mid] = float(metrics[key])
         return out
+
+
+class PerModelEarlyStopping(pl.Callback):  # type: ignore[misc,name-defined]
+    """Per-model early stopping and best-weight checkpointing for :class:`BatchLightningModule`.
+
+    After every validation it reads each model's own ``<monitor>/model_<id>`` (e.g.
+    ``val/loss/model_3``), keeps each model's best weights (in host memory, or with
+    ``dirpath`` as ``<dirpath>/<id>.safetensors``, the model's plain state dict) and stops a
+    model that has not improved for ``patience`` validations: quarantined (frozen, still in
+    the batch) or dropped from the batch (later steps cost less). When every model has
+    stopped, the trainer stops. A :class:`modelbatch.EarlyStopping` does the work.
+
+    Args:
+        monitor: the logged metric without its ``/model_<id>`` suffix, e.g. ``"val/loss"``.
+        mode: ``"min"`` or ``"max"``.
+        patience: validations without improvement before a model stops.
+        min_delta: smallest change that counts as an improvement.
+        action: ``"quarantine"`` or ``"drop"``.
+        dirpath: write each model's best weights there instead of keeping them in memory.
+
+    Attributes:
+        best_values: ``{model id: best value}``.
+        stopped: the model ids stopped so far, in order.
+    """
+
+    def __init__(
+        self,
+        monitor: str = "val/loss",
+        mode: str = "min",
+        patience: int = 3,
+        min_delta: float = 0.0,
+        *,
+        action: str = "quarantine",
+        dirpath: str | None = None,
+    ) -> None:
+        from modelbatch.callbacks import EarlyStopping
+
+        self.monitor = monitor
+        self.early_stopping = EarlyStopping(
+            monitor, mode, patience, min_delta, action=action, directory=dirpath
+        )
+        self.pack: Any = None
+        self.stopped: list[int | str] = []
+
+    @property
+    def best_values(self) -> dict[int | str, float]:
+        """``{model id: best value of the monitored metric}``."""
+        return dict(self.early_stopping.best_values)
+
+    def best_state(self, model_id: int | str) -> dict[str, Tensor]:
+        """Model ``model_id``'s state dict at its best validation (CPU)."""
+        return self.early_stopping.best_state(model_id)
+
+    def best_model(self, model_id: int | str) -> torch.nn.Module:
+        """Model ``model_id`` as a plain ``nn.Module`` with its best weights."""
+        return self.early_stopping.best_model(model_id)
+
+    def _pack(self, pl_module: BatchLightningModule, trainer: Any) -> Any:
+        from modelbatch.callbacks import CallbackPack
+
+        if self.pack is None or self.pack.batch is not pl_module.model_batch:
+            self.pack = CallbackPack(pl_module.model_batch, [self.early_stopping])
+        self.pack.schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
+        return self.pack
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        """Feed each model's monitored value to the early stopping; stop the trainer when
+        every model has stopped."""
+        if trainer.sanity_checking:
+            return
+        if not isinstance(pl_module, BatchLightningModule):
+            raise TypeError("PerModelEarlyStopping needs a BatchLightningModule")
+        pack = self._pack(pl_module, trainer)
+        metrics = trainer.callback_metrics
+        values = []
+        for mid in pl_module.model_batch.model_ids:
+            key = per_model_key(self.monitor, mid)
+            if key not in metrics:
+                raise KeyError(f"PerModelEarlyStopping monitors {key!r}, which was not logged; "
+                               f"logged: {sorted(metrics)}")
+            values.append(float(metrics[key]))
+        before = len(pack.events)
+        pack.on_validation_end({self.monitor: torch.tensor(values, dtype=torch.float64)})
+        self.stopped.extend(e["model_id"] for e in pack.events[before:])
+        if pack.should_stop:
+            trainer.should_stop = True

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from modelbatch.integrations import require
+from modelbatch.integrations._common import per_model_key
 
 if TYPE_CHECKING:
     from modelbatch.core import ModelBatch
@@ -33,6 +34,7 @@ __all__ = [
     "TensorBoardLogger",
     "WandbLogger",
     "log_batch_metrics",
+    "per_model_lrs",
     "scalar_metrics",
 ]
 
@@ -69,9 +71,29 @@ def scalar_metrics(row: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def log_batch_metrics(logger: BatchLogger, batch: ModelBatch, step: int) -> None:
-    """Log ``batch.metrics()`` (one row per model) to ``logger`` at ``step``."""
-    logger.log(batch.metrics(), step)
+def log_batch_metrics(
+    logger: BatchLogger, batch: ModelBatch, step: int, optimizer: Any | None = None
+) -> None:
+    """Log ``batch.metrics()`` (one row per model) to ``logger`` at ``step``; with the
+    batch's ``optimizer``, each row also gets that model's learning rate as ``lr``."""
+    rows = batch.metrics()
+    if optimizer is not None:
+        lrs = per_model_lrs(optimizer)
+        for row in rows:
+            if row["model_id"] in lrs:
+                row["lr"] = lrs[row["model_id"]]
+    logger.log(rows, step)
+
+
+def per_model_lrs(optimizer: Any) -> dict[int | str, float]:
+    """``{model id: learning rate}`` from a batch optimizer's param groups (each carries
+    its ``model_id``; the first group of a model wins)."""
+    out: dict[int | str, float] = {}
+    for group in optimizer.param_groups:
+        mid = group.get("model_id")
+        if mid is not None and mid not in out and "lr" in group:
+            out[mid] = float(group["lr"])
+    return out
 
 
 def _check_rows(metrics: Sequence[Mapping[str, Any]]) -> None:
@@ -166,7 +188,7 @@ class JSONLLogger(_FileLogger):
 
 
 def _tag(metric: str, model_id: int | str) -> str:
-    return f"{metric}/model_{model_id}"
+    return per_model_key(metric, model_id)
 
 
 class TensorBoardLogger:
@@ -202,6 +224,27 @@ class TensorBoardLogger:
             for name, value in scalar_metrics(row).items():
                 if self.metrics is None or name in self.metrics:
                     self.writer.add_scalar(_tag(name, row["model_id"]), value, global_step=step)
+
+    def log_hparams(
+        self,
+        hparams: Mapping[int | str, Mapping[str, Any]],
+        metrics: Mapping[int | str, Mapping[str, float]],
+    ) -> None:
+        """Fill TensorBoard's HParams dashboard: one entry per model (a sub-run
+        ``model_<id>`` of this run) with its hyper-parameters and final metrics, so the
+        sweep can be sorted, filtered and plotted there.
+
+        Args:
+            hparams: ``{model id: {name: value}}`` (numbers, strings, bools; others as
+                their ``repr``).
+            metrics: ``{model id: {name: value}}``, e.g. the final and best objective.
+        """
+        for mid, hp in hparams.items():
+            clean = {
+                k: v if isinstance(v, (int, float, str, bool)) else repr(v) for k, v in hp.items()
+            }
+            values = {f"hparam/{k}": float(v) for k, v in metrics.get(mid, {}).items()}
+            self.writer.add_hparams(clean, values, run_name=f"model_{mid}")
 
     def flush(self) -> None:
         """Write pending events to disk."""

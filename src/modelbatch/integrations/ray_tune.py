@@ -1,11 +1,16 @@
 """Ray Tune as the scale-out path: a sweep of K x N configs as K Tune trials of N models each.
 
 When one device is not enough, :func:`tune_bundles` cuts the configs into K bundles of
-(up to) N structurally identical models; each bundle is one Ray Tune trial that trains its
-models as one :class:`~modelbatch.ModelBatch` (on one GPU when ``resources_per_trial``
-asks for one). Every epoch the trial reports each config's objective to Tune
-(``<metric>/config_<i>``) together with the bundle's mean and best, and the per-config
-results are merged back into one dict keyed by config index. Needs ``modelbatch[ray]``.
+(up to) N structurally identical models; each bundle is one Ray Tune trial that runs
+:func:`~modelbatch.integrations.sweeping.sweep` on its configs (one ModelBatch, on one GPU
+when ``resources_per_trial`` asks for one; a bad config fails alone). Each trial's
+``param_space`` holds its configs' hyper-parameters (``model_<i>/<name>``), every epoch it
+reports each config's objective as ``<metric>/model_<i>`` (the naming scheme of every
+modelbatch integration) with the bundle's mean and best, and it saves a Tune checkpoint (the
+sweep folder), so ``Tuner.restore`` (``tune_bundles(..., resume=True)``) resumes a killed
+run. The per-config results come back as one :class:`~modelbatch.integrations.SweepResults`
+table, one row per config with its hyper-parameters; a failed bundle marks its own configs
+``"failed"`` and leaves the others. Needs ``modelbatch[ray]``.
 """
 
 from __future__ import annotations
@@ -13,21 +18,23 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from modelbatch.integrations import require
-from modelbatch.integrations.sweep import (
+from modelbatch.integrations.sweeping import (
     ConfigResult,
     EvalFn,
     LossFn,
-    ModelId,
-    optimizer_hparams,
+    SweepResults,
+    _SweepRun,
     structure_signature,
-    train_bundle,
 )
 
 __all__ = ["make_bundles", "run_bundle", "trial_resources", "tune_bundles"]
@@ -47,7 +54,11 @@ def make_bundles(
         raise ValueError(f"models_per_trial must be at least 1, got {models_per_trial}")
     groups: dict[Any, list[int]] = {}
     for i, config in enumerate(configs):
-        groups.setdefault(structure_signature(make_model(config)), []).append(i)
+        try:
+            key = structure_signature(make_model(config))
+        except Exception:  # a config whose model cannot be built fails alone, in a bundle
+            key = ("unbuildable", i)  # of its own, where the sweep records why
+        groups.setdefault(key, []).append(i)
     return [
         idx[k : k + models_per_trial]
         for idx in groups.values()
@@ -92,6 +103,17 @@ def _finite_or_none(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def _flat_hparams(configs: Sequence[Mapping[str, Any]], indices: Sequence[int]) -> dict[str, Any]:
+    """``{"model_<i>/<name>": value}`` for the bundle's configs: Tune shows them as the
+    trial's hyper-parameters (one column per config and key in progress.csv / the
+    ResultGrid)."""
+    out: dict[str, Any] = {}
+    for i in indices:
+        for k, v in configs[i].items():
+            out[f"model_{i}/{k}"] = v if isinstance(v, (int, float, str, bool)) else repr(v)
+    return out
+
+
 def run_bundle(
     tune_config: Mapping[str, Any],
     *,
@@ -106,63 +128,97 @@ def run_bundle(
     mode: str = "min",
     eval_fn: EvalFn | None = None,
     optimizer_cls: type[torch.optim.Optimizer] = torch.optim.Adam,
+    sweep_kwargs: Mapping[str, Any] | None = None,
 ) -> None:
-    """The Tune trainable: train bundle ``tune_config["bundle"]`` as one ModelBatch.
+    """The Tune trainable: :func:`~modelbatch.integrations.sweeping.sweep` over bundle
+    ``tune_config["trial"]["bundle"]``'s configs, as one ModelBatch.
 
-    Reports to Tune after every epoch: ``epoch``, ``<metric>/config_<i>`` for each config
-    still training, ``mean_<metric>`` and ``best_<metric>`` over the bundle's finite values,
-    and the bundle's per-config results as JSON under ``bundle_results``.
+    After every epoch it reports ``epoch``, ``<metric>/model_<i>`` for each config that
+    trained this epoch, ``lr/model_<i>``, ``mean_<metric>`` and ``best_<metric>`` over the
+    bundle's finite values, and the per-config results as JSON under ``bundle_results``,
+    with a Tune checkpoint of the sweep folder; a restored trial resumes from it.
     """
     ray = require("ray", "ray")
     tune = require("ray.tune", "ray")
-    indices = list(bundles[int(tune_config["bundle"])])
-    bundle_configs = [dict(configs[i]) for i in indices]
+    indices = list(bundles[int(tune_config["trial"]["bundle"])])
     use_gpu = torch.cuda.is_available() and len(ray.get_gpu_ids()) > 0
     device = torch.device("cuda") if use_gpu else torch.device("cpu")
-    models = [make_model(c) for c in bundle_configs]
-    # ray.tune.report since Ray 2.41; ray.train.report before.
     report_fn = getattr(tune, "report", None) or require("ray.train", "ray").report
+    checkpoint_cls = getattr(tune, "Checkpoint", None) or require("ray.train", "ray").Checkpoint
+    get_checkpoint = getattr(tune, "get_checkpoint", None) or require(
+        "ray.train", "ray"
+    ).get_checkpoint
+    folder = Path(tempfile.mkdtemp(prefix="modelbatch-bundle-"))
+    restored = get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            shutil.copytree(d, folder, dirs_exist_ok=True)
 
-    def report(epoch: int, results: dict[ModelId, ConfigResult]) -> None:
-        metrics: dict[str, Any] = {"epoch": epoch + 1}
+    def report(run: _SweepRun) -> None:
+        metrics: dict[str, Any] = {}
         finite = []
-        for mid, res in results.items():
-            if len(res.history) == epoch + 1:  # trained this epoch
-                metrics[f"{metric}/config_{mid}"] = res.value
+        epoch = max((res.epochs for res in run.results.values()), default=0)
+        for j, res in run.results.items():
+            if res.history and len(res.history) == epoch:
+                metrics[f"{metric}/model_{indices[j]}"] = res.value
                 if math.isfinite(res.value):
                     finite.append(res.value)
-        # Always present (nan when every model diverged): Tune checks its metric is reported.
+        if run.optimizer is not None and run.batch is not None:
+            for g, slot in zip(run.optimizer.param_groups, run.batch.model_ids, strict=True):
+                i = indices[run.slot_cfg[slot]]  # type: ignore[index]
+                metrics[f"lr/model_{i}"] = float(g["lr"])
+        metrics["epoch"] = epoch
+        metrics["node_id"] = ray.get_runtime_context().get_node_id()
         metrics[f"mean_{metric}"] = sum(finite) / len(finite) if finite else math.nan
         best = (min(finite) if mode == "min" else max(finite)) if finite else math.nan
         metrics[f"best_{metric}"] = best
-        payload = {
-            str(mid): {
-                **res.to_dict(),
-                "config": None,
-                "value": _finite_or_none(res.value),
-                "history": [_finite_or_none(v) for v in res.history],
-                "train_loss": [_finite_or_none(v) for v in res.train_loss],
-            }
-            for mid, res in results.items()
-        }
-        metrics[RESULTS_KEY] = json.dumps(payload)
-        report_fn(metrics)
+        metrics[RESULTS_KEY] = json.dumps({str(indices[j]): _jsonable(r)
+                                           for j, r in run.results.items()})
+        report_fn(metrics, checkpoint=checkpoint_cls.from_directory(str(folder)))
 
-    train_bundle(
-        models,
-        [optimizer_hparams(c, optimizer_cls) for c in bundle_configs],
-        model_ids=indices,
-        configs=bundle_configs,
-        train_loader=train_loader,
-        loss_fn=loss_fn,
-        epochs=epochs,
-        val_loader=val_loader,
-        metric=metric,
-        eval_fn=eval_fn,
-        optimizer_cls=optimizer_cls,
-        device=device,
-        on_epoch_end=report,
+    opts = _sweep_opts(
+        make_model=make_model, train_loader=train_loader, loss_fn=loss_fn, epochs=epochs,
+        val_loader=val_loader, metric=metric, mode=mode, eval_fn=eval_fn,
+        optimizer_cls=optimizer_cls, device=device, folder=folder, n=len(indices),
+        extra=dict(sweep_kwargs or {}),
     )
+    opts["on_round"] = report
+    run = _SweepRun([dict(configs[i]) for i in indices], list(range(len(indices))), opts)
+    run.run()
+    if not any(r.history for r in run.results.values()):  # nothing trained: report anyway
+        report(run)
+
+
+def _sweep_opts(*, make_model: Any, train_loader: Any, loss_fn: Any, epochs: int,
+                val_loader: Any, metric: str, mode: str, eval_fn: Any, optimizer_cls: Any,
+                device: Any, folder: Path, n: int, extra: dict[str, Any]) -> dict[str, Any]:
+    prefix = "val_" if val_loader is not None and eval_fn is None else ""
+    opts: dict[str, Any] = {
+        "make_model": make_model, "train_loader": train_loader, "loss_fn": loss_fn,
+        "epochs": epochs, "models_per_batch": n, "val_loader": val_loader, "metric": metric,
+        "metric_name": prefix + metric, "mode": mode, "eval_fn": eval_fn,
+        "optimizer_cls": optimizer_cls, "scheduler_fn": None, "scheduler_interval": "step",
+        "callbacks": None, "grad_clip": None, "patience": None, "pruner": None,
+        "refill": True, "device": device, "logger": None, "keep_models": False,
+        "folder": folder, "top_k": 0, "progress": False, "allowed_keys": set(),
+    }
+    unknown = set(extra) - set(opts)
+    if unknown:
+        raise TypeError(f"sweep_kwargs has unknown keys {sorted(unknown)}")
+    opts.update(extra)
+    return opts
+
+
+def _jsonable(res: ConfigResult) -> dict[str, Any]:
+    return {
+        **res.to_dict(),
+        "config": None,
+        "value": _finite_or_none(res.value),
+        "best_value": _finite_or_none(res.best_value),
+        "history": [_finite_or_none(v) for v in res.history],
+        "train_loss": [_finite_or_none(v) for v in res.train_loss],
+        "checkpoint": None,
+    }
 
 
 def _float(v: Any) -> float:
@@ -187,35 +243,41 @@ def tune_bundles(
     storage_path: str | os.PathLike[str] | None = None,
     name: str | None = None,
     verbose: int = 0,
-) -> dict[int, ConfigResult]:
-    """Train K x N configs as K Ray Tune trials of N models each; merge per-config results.
+    resume: bool = False,
+    sweep_kwargs: Mapping[str, Any] | None = None,
+) -> SweepResults:
+    """Train K x N configs as K Ray Tune trials of N models each; one row per config back.
 
     ``make_model(config)`` builds a model; the config entries the optimizer accepts
     (``lr``, ``weight_decay``, ...) become its per-model hyper-parameters, exactly as in
-    :func:`modelbatch.integrations.sweep.sweep` (which is the one-device version of this).
-    ``make_model``, the loaders and ``eval_fn`` are shipped to the workers, so they must
-    be picklable (module-level functions of an importable module, not lambdas in tests).
+    :func:`modelbatch.integrations.sweeping.sweep` (the one-device version of this, which
+    each trial runs). ``make_model``, the loaders and ``eval_fn`` are shipped to the
+    workers, so they must be picklable (module-level functions of an importable module).
 
     Args:
         make_model: ``make_model(config) -> nn.Module``.
         configs: the K x N configs.
         models_per_trial: N, configs trained together in one Tune trial.
         train_loader, loss_fn, epochs, val_loader, metric, eval_fn, optimizer_cls: as for
-            :func:`~modelbatch.integrations.sweep.train_bundle`.
+            :func:`~modelbatch.integrations.sweeping.sweep`.
         mode: ``"min"`` or ``"max"`` for ``metric`` (default: ``min`` for loss, ``max`` for
             accuracy); Tune's own ``metric`` is ``best_<metric>`` of each bundle.
         resources_per_trial: Ray resources of one trial, default ``{"cpu": 1}``; use
             ``{"cpu": 4, "gpu": 1}`` to give each bundle its own GPU (see
-            :func:`trial_resources`: ``num_gpus`` is read as ``gpu``, unknown keys are refused).
+            :func:`trial_resources`).
         max_concurrent_trials: limit on trials running at once.
-        storage_path, name: where Tune writes its results (default: Tune's default).
+        storage_path, name: where Tune writes its results and checkpoints.
         verbose: Tune's verbosity (0 = silent).
+        resume: when ``storage_path/name`` holds an earlier run of this sweep, continue it
+            with ``Tuner.restore`` (errored and unfinished trials resume from their last
+            checkpoint; finished ones are kept).
+        sweep_kwargs: further :func:`~modelbatch.integrations.sweeping.sweep` options for
+            every trial (``scheduler_fn``, ``patience``, ``grad_clip``, ``pruner``, ...).
 
     Returns:
-        ``{config index: ConfigResult}`` for every config, in the order of ``configs``.
-
-    Raises:
-        RuntimeError: a trial failed (the message names its configs).
+        :class:`~modelbatch.integrations.SweepResults`: ``{config index: ConfigResult}``
+        for every config, in the order of ``configs``. A config of a trial that failed has
+        status ``"failed"`` and the trial's error (its epochs so far are kept).
     """
     require("ray", "ray")
     tune = require("ray.tune", "ray")
@@ -225,53 +287,66 @@ def tune_bundles(
     if not cfgs:
         raise ValueError("tune_bundles needs at least one config")
     bundles = make_bundles(cfgs, make_model, models_per_trial)
-    trainable = tune.with_parameters(
-        run_bundle,
-        configs=cfgs,
-        bundles=bundles,
-        make_model=make_model,
-        train_loader=train_loader,
-        loss_fn=loss_fn,
-        epochs=epochs,
-        val_loader=val_loader,
-        metric=metric,
-        mode=mode,
-        eval_fn=eval_fn,
-        optimizer_cls=optimizer_cls,
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_bundle,
+            configs=cfgs,
+            bundles=bundles,
+            make_model=make_model,
+            train_loader=train_loader,
+            loss_fn=loss_fn,
+            epochs=epochs,
+            val_loader=val_loader,
+            metric=metric,
+            mode=mode,
+            eval_fn=eval_fn,
+            optimizer_cls=optimizer_cls,
+            sweep_kwargs=dict(sweep_kwargs or {}),
+        ),
+        resources,
     )
-    # ray.tune.RunConfig since Ray 2.41; ray.train.RunConfig before.
     run_config_cls = getattr(tune, "RunConfig", None) or require("ray.train", "ray").RunConfig
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, resources),
-        param_space={"bundle": tune.grid_search(list(range(len(bundles))))},
-        tune_config=tune.TuneConfig(
-            metric=f"best_{metric}", mode=mode, max_concurrent_trials=max_concurrent_trials
-        ),
-        run_config=run_config_cls(
-            name=name,
-            storage_path=None if storage_path is None else os.fspath(storage_path),
-            verbose=verbose,
-        ),
-    )
+    path = None
+    if storage_path is not None and name is not None:
+        path = os.path.join(os.fspath(storage_path), name)
+    if resume and path is not None and tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={
+                "trial": tune.grid_search(
+                    [{"bundle": b, **_flat_hparams(cfgs, idx)} for b, idx in enumerate(bundles)]
+                )
+            },
+            tune_config=tune.TuneConfig(
+                metric=f"best_{metric}", mode=mode, max_concurrent_trials=max_concurrent_trials
+            ),
+            run_config=run_config_cls(
+                name=name,
+                storage_path=None if storage_path is None else os.fspath(storage_path),
+                verbose=verbose,
+            ),
+        )
     grid = tuner.fit()
-    out: dict[int, ConfigResult] = {}
+    prefix = "val_" if val_loader is not None and eval_fn is None else ""
+    out = SweepResults({i: ConfigResult(config=cfgs[i], status="pending")
+                        for i in range(len(cfgs))},
+                       metric=prefix + metric, mode=mode, folder=None)
     for result in grid:
-        b = int(result.config["bundle"])
-        if result.error is not None:
-            raise RuntimeError(
-                f"the Ray Tune trial for bundle {b} (configs {bundles[b]}) failed: {result.error}"
-            ) from result.error
-        payload = json.loads(result.metrics[RESULTS_KEY])
+        b = int(result.config["trial"]["bundle"])
+        payload = json.loads((result.metrics or {}).get(RESULTS_KEY, "{}"))
         for key, data in payload.items():
             i = int(key)
-            out[i] = ConfigResult(
-                config=cfgs[i],
-                value=_float(data["value"]),
-                history=[_float(v) for v in data["history"]],
-                train_loss=[_float(v) for v in data["train_loss"]],
-                status=str(data["status"]),
-            )
-    missing = [i for i in range(len(cfgs)) if i not in out]
-    if missing:
-        raise RuntimeError(f"no results came back for configs {missing}")
-    return {i: out[i] for i in range(len(cfgs))}
+            out[i] = ConfigResult.from_dict({
+                **data, "config": cfgs[i], "value": _float(data["value"]),
+                "best_value": _float(data.get("best_value")),
+                "history": [_float(v) for v in data["history"]],
+                "train_loss": [_float(v) for v in data["train_loss"]],
+            })
+        if result.error is not None:
+            for i in bundles[b]:
+                if out[i].status in ("pending", "running"):
+                    out[i].status = "failed"
+                    out[i].error = f"Ray Tune trial of bundle {b} failed: {result.error}"
+    return out
