@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.utils.hooks import RemovableHandle
 
 __all__ = [
     "PER_MODEL_SETTINGS",
@@ -101,6 +103,15 @@ def _qualname(cls: type) -> str:
 def _class_key(cls: type) -> Hashable:
     """What the module tree compares for a submodule's class: the class object itself (two
     classes of the same name are different code)."""
+    return cls
+
+
+def _module_class(m: nn.Module) -> type[nn.Module]:
+    """The class to compare: a parametrized module (``torch.nn.utils.parametrize``) gets a
+    class of its own, created per module instance; compare the class it was made from."""
+    cls = type(m)
+    if parametrize.is_parametrized(m) and cls.__name__.startswith("Parametrized"):
+        return cls.__bases__[0]
     return cls
 
 
@@ -202,6 +213,11 @@ class _Canon:
                 tuple((k, self(t, depth)) for k, t in v._buffers.items()),
                 tuple((k, self(m, depth)) for k, m in v._modules.items()),
             )
+        if isinstance(v, RemovableHandle):
+            # A handle to a registered hook (e.g. kept by HuggingFace's gradient
+            # checkpointing): bookkeeping whose ids differ between instances; the hooks
+            # themselves are compared with each module's hook tables.
+            return ("hook-handle",)
         if isinstance(v, weakref.ref):
             return ("weakref", self(v(), depth))
         if isinstance(v, (list, tuple)):
@@ -322,7 +338,7 @@ class _Signature:
         self.training: dict[str, bool] = {}
         self.states: dict[str, dict[str, tuple[Hashable, Any]]] = {}
         for name, m in model.named_modules():
-            self.modules.append((name, type(m)))
+            self.modules.append((name, _module_class(m)))
             self.training[name] = m.training
             self.states[name] = _module_state(m, canon, _allowed(m))
         self.tensors = {

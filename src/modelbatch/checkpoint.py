@@ -63,6 +63,7 @@ __all__ = [
     "list_versions",
     "load_all",
     "load_model",
+    "load_weights",
     "model_folder_name",
     "read_manifest",
     "save_all",
@@ -1655,6 +1656,22 @@ def _restore_rng(tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None
     )
 
 
+def load_weights(
+    directory: str | os.PathLike[str], model_id: int | str, *, version: int | None = None
+) -> dict[str, Tensor]:
+    """One saved model's state dict (``{name: tensor}``, on the CPU), read and verified as
+    :func:`load_all` reads a checkpoint (the latest committed version unless ``version``)."""
+    with _open_version(directory, version, None) as ck:
+        by_id = {json.dumps(m["id"]): m for m in ck.manifest["models"]}
+        if json.dumps(model_id) not in by_id:
+            raise CheckpointError(
+                f"model id {model_id!r} is not in the checkpoint at {ck.path}; it holds "
+                f"{[m['id'] for m in ck.manifest['models']]}"
+            )
+        rel = f"models/{by_id[json.dumps(model_id)]['folder']}/{_MODEL_FILE}"
+        return ck.tensors(rel, f"model {model_id!r}")
+
+
 def load_model(
     directory: str | os.PathLike[str],
     model_id: int | str,
@@ -1670,21 +1687,13 @@ def load_model(
         folder = json.loads(Path("ckpt/latest.json").read_text())["versions"][-1]["folder"]
         model.load_state_dict(safetensors.torch.load_file(f"ckpt/{folder}/models/<id>/model.safetensors"))
     """
-    with _open_version(directory, version, None) as ck:
-        by_id = {json.dumps(m["id"]): m for m in ck.manifest["models"]}
-        if json.dumps(model_id) not in by_id:
-            raise CheckpointError(
-                f"model id {model_id!r} is not in the checkpoint at {ck.path}; it holds "
-                f"{[m['id'] for m in ck.manifest['models']]}"
-            )
-        rel = f"models/{by_id[json.dumps(model_id)]['folder']}/{_MODEL_FILE}"
-        weights = ck.tensors(rel, f"model {model_id!r}")
+    weights = load_weights(directory, model_id, version=version)
     module = copy.deepcopy(template)
     try:
         module.load_state_dict(weights, strict=True)
     except RuntimeError as e:
         raise CheckpointError(
-            f"model {model_id!r} of {ck.path} does not fit the template "
+            f"model {model_id!r} of the checkpoint at {directory} does not fit the template "
             f"{type(template).__name__}: {e}"
         ) from None
     return module

@@ -5,19 +5,27 @@ Shapes used throughout: ``N`` = number of models in the batch, ``B`` = samples p
 
 from __future__ import annotations
 
-import copy
 import json
 import operator
 import os
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 from modelbatch._flat import FlatParams, flatten_parameters, select_models
+from modelbatch._forward_errors import explain_forward_error
+from modelbatch._functional import (
+    CallPlan,
+    OutputLayout,
+    call_with_tensors,
+    checkpoint_runs_directly,
+    no_fused_transformer_path,
+)
 from modelbatch._structure import (
     ArchitectureMismatchError,
     check_per_model_settings,
@@ -26,6 +34,8 @@ from modelbatch._structure import (
     same_setting,
 )
 from modelbatch.layers import substitute_layers
+from modelbatch.layers.conv import ChannelsLastViews
+from modelbatch.layers.parametrize import comparable_copy, copy_model, refresh_computed_weights
 
 if TYPE_CHECKING:
     from modelbatch.optim.base import BatchOptimizer
@@ -48,13 +58,46 @@ def _vmapped_forward(
     params: dict[str, Tensor],
     buffers: dict[str, Tensor],
     *inputs: Any,
-) -> Any:
-    """vmap of ``functional_call(stacked, ...)`` over the stacked ``[N, ...]`` tensors."""
+) -> tuple[Any, dict[str, Tensor]]:
+    """vmap over the stacked ``[N, ...]`` tensors of one model's forward.
+
+    Returns ``(outputs, reassigned)``: the stacked outputs, and the ``[N, ...]`` new values
+    of the buffers that forward re-assigned (see :mod:`modelbatch._functional`).
+    """
+    plan = CallPlan.for_module(stacked, params, buffers)
+    layout = OutputLayout()
 
     def one_model(p: dict[str, Tensor], b: dict[str, Tensor], *xs: Any) -> Any:
-        return functional_call(stacked, (p, b), xs, kwargs)
+        out, reassigned = call_with_tensors(stacked, plan, p, b, xs, kwargs)
+        return layout.split(out), reassigned
 
-    return vmap(one_model, in_dims=(0, 0, *x_dims), randomness=randomness)(params, buffers, *inputs)
+    with checkpoint_runs_directly(), no_fused_transformer_path():
+        tensors, reassigned = vmap(one_model, in_dims=(0, 0, *x_dims), randomness=randomness)(
+            params, buffers, *inputs
+        )
+    return layout.join(tensors), reassigned
+
+
+def _write_back_buffers(
+    reassigned: Mapping[str, Tensor], buffers: Mapping[str, Tensor], active: Tensor | None
+) -> None:
+    """Copy the ``[N, ...]`` new values of buffers that forward re-assigned into the
+    stacked buffers (detached: the value a model alone would keep); with ``active`` (an
+    ``[N]`` bool mask) only into the active models' slices."""
+    with torch.no_grad():
+        for name, new in reassigned.items():
+            old = buffers[name]
+            if new.shape != old.shape or new.dtype != old.dtype:
+                raise RuntimeError(
+                    f"buffer {name!r} was re-assigned in forward with per-model shape "
+                    f"{tuple(new.shape[1:])} and dtype {new.dtype}; it has shape "
+                    f"{tuple(old.shape[1:])} and dtype {old.dtype}. A ModelBatch keeps each "
+                    "buffer as one [N, ...] tensor: keep its shape and dtype"
+                )
+            if active is not None:
+                keep = active.view(-1, *([1] * (old.dim() - 1))).to(old.device)
+                new = torch.where(keep, new, old)
+            old.copy_(new)
 
 
 def _targets_are_per_model(
@@ -153,12 +196,13 @@ class ModelBatch(nn.Module):
         # extract() gives them back; keep_positions() keeps them in step.
         self._model_settings: list[dict[str, dict[str, Any]]] = [model_settings(m) for m in models]
         # A pristine copy of one model: extract() clones it and fills in model i's tensors.
-        template = copy.deepcopy(models[0])
+        template = copy_model(models[0])
         object.__setattr__(self, "_template", template)
 
         # The mirror module holds the stacked tensors under the original names. Its forward
-        # is only ever called through functional_call, with one model's slice of each tensor.
-        mirror = copy.deepcopy(models[0])
+        # is only ever called through modelbatch._functional.call_with_tensors, with one
+        # model's slice of each tensor.
+        mirror = copy_model(models[0])
         self._stack_into(mirror, models)
         if seeds is not None:
             from modelbatch.seeding import check_seeds
@@ -403,17 +447,18 @@ class ModelBatch(nn.Module):
         frozen = self.training and bool(buffers) and not self.all_active
         call_buffers = {k: v.clone() for k, v in buffers.items()} if frozen else buffers
         try:
-            out = run(self.stacked, self.randomness, x_dims, kwargs, params, call_buffers, *inputs)
-        except RuntimeError as e:
-            if type(e) is not RuntimeError:
+            with ChannelsLastViews() if self.conv_layout == "channels_last" else nullcontext():
+                out, reassigned = run(
+                    self.stacked, self.randomness, x_dims, kwargs, params, call_buffers, *inputs
+                )
+        except (RuntimeError, ValueError, TypeError) as e:
+            explained = explain_forward_error(e, n, inputs, per_model)
+            if explained is None:
                 raise
-            shapes = [tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__ for x in inputs]
-            expect = "[N, B, ...]" if per_model else "[B, ...], shared by every model"
-            raise RuntimeError(
-                f"{e}\n(in the forward pass of a ModelBatch of {n} models; input shapes "
-                f"{shapes}, read as {expect}. Each model sees one [B, ...] slice: check that "
-                f"a single model accepts it{'' if per_model else ', or pass per_model=True'}.)"
-            ) from e
+            raise explained from e
+        if reassigned:
+            keep = None if frozen or self.all_active else self.active
+            _write_back_buffers(reassigned, call_buffers, keep)
         if frozen:
             with torch.no_grad():
                 for name, old in buffers.items():
@@ -602,14 +647,16 @@ class ModelBatch(nn.Module):
         """
         i = self.index_of(model_id)
         template = self._template
-        module = copy.deepcopy(template)
+        module = copy_model(template)
         stacked = dict(self.stacked.named_parameters(remove_duplicate=False))
         stacked_b = dict(self.stacked.named_buffers(remove_duplicate=False))
         # Tied tensors (one tensor under two names, e.g. embeddings and LM head) stay tied.
         params: dict[int, nn.Parameter] = {}
         buffers: dict[int, Tensor] = {}
         with torch.no_grad():
-            for name, p in module.named_parameters(remove_duplicate=False):
+            # A snapshot: a module under two names is visited twice, after its tensors were
+            # already replaced.
+            for name, p in list(module.named_parameters(remove_duplicate=False)):
                 mod_path, attr = _split_name(name)
                 sub = module.get_submodule(mod_path)
                 if id(p) not in params:
@@ -617,7 +664,7 @@ class ModelBatch(nn.Module):
                         stacked[name][i].detach().clone(), requires_grad=p.requires_grad
                     )
                 sub._parameters[attr] = params[id(p)]
-            for name, b in module.named_buffers(remove_duplicate=False):
+            for name, b in list(module.named_buffers(remove_duplicate=False)):
                 mod_path, attr = _split_name(name)
                 sub = module.get_submodule(mod_path)
                 if id(b) not in buffers:
@@ -630,7 +677,7 @@ class ModelBatch(nn.Module):
         modes = {name: m.training for name, m in self.stacked.named_modules()}
         for name, sub in module.named_modules():
             sub.training = modes.get(name, self.training)
-        return module
+        return refresh_computed_weights(module)  # the older weight_norm's computed weight
 
     def extract_all(self) -> list[nn.Module]:
         """Standalone copies of all N models, in position order (ids: :attr:`model_ids`)."""
@@ -647,7 +694,7 @@ class ModelBatch(nn.Module):
         i = self.index_of(model_id)
         label = f"cannot insert into model {model_id!r}"
         try:
-            check_same_structure([self._template, module], compare_training=False)
+            check_same_structure([comparable_copy(self._template), module], compare_training=False)
         except ValueError as e:
             message = str(e).replace("model 1", "the module").replace("model 0", "the batch")
             raise type(e)(f"{label}: {message}") from None

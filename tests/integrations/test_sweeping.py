@@ -470,8 +470,8 @@ def test_a_sweep_killed_at_any_moment_resumes_to_the_same_results(tmp_path, monk
         for rank in range(2):
             a = tmp_path / "ref" / "best" / str(rank)
             b = folder / "best" / str(rank)
-            ma = next(a.glob("models/*/model.safetensors")).read_bytes()
-            mb = next(b.glob("models/*/model.safetensors")).read_bytes()
+            ma = next(a.glob("v*/models/*/model.safetensors")).read_bytes()
+            mb = next(b.glob("v*/models/*/model.safetensors")).read_bytes()
             assert ma == mb
 
 

@@ -282,3 +282,82 @@ def test_default_layout_keeps_nn_conv2d_and_bad_layout_is_refused() -> None:
     assert type(ModelBatch(models).stacked.stem) is nn.Conv2d
     with pytest.raises(ValueError, match="conv_layout"):
         ModelBatch(models, conv_layout="nhwc")
+
+
+# ---------------------------------------------------------------- views and unbatched inputs
+class ViewFlatten(nn.Module):
+    """A flatten written as ``x.view(x.size(0), -1)`` after channels_last convolutions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv2(F.relu(self.bn(self.conv(x))))
+        return self.fc(h.view(h.size(0), -1))
+
+
+class Unbatched(nn.Module):
+    """Convolutions on one unbatched ``[C, H, W]`` image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 2, 3, groups=2)
+        self.fc = nn.Linear(2 * 6 * 6, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(F.relu(self.conv2(F.relu(self.conv(x)))).view(-1))
+
+
+@pytest.mark.parametrize("per_model", [False, True], ids=["shared_input", "per_model_input"])
+@pytest.mark.parametrize("arch", ["view_flatten", "unbatched"])
+def test_view_flatten_and_unbatched_input_train_as_alone(arch: str, per_model: bool) -> None:
+    torch.manual_seed(0)
+    cls = ViewFlatten if arch == "view_flatten" else Unbatched
+    models = [cls().double() for _ in range(N)]
+    g = torch.Generator().manual_seed(3)
+    shape = (B, 3, 8, 8) if arch == "view_flatten" else (3, 8, 8)
+    xs = [torch.randn(N, *shape, generator=g, dtype=torch.float64) for _ in range(3)]
+    ys = [torch.randn(N, 5, generator=g, dtype=torch.float64) for _ in range(3)]
+    if arch == "view_flatten":
+        ys = [y.unsqueeze(1).expand(N, B, 5) for y in ys]
+
+    def loss_fn(out: Tensor, y: Tensor) -> Tensor:
+        return F.mse_loss(out, y)
+
+    batch = ModelBatch(models, conv_layout="channels_last")
+    opt = modelbatch.optim.SGD(batch, lr=0.1, momentum=0.9)
+    for x, y in zip(xs, ys, strict=True):
+        out = batch(x if per_model else x[0], per_model=per_model)
+        loss = batch.compute_loss(out, y, loss_fn, per_model_targets=True)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    data = [
+        ([x[i] if per_model else x[0] for i in range(N)], list(y))
+        for x, y in zip(xs, ys, strict=True)
+    ]
+    ref = train_alone(
+        models, lambda i, m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), data, loss_fn
+    )
+    assert_close_models(batch.extract_all(), ref, torch.float64, arch)
+
+
+def test_channels_last_views_fall_back_to_reshape_only_when_needed() -> None:
+    from modelbatch.layers.conv import ChannelsLastViews
+
+    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    y = torch.randn(2, 3, 4, 5)
+    with ChannelsLastViews():
+        for shape in ((2, -1), ((2, -1),), (torch.Size([2, 60]),)):
+            assert torch.equal(x.view(*shape), x.reshape(2, 60))
+        v = y.view(2, -1)  # possible as a view: still one
+        assert v.data_ptr() == y.data_ptr()
+        with pytest.raises(RuntimeError, match="shape"):
+            x.view(7, -1)  # impossible shapes still fail
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        x.view(2, -1)  # outside the batch's forward: torch's own behaviour

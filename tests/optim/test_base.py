@@ -444,3 +444,23 @@ def test_parameter_frozen_after_the_batch_was_built_is_left_alone() -> None:
     assert torch.equal(batch.stacked[0].weight, before)
     assert opt.state["0.weight"]["step"].tolist() == [1.0] * N
     assert opt.state["2.weight"]["step"].tolist() == [3.0] * N
+
+
+# --------------------------------------------------------------------------- 16-bit parameters
+def test_bfloat16_parameters_train_like_torch_optim_in_bfloat16() -> None:
+    """bf16 parameters: the coefficients stay float32 (no bf16 rounding of lr / bias
+    corrections), so each model ends within bf16 rounding of torch.optim.AdamW on bf16."""
+    torch.manual_seed(0)
+    ms = [mlp().to(torch.bfloat16) for _ in range(N)]
+    steps = data(4, torch.bfloat16)
+    lrs = [1e-2, 3e-3, 1e-3]
+    batch = ModelBatch(copy.deepcopy(ms))
+    opt = AdamW(batch, lr=lrs, amsgrad=True)
+    train(batch, opt, steps)
+    for i, m in enumerate(ms):
+        ref = copy.deepcopy(m)
+        train_plain(ref, torch.optim.AdamW(ref.parameters(), lr=lrs[i], amsgrad=True), steps)
+        for a, b in zip(batch.extract(i).parameters(), ref.parameters(), strict=True):
+            assert a.dtype == torch.bfloat16
+            err = (a.float() - b.float()).abs().max() / b.float().abs().max()
+            assert err < 2e-2

@@ -698,9 +698,9 @@ class SweepResults(dict[Any, ConfigResult]):
                 f"config {key!r} ({self[key].status}) never reached a finite {self.metric}: "
                 "it has no best weights"
             )
-        from safetensors.torch import load_file
+        from modelbatch.checkpoint import load_weights
 
-        return load_file(str(Path(ckpt) / "models" / _folder_of(key) / "model.safetensors"))
+        return load_weights(ckpt, _model_id_of(key))
 
     def best_model(self, key: Any) -> nn.Module:
         """Config ``key``'s model (a plain ``nn.Module``) with its best weights."""
@@ -806,15 +806,20 @@ class SweepResults(dict[Any, ConfigResult]):
         return fig
 
 
+def _model_id_of(key: Any) -> int | str:
+    """The model id a config's key is saved under (a checkpoint id is an int or a str)."""
+    return key if isinstance(key, (int, str)) else str(key)
+
+
 def _folder_of(key: Any) -> str:
     from modelbatch.checkpoint import model_folder_name
 
-    return model_folder_name(key if isinstance(key, (int, str)) else str(key))
+    return model_folder_name(_model_id_of(key))
 
 
 def _save_model(module: nn.Module, directory: Path, model_id: int | str) -> str:
     """Save one model as a one-model ModelBatch checkpoint (:func:`modelbatch.load_model`
-    reads it; ``models/<id>/model.safetensors`` is its plain state dict)."""
+    reads it, :func:`modelbatch.checkpoint.load_weights` gives its state dict)."""
     ModelBatch([module], model_ids=[model_id]).save_all(directory)
     return str(directory)
 
@@ -1130,8 +1135,8 @@ class _SweepRun:
         model = copy.deepcopy(self.models[i])
         assert model is not None
         model.load_state_dict(self.best_states.pop(i))
-        return _save_model(model, self.folder / "models" / _folder_of(self.keys[i]),
-                           self.keys[i] if isinstance(self.keys[i], (int, str)) else i)
+        key = self.keys[i]
+        return _save_model(model, self.folder / "models" / _folder_of(key), _model_id_of(key))
 
     def _refill_or_shrink(self, free: list[int]) -> None:
         batch, optimizer = self.batch, self.optimizer
@@ -1330,8 +1335,7 @@ class _SweepRun:
         if self.folder is not None:
             out.write_csv(self.folder / "results.csv")
             for rank, (k, m) in enumerate(zip(top, out.best_models, strict=True)):
-                _save_model(m, self.folder / "best" / str(rank), k if isinstance(k, (int, str))
-                            else str(k))
+                _save_model(m, self.folder / "best" / str(rank), _model_id_of(k))
         return out
 
 

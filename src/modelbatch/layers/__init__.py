@@ -30,7 +30,16 @@ def register_substitution(cls: type[nn.Module], fn: Substitution) -> None:
 
 def _load_builtin_substitutions() -> None:
     # Each module registers its substitutions on import.
-    from modelbatch.layers import batchnorm, conv, dropout, recurrent, settings  # noqa: F401
+    from modelbatch.layers import (  # noqa: F401
+        attention,
+        batchnorm,
+        conv,
+        dropout,
+        embedding,
+        parametrize,
+        recurrent,
+        settings,
+    )
 
 
 def substitute_layers(

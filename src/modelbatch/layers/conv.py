@@ -33,10 +33,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from modelbatch.layers import register_substitution
 
-__all__ = ["CONV_LAYOUTS", "VmapConv2d", "conv2d"]
+__all__ = ["CONV_LAYOUTS", "ChannelsLastViews", "VmapConv2d", "conv2d"]
 
 #: Accepted values of ``ModelBatch(..., conv_layout=...)``.
 CONV_LAYOUTS = ("default", "channels_last")
@@ -176,6 +177,8 @@ class VmapConv2d(nn.Conv2d):
     """
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if input.dim() == 3:  # an unbatched [C, H, W] input, as nn.Conv2d accepts
+            return self._conv_forward(input.unsqueeze(0), weight, bias).squeeze(0)
         padding: list[int]
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
@@ -202,6 +205,34 @@ class VmapConv2d(nn.Conv2d):
             self.groups,
         )
         return out
+
+
+class ChannelsLastViews(TorchFunctionMode):
+    """While active, ``Tensor.view`` falls back to ``reshape`` when the tensor's strides
+    forbid the view.
+
+    Outputs of :class:`VmapConv2d` under vmap are channels_last, so a flatten written as
+    ``x.view(x.size(0), -1)`` (fine on the NCHW tensor a model alone has) cannot be a view;
+    ``reshape`` gives the same values as a copy. The only difference from the model alone is
+    aliasing: an in-place write into the result does not reach ``x``. Used by
+    :class:`~modelbatch.ModelBatch` around its forward when ``conv_layout="channels_last"``.
+    """
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is not Tensor.view:
+            return func(*args, **kwargs)
+        try:
+            return func(*args, **kwargs)
+        except RuntimeError as e:
+            if "view size is not compatible" not in str(e) or kwargs or len(args) < 2:
+                raise
+            if isinstance(args[1], torch.dtype):  # a dtype view: not a shape
+                raise
+            shape = args[1] if len(args) == 2 and not isinstance(args[1], int) else args[1:]
+            return args[0].reshape(*shape)
 
 
 def _substitute(module: nn.Module, context: dict[str, object]) -> nn.Module:

@@ -744,6 +744,10 @@ class BatchOptimizer(torch.optim.Optimizer):
         out: dict[str, dict[str, Any]] = {}
         if self._slots is None:
             return out
+        if not copy:
+            # Views of the state leave the optimizer (state, state_dict): whatever is written
+            # through them (e.g. a sweep resetting a slot) is read again at the next step.
+            self._settled = None
         for slot in self._slots:
             g = slot.group
             n = g.flat.shape[0]
