@@ -1665,9 +1665,11 @@ def _build_optimizer_state(
             name, key = split(full, ids[0])
             p = params[name]
             per = [t[full] for t in tensors]
-            expect = () if key == "step" else tuple(p.shape[1:])
+            # Per-model scalars (step counters, bias corrections): the optimizer names them.
+            scalar = key in optimizer._small_keys()
+            expect = () if scalar else tuple(p.shape[1:])
             for mid, v in zip(ids, per, strict=True):
-                if tuple(v.shape) != expect and not (key == "step" and v.dim() == 0):
+                if tuple(v.shape) != expect and not (scalar and v.dim() == 0):
                     raise CheckpointError(
                         f"optimizer state {name!r}/{key!r} of model {mid!r} has shape "
                         f"{tuple(v.shape)}, expected {expect}"
