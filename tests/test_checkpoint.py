@@ -424,3 +424,168 @@ def test_state_dict_carries_and_checks_model_ids() -> None:
     outer = nn.ModuleDict({"batch": twin})
     assert "batch.model_ids" in outer.state_dict()
     outer.load_state_dict(outer.state_dict())
+
+
+# --------------------------------------------------------------------------- per-model settings
+RATES = {"a": 0.1, "b": 0.3, 7: 0.5}
+MOMENTA = {"a": 0.1, "b": 0.2, 7: 0.05}
+
+
+def mlp_with(p: float, momentum: float) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(5, 8), nn.BatchNorm1d(8, momentum=momentum), nn.Dropout(p), nn.Tanh(),
+        nn.Linear(8, 3),
+    ).double()
+
+
+def settings_batch(init_seed: int, ids: list[int | str], rates: dict[Any, float]):
+    """A seeded dropout-rate (and BatchNorm-momentum) sweep: model ``mid`` has dropout
+    ``rates[mid]`` and momentum ``MOMENTA[mid]``."""
+    seeds = [init_seed + k for k in range(len(ids))]
+    models = [
+        seeded_models(lambda mid=mid: mlp_with(rates[mid], MOMENTA[mid]), [s])[0]
+        for mid, s in zip(ids, seeds, strict=True)
+    ]
+    batch = ModelBatch(models, seeds=seeds, model_ids=ids)
+    opt = Adam(batch, lr=[0.01, 0.02, 0.03][: len(ids)])
+    return batch, opt
+
+
+def train_steps(batch: ModelBatch, opt: Any, steps: int) -> None:
+    for _ in range(steps):
+        x = torch.randn(6, 5, dtype=torch.float64)
+        y = torch.randint(0, 3, (6,))
+        loss = batch.compute_loss(batch(x), y, F.cross_entropy)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_settings_are_recorded_in_the_manifest(tmp_path: Path) -> None:
+    batch, _ = settings_batch(0, IDS, RATES)
+    batch.save_all(tmp_path / "ck")
+    models = read_manifest(tmp_path / "ck")["models"]
+    for entry in models:
+        mid = entry["id"]
+        assert entry["settings"] == {
+            "1": {"momentum": MOMENTA[mid], "eps": 1e-5},
+            "2": {"p": RATES[mid]},
+        }
+
+
+def test_dropout_rate_sweep_resumes_bit_identical(tmp_path: Path) -> None:
+    """A seeded dropout-rate and momentum sweep, saved mid-training and reloaded into a
+    batch built with the same settings (other weights): training continues bit for bit."""
+    torch.manual_seed(0)
+    batch, opt = settings_batch(0, IDS, RATES)
+    train_steps(batch, opt, 2)
+    batch.save_all(tmp_path / "ck", opt)
+    train_steps(batch, opt, 2)
+
+    torch.manual_seed(123)
+    resumed, opt2 = settings_batch(100, IDS, RATES)
+    resumed.load_all(tmp_path / "ck", opt2)
+    train_steps(resumed, opt2, 2)
+    same_tensors(batch.state_dict(), resumed.state_dict())
+    same_tensors(opt.state_dict(), opt2.state_dict())
+    for mid in IDS:
+        assert resumed.extract(mid)[2].p == RATES[mid]
+
+
+def test_loading_into_slots_with_other_settings_is_refused(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    batch, opt = settings_batch(0, IDS, RATES)
+    train_steps(batch, opt, 1)
+    batch.save_all(tmp_path / "ck", opt)
+
+    # Slot "b" built with p=0.1: model b (p=0.3) would run with another model's rate.
+    other, opt2 = settings_batch(100, IDS, {"a": 0.1, "b": 0.1, 7: 0.5})
+    before = snapshot(other)
+    with pytest.raises(
+        CheckpointError,
+        match=r"model 'b' .* position 1 .* submodule '2' \(.*Dropout.*\), attribute 'p' is "
+        r"0\.3 in the checkpoint where .* built with 0\.1",
+    ):
+        other.load_all(tmp_path / "ck", opt2)
+    same_tensors(other.state_dict(), before)
+    assert opt2.state == {} and other.model_ids == IDS
+
+    # Loading a subset by id: position k must have model_ids[k]'s settings.
+    pair = ModelBatch(
+        [mlp_with(RATES["a"], MOMENTA["a"]), mlp_with(RATES[7], MOMENTA[7])],
+        seeds=[5, 6], model_ids=["x", "y"],
+    )
+    before = snapshot(pair)
+    with pytest.raises(CheckpointError, match=r"model 7 .* position 0 .*attribute 'momentum'"):
+        pair.load_all(tmp_path / "ck", model_ids=[7, "a"])
+    same_tensors(pair.state_dict(), before)
+    assert pair.model_ids == ["x", "y"]
+    pair.load_all(tmp_path / "ck", model_ids=["a", 7])
+
+    # A layer without the setting at that path (same tensors, so the same fingerprint).
+    ModelBatch([mlp_with(RATES[m], MOMENTA[m]) for m in IDS], model_ids=IDS).save_all(
+        tmp_path / "plain"
+    )
+    no_dropout = ModelBatch(
+        [nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8, momentum=MOMENTA[mid]), nn.Identity(),
+                       nn.Tanh(), nn.Linear(8, 3)).double() for mid in IDS],
+        model_ids=IDS,
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"model 'a' .*submodule '2' \(Identity\), attribute 'p' is 0\.1 in the "
+        r"checkpoint where .* built with <absent>",
+    ):
+        no_dropout.load_all(tmp_path / "plain")
+    same_tensors(pair.extract(7).state_dict(), batch.extract(7).state_dict())
+    assert pair.extract(7)[2].p == RATES[7] and pair.extract(7)[1].momentum == MOMENTA[7]
+
+
+def test_load_model_gives_each_model_its_own_settings(tmp_path: Path) -> None:
+    batch, _ = settings_batch(0, IDS, RATES)
+    batch.save_all(tmp_path / "ck")
+    template = mlp_with(0.9, 0.9)
+    for mid in IDS:
+        model = load_model(tmp_path / "ck", mid, template)
+        assert model[2].p == RATES[mid] and model[1].momentum == MOMENTA[mid]
+        same_tensors(model.state_dict(), batch.extract(mid).state_dict())
+    assert template[2].p == 0.9  # the template is not touched
+    # A template whose layer at that path cannot take the saved setting.
+    no_dropout = nn.Sequential(
+        nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Identity(), nn.Tanh(), nn.Linear(8, 3)
+    ).double()
+    with pytest.raises(CheckpointError, match=r"submodule '2' .*'p' = 0\.3 in the checkpoint"):
+        load_model(tmp_path / "ck", "b", no_dropout)
+
+
+def test_checkpoints_without_recorded_settings_load_as_before(tmp_path: Path) -> None:
+    """A format-2 checkpoint written before settings were recorded: nothing to check, the
+    batch keeps its slots' settings and load_model the template's."""
+    from tests.faults._tamper import edit_manifest
+
+    batch, _ = settings_batch(0, IDS, RATES)
+    batch.save_all(tmp_path / "ck")
+
+    def drop_settings(m: dict[str, Any]) -> None:
+        for entry in m["models"]:
+            del entry["settings"]
+
+    edit_manifest(tmp_path / "ck", drop_settings)
+    other, _ = settings_batch(100, IDS, {"a": 0.1, "b": 0.1, 7: 0.5})
+    other.load_all(tmp_path / "ck")
+    assert other.extract("b")[2].p == 0.1
+    same_tensors(other.extract("b")[0].state_dict(), batch.extract("b")[0].state_dict())
+    assert load_model(tmp_path / "ck", "b", mlp_with(0.9, 0.1))[2].p == 0.9
+
+
+@pytest.mark.parametrize(
+    "bad", [[], {"2": []}, {"2": {}}, {"2": {"p": "0.3"}}, {"2": {"p": [0.3]}}]
+)
+def test_malformed_settings_are_refused(tmp_path: Path, bad: Any) -> None:
+    from tests.faults._tamper import edit_manifest
+
+    batch, _ = settings_batch(0, IDS, RATES)
+    batch.save_all(tmp_path / "ck")
+    edit_manifest(tmp_path / "ck", lambda m: m["models"][1].__setitem__("settings", bad))
+    with pytest.raises(CheckpointError, match=r"models\[1\]\.settings"):
+        batch.load_all(tmp_path / "ck")

@@ -3,9 +3,13 @@ shape hint is kept for shape errors only."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import modelbatch
 
@@ -133,3 +137,78 @@ def test_an_in_place_write_into_a_shared_input_is_named(seeds: list[int] | None)
     assert "per_model=True" in str(info.value) and "inplace=False" in str(info.value)
     out = batch(torch.ones(N, 4, 5), per_model=True)  # the way out
     assert out.shape == (N, 4, 5)
+
+
+# ------------------------------------------------------------- non-tensor inputs and outputs
+class GRUOnPacked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(3, 4, batch_first=True)
+
+    def forward(self, x: object) -> Tensor:
+        return self.rnn(x)[1]
+
+
+class ReturnsPacked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(3, 4, batch_first=True)
+
+    def forward(self, x: Tensor, lengths: Tensor) -> object:
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        return self.rnn(packed)  # (PackedSequence, h_n)
+
+
+@dataclasses.dataclass
+class Features:
+    x: Tensor
+
+
+class OnFeatures(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, f: Features) -> Tensor:
+        return self.fc(f.x)
+
+
+def test_packed_sequence_input_is_named() -> None:
+    x, lengths = torch.randn(2, 5, 3), torch.tensor([3, 5])
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    models = [GRUOnPacked().double() for _ in range(N)]
+    batch = modelbatch.ModelBatch([copy.deepcopy(m) for m in models])
+    for call in (lambda: batch(packed), lambda: batch((packed,))):
+        with pytest.raises(TypeError, match=r"is a PackedSequence\. .*vmap.*Way out: pack "
+                           r"inside the model .* return tensors.*pass it by keyword"):
+            call()
+    # The way out named: by keyword it reaches every model unchanged.
+    x64 = pack_padded_sequence(x.double(), lengths, batch_first=True, enforce_sorted=False)
+    expected = torch.stack([m(x64) for m in models])
+    out = batch(x=x64)
+    assert torch.allclose(out, expected, rtol=1e-12, atol=1e-14)
+    (out**2).sum().backward()
+    (expected**2).sum().backward()
+    for name, p in batch.stacked.named_parameters():
+        ref = torch.stack([dict(m.named_parameters())[name].grad for m in models])
+        assert torch.allclose(p.grad, ref, rtol=1e-10, atol=1e-14), name
+
+
+def test_packed_sequence_output_is_named() -> None:
+    batch = _batch(ReturnsPacked)
+    x, lengths = torch.randn(2, 5, 3), torch.tensor([3, 5])
+    with pytest.raises(
+        TypeError, match=r"returned a PackedSequence \(its output\[0\]\).*Way out: pack inside"
+    ):
+        batch(x, lengths)
+
+
+def test_per_model_objects_holding_tensors_are_refused() -> None:
+    batch = _batch(OnFeatures)
+    shared = batch(Features(torch.randn(2, 3)))  # a shared object is every model's input
+    assert shared.shape == (N, 2, 3)
+    with pytest.raises(TypeError, match=r"input 0 is a Features holding tensors \(input 0\.x\)"
+                       r".*per_model=True splits only tensor inputs"):
+        batch(Features(torch.randn(N, 2, 3)), per_model=True)
+    with pytest.raises(TypeError, match=r"input 0 is a tuple holding tensors \(input 0\[0\]\)"):
+        batch((torch.randn(N, 2, 3),), per_model=True)

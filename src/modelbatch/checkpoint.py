@@ -6,7 +6,9 @@ Layout of ``save_all(batch, "ckpt")`` (format version 2, see ``docs/checkpoints.
                                           first, each with its step and the SHA-256 and
                                           size of its manifest (and an optional HMAC)
     ckpt/v00000007/manifest.json          format version, N, model ids and folders,
-                                          quarantine mask, architecture fingerprint,
+                                          quarantine mask, seeds, each model's per-model
+                                          settings (dropout p, norm eps, BatchNorm
+                                          momentum, LeakyReLU slope), architecture fingerprint,
                                           optimizer class, scheduler states, per-model loss
                                           scales, RNG (Python/NumPy), step, extra, SHA-256
                                           and size of every other file
@@ -539,6 +541,9 @@ def _write_checkpoint(
                 "folder": name,
                 "active": bool(active[i]),
                 "seed": None if seeds is None else int(seeds[i]),
+                "settings": _json_ready(
+                    batch._model_settings[i], f"per-model settings of model {mid!r}"
+                ),
             }
         )
     _fsync_dir(root / "models")
@@ -954,6 +959,7 @@ def _check_manifest(m: Any, where: Path, folder: str) -> None:
             f"{f}.seed",
             "null or a non-negative int",
         )
+        _check_settings_meta(e.get("settings"), where, f"{f}.settings")
         ids.append(mid)
     _need(len(set(map(json.dumps, ids))) == len(ids), where, "models[].id", "unique")
     arch = m.get("architecture")
@@ -1022,6 +1028,23 @@ def _check_manifest(m: Any, where: Path, folder: str) -> None:
             where,
             f"files[{rel!r}]",
             "an object with a 'sha256' hex digest and a non-negative 'size'",
+        )
+
+
+def _check_settings_meta(s: Any, where: Path, field: str) -> None:
+    """A model's per-model settings: absent (``None``, a checkpoint written before they
+    were recorded) or ``{submodule path: {attribute: number or null}}``."""
+    if s is None:
+        return
+    _need(isinstance(s, dict), where, field, "an object of submodule paths")
+    for path, attrs in s.items():
+        _need(
+            isinstance(attrs, dict)
+            and len(attrs) > 0
+            and all(v is None or _is_number(v) for v in attrs.values()),
+            where,
+            f"{field}[{path!r}]",
+            "a non-empty object of attribute: number or null",
         )
 
 
@@ -1297,6 +1320,8 @@ def _plan_load(
     mine = _fingerprint(batch)["tensors"]
     _compare_architecture(mine, manifest["architecture"]["tensors"], root)
     expected = {e["name"]: e for e in mine}
+    for i, mid in enumerate(ids):
+        _check_slot_settings(batch, i, mid, by_id[json.dumps(mid)].get("settings"), root)
 
     if optimizer is not None:
         kind = _optimizer_kind(optimizer)
@@ -1395,6 +1420,55 @@ def _plan_load(
         "rng_tensors": rng_tensors,
         "rng_meta": manifest["rng"],
     }
+
+
+class _Absent:
+    """Stands for a per-model setting that one side does not have."""
+
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+_ABSENT = _Absent()
+
+
+def _settings_differences(
+    have: Mapping[str, Mapping[str, Any]], saved: Mapping[str, Mapping[str, Any]]
+) -> Iterator[tuple[str, str, Any, Any]]:
+    """``(submodule path, attribute, value in have, saved value)`` for every per-model
+    setting that differs (``_ABSENT`` where one side lacks it)."""
+    from modelbatch._structure import same_setting
+
+    absent = _ABSENT
+    for path in [*have, *(p for p in saved if p not in have)]:
+        mine, theirs = have.get(path, {}), saved.get(path, {})
+        for attr in [*mine, *(a for a in theirs if a not in mine)]:
+            a, b = mine.get(attr, absent), theirs.get(attr, absent)
+            if a is absent or b is absent or not same_setting(a, b):
+                yield path, attr, a, b
+
+
+def _check_slot_settings(
+    batch: ModelBatch, i: int, mid: int | str, saved: Any, root: Path
+) -> None:
+    """Refuse to load saved model ``mid`` into position ``i`` unless the slot runs the
+    model's own per-model settings (dropout p, norm eps, BatchNorm momentum, LeakyReLU
+    slope). ``saved`` is ``None`` for a checkpoint that did not record them: not checked."""
+    if saved is None:
+        return
+    have = batch._model_settings[i]
+    for path, attr, value, saved_value in _settings_differences(have, saved):
+        sub = dict(batch.stacked.named_modules()).get(path)
+        cls = f" ({type(sub).__name__})" if sub is not None else ""
+        raise CheckpointError(
+            f"cannot load model {mid!r} of the checkpoint at {root} into position {i} of the "
+            f"batch: submodule {path or '<root>'!r}{cls}, attribute {attr!r} is "
+            f"{saved_value!r} in the checkpoint where the batch's model at that position "
+            f"(id {batch.model_ids[i]!r}) was built with {value!r}. Per-model settings are "
+            "fixed when a batch is built: build the batch from models with the saved "
+            "settings (modelbatch.load_model gives each saved model with its own), or load "
+            "into the position that has them (model_ids=[...])"
+        )
 
 
 def _check_rng_tensors(ck: _Version, meta: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -1591,9 +1665,11 @@ def _build_optimizer_state(
             name, key = split(full, ids[0])
             p = params[name]
             per = [t[full] for t in tensors]
-            expect = () if key == "step" else tuple(p.shape[1:])
+            # Per-model scalars (step counters, bias corrections): the optimizer names them.
+            scalar = key in optimizer._small_keys()
+            expect = () if scalar else tuple(p.shape[1:])
             for mid, v in zip(ids, per, strict=True):
-                if tuple(v.shape) != expect and not (key == "step" and v.dim() == 0):
+                if tuple(v.shape) != expect and not (scalar and v.dim() == 0):
                     raise CheckpointError(
                         f"optimizer state {name!r}/{key!r} of model {mid!r} has shape "
                         f"{tuple(v.shape)}, expected {expect}"
@@ -1659,6 +1735,14 @@ def load_weights(
 ) -> dict[str, Tensor]:
     """One saved model's state dict (``{name: tensor}``, on the CPU), read and verified as
     :func:`load_all` reads a checkpoint (the latest committed version unless ``version``)."""
+    return _read_model(directory, model_id, version)[0]
+
+
+def _read_model(
+    directory: str | os.PathLike[str], model_id: int | str, version: int | None
+) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]] | None]:
+    """Saved model ``model_id``'s state dict and its per-model settings (``None`` when the
+    checkpoint did not record them), read and verified in one go."""
     with _open_version(directory, version, None) as ck:
         by_id = {json.dumps(m["id"]): m for m in ck.manifest["models"]}
         if json.dumps(model_id) not in by_id:
@@ -1666,8 +1750,9 @@ def load_weights(
                 f"model id {model_id!r} is not in the checkpoint at {ck.path}; it holds "
                 f"{[m['id'] for m in ck.manifest['models']]}"
             )
-        rel = f"models/{by_id[json.dumps(model_id)]['folder']}/{_MODEL_FILE}"
-        return ck.tensors(rel, f"model {model_id!r}")
+        entry = by_id[json.dumps(model_id)]
+        rel = f"models/{entry['folder']}/{_MODEL_FILE}"
+        return ck.tensors(rel, f"model {model_id!r}"), entry.get("settings")
 
 
 def load_model(
@@ -1677,16 +1762,37 @@ def load_model(
     *,
     version: int | None = None,
 ) -> nn.Module:
-    """One saved model as a plain module: a deep copy of ``template`` with its weights.
+    """One saved model as a plain module: a deep copy of ``template`` with its weights and
+    its own per-model settings (dropout ``p``, BatchNorm ``momentum``/``eps``,
+    LayerNorm/GroupNorm ``eps``, LeakyReLU ``negative_slope``).
 
-    ``template`` is any instance of the architecture (its weights are not used). Without
-    ModelBatch the same is::
+    ``template`` is any instance of the architecture (its weights and per-model settings
+    are not used). A template whose submodules cannot take the saved settings (another
+    layer class at that path, a missing one) is refused. A checkpoint written before
+    settings were recorded gives the template's settings. Without ModelBatch the weights
+    are::
 
         folder = json.loads(Path("ckpt/latest.json").read_text())["versions"][-1]["folder"]
         model.load_state_dict(safetensors.torch.load_file(f"ckpt/{folder}/models/<id>/model.safetensors"))
+
+    and the settings are the model's ``"settings"`` entry in ``ckpt/<folder>/manifest.json``.
     """
-    weights = load_weights(directory, model_id, version=version)
+    from modelbatch._structure import model_settings
+
+    weights, saved = _read_model(directory, model_id, version)
     module = copy.deepcopy(template)
+    if saved is not None:
+        have = model_settings(module)
+        for path, attr, value, saved_value in _settings_differences(have, saved):
+            if value is _ABSENT or saved_value is _ABSENT:
+                raise CheckpointError(
+                    f"model {model_id!r} of the checkpoint at {directory} does not fit the "
+                    f"template {type(template).__name__}: its submodule {path or '<root>'!r} "
+                    f"has the per-model setting {attr!r} = {saved_value!r} in the checkpoint "
+                    f"and {value!r} in the template (another layer class, or a missing "
+                    "layer). Give a template of the saved architecture"
+                )
+            setattr(module.get_submodule(path), attr, saved_value)
     try:
         module.load_state_dict(weights, strict=True)
     except RuntimeError as e:

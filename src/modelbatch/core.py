@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from modelbatch._forward_errors import explain_forward_error
+from modelbatch._flat import FlatParams, flatten_parameters, select_models
+from modelbatch._forward_errors import check_inputs, check_outputs, explain_forward_error
 from modelbatch._functional import (
     CallPlan,
     OutputLayout,
@@ -229,6 +230,8 @@ class ModelBatch(nn.Module):
         # The mirror is a copy of model 0: per-submodule train/eval modes (a frozen BatchNorm
         # in eval inside a training model) are kept; the check made them equal in all models.
         self.stacked = mirror
+        # One [N, P] storage per dtype/device for all parameters (see modelbatch._flat).
+        self._flat: FlatParams = flatten_parameters(mirror)
         self.training = models[0].training
 
         self.register_buffer("active", torch.ones(n, dtype=torch.bool, device=self._device()))
@@ -290,12 +293,49 @@ class ModelBatch(nn.Module):
         state = self.__dict__.copy()
         state.pop("_optimizers", None)
         state.pop("_all_active_cache", None)
+        state.pop("_call_cache", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         # Registrations made while the state was being restored are already in __dict__.
         self.__dict__.setdefault("_optimizers", [])
+        # copy.deepcopy and pickle copy each parameter on its own: put them back into one
+        # flat storage (the Parameter objects are kept).
+        self._flat_storage()
+
+    def _call_tensors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``(named parameters, named buffers)`` of the stacked module for the forward,
+        cached: rebuilt only when a parameter or buffer was replaced (checked in O(number of
+        tensors) with identity tests, without walking the module tree)."""
+        cache = self.__dict__.get("_call_cache")
+        if cache is not None:
+            params, buffers, places = cache
+            if all(store.get(attr) is t for store, attr, t in places):
+                return params, buffers
+        params = dict(self.stacked.named_parameters())
+        buffers = dict(self.stacked.named_buffers())
+        places = []
+        for name, t in [*params.items(), *buffers.items()]:
+            mod_path, attr = _split_name(name)
+            module = self.stacked.get_submodule(mod_path)
+            store = module._parameters if name in params else module._buffers
+            places.append((store, attr, t))
+        self.__dict__["_call_cache"] = (params, buffers, places)
+        return params, buffers
+
+    def _flat_storage(self, check: bool = True) -> FlatParams:
+        """The flat ``[N, P]`` parameter storage, rebuilt first if some parameter no longer
+        lives in it (``.to()``, a copy, an assignment to ``.data`` or of a new Parameter).
+        ``check=False`` (each optimizer step): only a cheap check of one parameter per
+        storage, O(1) in N and in the number of parameters."""
+        flat = self.__dict__.get("_flat")
+        if flat is not None and not check and flat.roughly_intact():
+            return flat
+        if flat is None or not flat.intact(self.stacked):
+            flat = flatten_parameters(self.stacked, flat)
+            self.__dict__["_flat"] = flat
+        return flat
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> ModelBatch:
         """``.to()``, ``.cuda()``, ``.double()``, ...: the stacked tensors move as usual; the
@@ -303,6 +343,7 @@ class ModelBatch(nn.Module):
         scaler built on this batch follow them to the new device and floating dtype."""
         super()._apply(fn, recurse)
         self._template._apply(fn)
+        self._flat_storage()  # each parameter moved on its own: one flat storage again
         for follower in self._live_optimizers():
             follow = getattr(follower, "_follow_batch", None)
             if follow is not None:
@@ -397,8 +438,8 @@ class ModelBatch(nn.Module):
                         f"per_model=True expects input {k} to have a leading dimension of "
                         f"N={n} models, got shape {tuple(x.shape)}"
                     )
-        params: dict[str, Tensor] = dict(self.stacked.named_parameters())
-        buffers: dict[str, Tensor] = dict(self.stacked.named_buffers())
+        check_inputs(inputs, per_model)
+        params, buffers = self._call_tensors()
         x_dims = tuple(0 if per_model and isinstance(x, Tensor) else None for x in inputs)
         run = self._compiled_forward if self._compiled_forward is not None else _vmapped_forward
         # Quarantined models' buffers (BatchNorm running statistics) must not change in a
@@ -416,6 +457,7 @@ class ModelBatch(nn.Module):
             if explained is None:
                 raise
             raise explained from e
+        check_outputs(out)
         if reassigned:
             keep = None if frozen or self.all_active else self.active
             _write_back_buffers(reassigned, call_buffers, keep)
@@ -848,23 +890,20 @@ class ModelBatch(nn.Module):
         if len(set(keep)) != len(keep):
             raise ValueError(f"keep_positions got repeated positions: {list(keep)}")
         index = torch.tensor(keep, device=self.device, dtype=torch.long)
-        replaced: dict[int, Tensor] = {}
         with torch.no_grad():
+            # Parameters: one index_select per flat [N, P] storage (gradients are dropped).
+            self._flat = select_models(self.stacked, self._flat_storage(), index)
+            replaced: dict[int, Tensor] = {}
             for _, module in self.stacked.named_modules():
-                for kind in ("_parameters", "_buffers"):
-                    store = getattr(module, kind)
-                    for attr, value in list(store.items()):
-                        if value is None:
-                            continue
-                        if id(value) not in replaced:
-                            data = value.detach().index_select(0, index.to(value.device))
-                            if kind == "_parameters":
-                                replaced[id(value)] = nn.Parameter(
-                                    data, requires_grad=value.requires_grad
-                                )
-                            else:
-                                replaced[id(value)] = data
-                        store[attr] = replaced[id(value)]
+                store = module._buffers
+                for attr, value in list(store.items()):
+                    if value is None:
+                        continue
+                    if id(value) not in replaced:
+                        replaced[id(value)] = value.detach().index_select(
+                            0, index.to(value.device)
+                        )
+                    store[attr] = replaced[id(value)]
             self.active = self.active.index_select(0, index)
         if self.latest_losses is not None and self.latest_losses.shape[0] == n:
             self.latest_losses = self.latest_losses.index_select(

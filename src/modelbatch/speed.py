@@ -5,9 +5,9 @@ only remove Python and kernel-launch overhead, and (compile) fuse element-wise w
 
 * :meth:`ModelBatch.enable_compile` / :func:`compile_forward`: the vmapped forward (and so
   its backward) through ``torch.compile``.
-* :func:`compile_optimizer`: the optimizer's tensor update through ``torch.compile`` (one
-  fused kernel per parameter tensor instead of about ten); hyper-parameters stay tensors,
-  so an LR scheduler does not trigger recompilation.
+* :func:`compile_optimizer`: the optimizer's flat update through ``torch.compile`` (one
+  fused pass over parameters, gradients and state for the whole batch); hyper-parameters
+  stay tensors, so an LR scheduler does not trigger recompilation.
 * :meth:`ModelBatch.capture_cuda_graph` / :class:`CudaGraphStep`: forward, backward and
   optimizer step captured in one ``torch.cuda.CUDAGraph`` for static shapes. Small batches
   of models are launch-bound; one replay per step removes the launches.
@@ -42,17 +42,22 @@ def compile_forward(**compile_kwargs: Any) -> Callable[..., Any]:
 
 
 def compile_optimizer(optimizer: BatchOptimizer, **compile_kwargs: Any) -> BatchOptimizer:
-    """Compile the tensor update of a vectorised optimizer in place (returns it).
+    """Compile the flat update of a vectorised optimizer in place (returns it).
 
-    The optimizer switches to static hyper-parameters (see
-    :meth:`BatchOptimizer.set_static_hparams`): its ``[N]`` hyper-parameter tensors are
-    created once and refreshed in place at each ``step()``, so LR schedulers keep working
-    without recompiling. Its state is created now. ``step()`` still reads the quarantine
-    mask on the host, so quarantine behaves as in eager mode.
+    The whole update of one flat ``[N, P]`` storage (gradient gather, step counters, bias
+    corrections and the element-wise arithmetic) becomes one ``torch.compile``'d function:
+    Inductor fuses it into a few kernels that read the parameters, the T gradients and the
+    state once and write the parameters and the state once. Hyper-parameters are ``[N, 1]``
+    tensors refreshed in place, so an LR scheduler does not recompile; the quarantine mask
+    is always applied inside the kernel (no host sync, no recompilation on quarantine). The
+    compiled code is guarded on the tensors' shapes and a few host flags only, so the host
+    time of a step does not grow with N. The state is created now.
 
-    ``torch.compile`` caches compiled code per function, shared by all optimizers of a
-    process: beyond ``torch._dynamo.config.recompile_limit`` compiled optimizers (8 by
-    default), further ones run eagerly (``torch._dynamo.reset()`` clears the cache).
+    A change of the hyper-parameters that changes the update's code path (e.g. weight decay
+    from 0 to non-zero for every model) recompiles once. ``torch.compile`` caches compiled
+    code per function, shared by all optimizers of a class: beyond
+    ``torch._dynamo.config.recompile_limit`` shapes (8 by default), further ones run eagerly
+    (``torch._dynamo.reset()`` clears the cache).
     """
     from modelbatch.optim.base import BatchOptimizer
 
@@ -62,9 +67,19 @@ def compile_optimizer(optimizer: BatchOptimizer, **compile_kwargs: Any) -> Batch
             f"{type(optimizer).__name__}"
         )
     optimizer.init_state()
-    optimizer.set_static_hparams(True, masked=None)
-    eager = type(optimizer)._apply_updates.__get__(optimizer)
-    optimizer._apply_updates = torch.compile(eager, **compile_kwargs)  # type: ignore[method-assign]
+    compile_kwargs.setdefault("dynamic", False)
+    if compile_kwargs.get("mode") is None and optimizer.batch.device.type != "cpu":
+        # On GPUs the T gradients are read in place by the fused update (masked loads),
+        # instead of first being copied into one [N, P] buffer: bytes moved at the floor.
+        # (Inductor's CPU code is slower that way: there it copies them, +2 passes.)
+        options = dict(compile_kwargs.pop("options", None) or {})
+        options.setdefault("force_pointwise_cat", True)
+        compile_kwargs["options"] = options
+    cls: Any = type(optimizer)  # SGD, Adam, AdamW: _coefficients, _apply_functional
+    optimizer._compiled = (
+        torch.compile(cls._coefficients, **compile_kwargs),
+        torch.compile(cls._apply_functional, **compile_kwargs),
+    )
     return optimizer
 
 
@@ -73,6 +88,10 @@ def _as_tuple(x: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    from modelbatch.optim.base import BatchOptimizer
+
+    if isinstance(optimizer, BatchOptimizer):
+        return optimizer._state_tensors()  # the flat state itself, not per-parameter views
     return [v for s in optimizer.state.values() for v in s.values() if isinstance(v, Tensor)]
 
 
@@ -253,8 +272,11 @@ class CudaGraphStep:
         self.optimizer.step()
         return loss.detach()
 
-    def _tensor_signature(self) -> tuple[int, ...]:
-        return tuple(id(t) for t in _stateful_tensors(self.batch, self.optimizer))
+    def _tensor_signature(self) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
+        return tuple(
+            (id(t), t.data_ptr(), tuple(t.shape))
+            for t in _stateful_tensors(self.batch, self.optimizer)
+        )
 
     # ------------------------------------------------------------------ replay
     def _check(self) -> None:

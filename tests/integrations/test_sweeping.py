@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import modelbatch
 from modelbatch.integrations.sweeping import (
@@ -517,3 +518,122 @@ def test_a_freed_slot_only_takes_a_config_with_the_same_per_model_settings():
                 progress=False)
     assert [r.status for r in res.values()] == ["pruned", "completed", "completed", "completed"]
     assert order.index((3, 0)) < order.index((2, 0))  # 3 refilled 0's slot; 2 waited
+
+
+# ----------------------------------------------------------------- per-model settings, seeded
+def _dropout_bn_mlp(config):
+    """Unseeded on purpose: ``sweep(seeds=...)`` seeds the initialisation."""
+    return nn.Sequential(
+        nn.Linear(4, 8),
+        nn.Tanh(),  # BatchNorm after the bias: Adam would amplify the bias's ~0 gradient
+        nn.BatchNorm1d(8, momentum=config.get("momentum", 0.1)),
+        nn.Dropout(config.get("p", 0.5)),
+        nn.Linear(8, 3),
+    ).double()
+
+
+def _seeded_alone(configs, seeds, epochs, loader):
+    """Config k alone: built under its seed, seeded dropout, torch.optim.Adam."""
+    models = [
+        modelbatch.use_seeded_dropout(
+            modelbatch.seeded_models(lambda c=c: _dropout_bn_mlp(c), [s])[0], s
+        )
+        for c, s in zip(configs, seeds, strict=True)
+    ]
+    data = [batch for _ in range(epochs) for batch in loader]
+    return train_alone(
+        models, lambda i, m: torch.optim.Adam(m.parameters(), lr=configs[i]["lr"]), data,
+        F.cross_entropy,
+    )
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [
+        [{"p": p, "lr": lr} for p, lr in [(0.1, 0.01), (0.3, 0.02), (0.5, 0.01), (0.7, 0.03)]],
+        [{"momentum": m, "lr": 0.02, "p": 0.2} for m in (0.05, 0.1, 0.3, 0.9)],
+    ],
+    ids=["dropout-rate", "batchnorm-momentum"],
+)
+def test_seeded_settings_sweep_is_one_batch_equal_to_each_config_alone(configs):
+    loader = make_loader(dtype=F64)
+    built: list[int] = []
+
+    def callbacks():
+        built.append(1)  # called once per ModelBatch the sweep builds
+        return []
+
+    results = sweep(
+        configs, _dropout_bn_mlp, train_loader=loader, loss_fn=F.cross_entropy, epochs=2,
+        keep_models=True, seeds=11, callbacks=callbacks, progress=False,
+    )
+    assert len(built) == 1  # one structure group, one batch of 4
+    models = [results[k].model for k in range(len(configs))]
+    seeds = modelbatch.derive_seeds(11, len(configs))
+    alone = _seeded_alone(configs, seeds, 2, loader)
+    # Every parameter and BatchNorm buffer (the batched models have no seed/counter).
+    assert_close_models(models, alone, F64)
+    for k, res in results.items():
+        assert res.status == "completed"
+        model = res.model
+        assert model[3].p == configs[k].get("p", 0.5)
+        assert model[2].momentum == configs[k].get("momentum", 0.1)
+        assert res.value == pytest.approx(_full_loss(alone[k].eval(), loader), rel=1e-10)
+
+
+def test_refilled_slot_takes_its_configs_seed():
+    """Two slots, four configs: configs 2 and 3 refill the slots of 0 and 1 (same dropout
+    rates), each with its own seed (fresh dropout counters); every config equals itself
+    trained alone."""
+    loader = make_loader(dtype=F64)
+    configs = [{"p": p, "lr": lr} for p, lr in [(0.2, 0.01), (0.4, 0.02), (0.2, 0.03), (0.4, 0.05)]]
+    seeds = [3, 1, 4, 15]
+    built: list[int] = []
+    results = sweep(
+        configs, _dropout_bn_mlp, train_loader=loader, loss_fn=F.cross_entropy, epochs=2,
+        models_per_batch=2, keep_models=True, seeds=seeds, progress=False,
+        callbacks=lambda: built.append(1) or [],
+    )
+    assert len(built) == 1  # configs 2 and 3 came in by refill, not in a new batch
+    alone = _seeded_alone(configs, seeds, 2, loader)
+    assert [r.status for r in results.values()] == ["completed"] * 4
+    assert_close_models([results[k].model for k in range(4)], alone, F64)
+
+
+def test_sweep_seeds_are_checked():
+    loader = make_loader(dtype=F64)
+    with pytest.raises(ValueError, match="got 1 seeds for 2"):
+        sweep([{"lr": 0.1}, {"lr": 0.2}], make_mlp64, train_loader=loader,
+              loss_fn=F.cross_entropy, epochs=1, seeds=[1], progress=False)
+    with pytest.raises(TypeError, match="seeds must be an int"):
+        sweep([{"lr": 0.1}], make_mlp64, train_loader=loader, loss_fn=F.cross_entropy,
+              epochs=1, seeds="1", progress=False)
+
+
+def test_a_seeded_sweep_interrupted_after_a_refill_resumes_to_the_same_models(tmp_path):
+    """Seeded dropout state (per-slot seeds and counters, a refilled slot's new seed) is
+    part of what a sweep folder resumes: interrupted mid-epoch after a refill, then called
+    again, the sweep ends with the uninterrupted sweep's models, bit for bit."""
+    loader = make_loader(dtype=F64)
+    configs = [{"p": p, "lr": lr} for p, lr in [(0.2, 0.01), (0.4, 0.02), (0.2, 0.03), (0.4, 0.05)]]
+    calls = [0]
+    stop_at = [0]
+
+    def loss_fn(out, target):
+        calls[0] += 1
+        if calls[0] == stop_at[0]:
+            raise KeyboardInterrupt  # a kill between two saved round boundaries
+        return F.cross_entropy(out, target)
+
+    kwargs = dict(train_loader=loader, loss_fn=loss_fn, epochs=2, models_per_batch=2,
+                  keep_models=True, seeds=[3, 1, 4, 15], progress=False)
+    expected = sweep(configs, _dropout_bn_mlp, **kwargs)
+    total, calls[0] = calls[0], 0
+    stop_at[0] = total * 3 // 4 + 1  # in the refilled configs' second epoch
+    with pytest.raises(KeyboardInterrupt):
+        sweep(configs, _dropout_bn_mlp, folder=tmp_path / "s", **kwargs)
+    stop_at[0] = 0
+    resumed = sweep(configs, _dropout_bn_mlp, folder=tmp_path / "s", **kwargs)
+    for k in range(4):
+        a, b = expected[k].model.state_dict(), resumed[k].model.state_dict()
+        assert all(torch.equal(a[n], b[n]) for n in a), k

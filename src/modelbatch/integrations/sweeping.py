@@ -523,6 +523,7 @@ def reset_slot(
     position: int,
     model: nn.Module,
     hparams: Mapping[str, Any],
+    seed: int | None = None,
 ) -> None:
     """Put a fresh model in slot ``position`` of a running batch: its weights and buffers,
     a zero optimizer state and step count, and its own hyper-parameters.
@@ -530,7 +531,9 @@ def reset_slot(
     After this call the slot trains exactly as ``model`` would alone with a new optimizer
     (``optimizer_cls(model.parameters(), **hparams)``) on the batches it sees from now on.
     Only ``optimizer.state`` and ``optimizer.param_groups[position]`` are touched (the one
-    place to adapt if the optimizers' storage changes).
+    place to adapt if the optimizers' storage changes). In a batch built with ``seeds=``,
+    the slot's seeded dropout starts over (call counters at 0) from ``seed`` (default: the
+    slot's current seed), as ``modelbatch.use_seeded_dropout(model, seed)`` alone would.
 
     Args:
         batch: the ModelBatch; the slot keeps its model id.
@@ -539,9 +542,17 @@ def reset_slot(
         model: the new model (same architecture), copied in.
         hparams: the new model's hyper-parameters; those not given take the optimizer
             class's defaults.
+        seed: the new model's dropout seed (only for a batch built with ``seeds=``).
     """
+    if seed is not None and batch.seeds is None:
+        raise ValueError(
+            "reset_slot got a seed, but the batch was built without seeds=: its dropout "
+            "masks do not come from per-model seeds. Build the batch with seeds=[...]"
+        )
     batch.insert(batch.model_ids[position], model)
     batch.unquarantine(batch.model_ids[position])
+    if batch.seeds is not None:
+        _reseed_slot(batch, position, batch.seeds[position] if seed is None else seed)
     group = optimizer.param_groups[position]
     n = len(batch)
     views = group.get("params") or []
@@ -563,6 +574,21 @@ def reset_slot(
     validate = getattr(optimizer, "_validate", None)
     if validate is not None:
         validate(group, position)
+
+
+def _reseed_slot(batch: ModelBatch, position: int, seed: int) -> None:
+    """Slot ``position``'s seeded dropout layers (``[N]`` seed and counter buffers) start
+    over from ``seed``; ``batch.seeds`` records it."""
+    from modelbatch.layers.dropout import SeededDropout
+    from modelbatch.seeding import check_seeds
+
+    (seed,) = check_seeds([seed], 1)
+    assert batch.seeds is not None
+    batch.seeds[position] = seed
+    for module in batch.stacked.modules():
+        if isinstance(module, SeededDropout) and module.seed.dim() == 1:
+            module.seed[position] = seed
+            module.counter[position] = 0
 
 
 class SuccessiveHalving:
@@ -905,7 +931,7 @@ class _SweepRun:
         for i, cfg in enumerate(self.configs):
             read: set[str] = set()
             try:
-                model = o["make_model"](_ReadTracker(cfg, read))
+                model = self._make_model(i, _ReadTracker(cfg, read))
                 if not isinstance(model, nn.Module):
                     raise TypeError(
                         f"make_model returned a {type(model).__name__}, not an nn.Module"
@@ -925,6 +951,22 @@ class _SweepRun:
             self.settings[i] = repr(sorted(model_settings(model).items()))
             groups.setdefault(structure_key(model), []).append(i)
         self.groups = list(groups.values())
+
+    def _make_model(self, i: int, config: Mapping[str, Any]) -> Any:
+        """``make_model(config)``; with ``seeds=``, under torch's global RNG seeded by
+        config i's seed (the caller's RNG state is kept), as
+        :func:`modelbatch.seeded_models` builds a model."""
+        seeds = self.o.get("seeds")
+        if seeds is None:
+            return self.o["make_model"](config)
+        from modelbatch.seeding import seeded_models
+
+        return seeded_models(lambda: self.o["make_model"](config), [seeds[i]])[0]
+
+    def _seeds(self, cfgs: Sequence[int]) -> list[int] | None:
+        """The dropout seeds of configs ``cfgs`` (``None`` without ``seeds=``)."""
+        seeds = self.o.get("seeds")
+        return None if seeds is None else [seeds[i] for i in cfgs]
 
     def hparams(self, i: int) -> dict[str, Any]:
         return optimizer_hparams(self.configs[i], self.o["optimizer_cls"])
@@ -980,7 +1022,7 @@ class _SweepRun:
             slots = list(range(self.next_slot, self.next_slot + len(chosen)))
             try:
                 self._build_batch([self.models[i] for i in chosen], slots,
-                                  [self.hparams(i) for i in chosen])
+                                  [self.hparams(i) for i in chosen], self._seeds(chosen))
             except (ValueError, TypeError):
                 if probe:
                     raise
@@ -994,10 +1036,15 @@ class _SweepRun:
         return True
 
     def _build_batch(
-        self, models: Sequence[nn.Module | None], slots: list[int], hps: list[dict[str, Any]]
+        self,
+        models: Sequence[nn.Module | None],
+        slots: list[int],
+        hps: list[dict[str, Any]],
+        seeds: list[int] | None,
     ) -> None:
         o = self.o
-        self.batch = ModelBatch([m for m in models if m is not None], model_ids=slots)
+        self.batch = ModelBatch([m for m in models if m is not None], model_ids=slots,
+                                seeds=seeds)
         if o["device"] is not None:
             self.batch.to(o["device"])
         per_model = _per_model_hparams(hps, o["optimizer_cls"], slots)
@@ -1155,7 +1202,9 @@ class _SweepRun:
             assert model is not None
             slot = batch.model_ids[pos]
             try:
-                reset_slot(batch, optimizer, pos, model, self.hparams(i))
+                seeds = self._seeds([i])
+                reset_slot(batch, optimizer, pos, model, self.hparams(i),
+                           seed=None if seeds is None else seeds[0])
             except (ValueError, TypeError) as e:
                 self._fail(i, f"optimizer: {type(e).__name__}: {e}")
                 empty.append(pos)
@@ -1196,6 +1245,8 @@ class _SweepRun:
         o = self.o
         text = repr((self.configs, self.keys, self.epochs, o["models_per_batch"], o["refill"],
                      o["metric"], self.mode, o["patience"], o["optimizer_cls"].__qualname__))
+        if o.get("seeds") is not None:
+            text += repr(o.get("seeds"))
         return hashlib.sha256(text.encode()).hexdigest()
 
     def save_state(self, done: bool = False) -> None:
@@ -1259,7 +1310,7 @@ class _SweepRun:
             slots = list(b["slots"])
             cfgs = [self.slot_cfg[s] for s in slots]
             self._build_batch([self.models[i] for i in cfgs], slots,
-                              [self.hparams(i) for i in cfgs])
+                              [self.hparams(i) for i in cfgs], self._seeds(cfgs))
             assert self.batch is not None and self.optimizer is not None
             self.batch.load_state_dict(b["state"])
             for slot, i in zip(slots, cfgs, strict=True):
@@ -1367,6 +1418,7 @@ def sweep(
     folder: str | os.PathLike[str] | None = None,
     top_k: int = 1,
     progress: bool = True,
+    seeds: int | Sequence[int] | None = None,
 ) -> SweepResults:
     """Train every config as its own model, N at a time in one ModelBatch, and tabulate.
 
@@ -1421,6 +1473,14 @@ def sweep(
             there and ends with the same results.
         top_k: how many best models to return in ``results.best_models`` (and save).
         progress: show a progress bar with the best-so-far (tqdm, else one line per config).
+        seeds: one seed per config (a list), or a base seed (an int: config ``k`` gets
+            ``modelbatch.derive_seeds(seeds, len(configs))[k]``). Config k's model is then
+            built under its seed (``make_model`` runs with torch's RNG seeded by it, as
+            :func:`modelbatch.seeded_models`) and its dropout masks come from it, wherever
+            and whenever it runs (batch built with ``seeds=``; a refilled slot takes its
+            new config's seed): config k trains exactly as
+            ``modelbatch.use_seeded_dropout(seeded_models(lambda: make_model(config),
+            [seed])[0], seed)`` alone.
 
     Returns:
         :class:`SweepResults`: ``{index or config[key]: ConfigResult}`` in config order, with
@@ -1456,6 +1516,19 @@ def sweep(
         keys = [c[key] for c in config_list]
         if len(set(keys)) != len(keys):
             raise ValueError(f"config[{key!r}] values must be unique, got {keys}")
+    seed_list: list[int] | None = None
+    if seeds is not None:
+        from modelbatch.seeding import check_seeds, derive_seeds
+
+        if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
+            seed_list = derive_seeds(int(seeds), len(config_list))
+        elif isinstance(seeds, Sequence) and not isinstance(seeds, str):
+            seed_list = check_seeds(seeds, len(config_list))
+        else:
+            raise TypeError(
+                f"seeds must be an int (a base seed) or a list of one int per config, got "
+                f"{type(seeds).__name__}"
+            )
     prefix = "val_" if val_loader is not None and eval_fn is None else ""
     metric_name = prefix + metric
     opts = {
@@ -1467,7 +1540,7 @@ def sweep(
         "grad_clip": grad_clip, "patience": patience, "pruner": pruner, "refill": refill,
         "device": device, "logger": logger, "keep_models": keep_models,
         "folder": Path(folder) if folder is not None else None, "top_k": top_k,
-        "progress": progress,
+        "progress": progress, "seeds": seed_list,
         "allowed_keys": {*extra_keys, *([key] if key is not None else [])},
     }
     return _SweepRun(config_list, keys, opts).run()

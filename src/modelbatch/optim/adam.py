@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from modelbatch.optim.base import BatchOptimizer, check_range, per_model_view
+from modelbatch.optim.base import BatchOptimizer, _coef_dtype, check_range
 
 if TYPE_CHECKING:
     from modelbatch.core import ModelBatch
@@ -64,6 +64,8 @@ class Adam(BatchOptimizer):
             },
         )
 
+    _small_width = 3  # [bias correction 1, bias correction 2, step]
+
     def _validate(self, group: Mapping[str, Any], i: int) -> None:
         for name in ("lr", "eps", "weight_decay"):
             check_range(self, group, i, name)
@@ -71,50 +73,208 @@ class Adam(BatchOptimizer):
             if not 0.0 <= beta < 1.0:
                 raise self._error(i, f"invalid beta parameter at index {k}: {beta}")
 
-    def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
-        super()._init_state(p, state)
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if self.any_hparam("amsgrad"):
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    def _state_keys(self) -> tuple[str, ...]:
+        keys: tuple[str, ...] = ("exp_avg", "exp_avg_sq")
+        if any(self._hp_host_now()["amsgrad"]):
+            keys += ("max_exp_avg_sq",)
+        return keys
 
-    def _update_param(self, name: str, p: Tensor, grad: Tensor, state: dict[str, Any]) -> None:
-        step = state["step"]
-        step += 1
-        if self.any_hparam("maximize"):
-            grad = torch.where(per_model_view(self.hparam("maximize", p), p), -grad, grad)
-        lr = self.hparam("lr", p)
-        if self.any_hparam("weight_decay"):
-            wd = self.hparam("weight_decay", p)
-            if self._decoupled_weight_decay:
-                p.mul_(per_model_view(1 - lr * wd, p))
-            else:
-                grad = grad + per_model_view(wd, p) * p
-        beta1 = self.hparam("betas", p, 0)
-        beta2 = self.hparam("betas", p, 1)
+    def _hp_host_now(self) -> dict[str, list[Any]]:
+        if not self._hp_host:
+            self._hp_host = self._host_values()
+        return self._hp_host
+
+    def _constants(self, hp: dict[str, Tensor], host: dict[str, list[Any]]) -> dict[str, Any]:
+        active = hp["active"]
+        act = active.to(torch.float64)
+        b1, b2, lr, eps = hp["betas[0]"], hp["betas[1]"], hp["lr"], hp["eps"]
+        one = torch.ones_like(b1)
+        zero = torch.zeros_like(b1)
+        # Step state [bc1, bc2, t] -> [bc1, bc2, t] * M + A: bc <- (1 - beta) + beta * bc is
+        # 1 - beta^t; inactive models keep theirs (M = 1, A = 0).
+        m_col = torch.cat([b1, b2, one], 1)
+        a_col = torch.cat([1 - b1, 1 - b2, one], 1)
+        c: dict[str, Any] = {
+            "f64_M": torch.where(active, m_col, 1.0),
+            "f64_A": torch.where(active, a_col, 0.0),
+            "f64_E": torch.tensor([[1.0, 0.5, 0.0]], dtype=torch.float64, device=b1.device),
+            "f64_L": torch.cat([lr, lr / eps], 1),
+            "f64_lr": lr,
+            "f64_eps": eps,
+            "w1": (1 - b1) * act,
+            "w2": (1 - b2) * act,
+            # 16-bit parameters: m = m * m1 + g * w1 in float32 (lerp wants one dtype).
+            "m1": torch.where(active, b1, 1.0),
+            "m2": torch.where(active, b2, 1.0),
+            "active": active,
+            "inactive": ~active,
+        }
+        amsgrad = host["amsgrad"]
+        maximize = host["maximize"]
+        wds = host["weight_decay"]
+        flags = {
+            "maximize": any(maximize),
+            "wd": (2 if self._decoupled_weight_decay else 1) if any(wds) else 0,
+            "amsgrad": (1 if all(amsgrad) else 2) if any(amsgrad) else 0,
+            "safe": any(v == 0 for v in host["lr"]),
+        }
+        if flags["maximize"]:
+            c["sign"] = torch.where(hp["maximize"] != 0, -one, one)
+        if flags["wd"] == 1:
+            c["wd"] = hp["weight_decay"]
+        elif flags["wd"] == 2:
+            c["decay"] = torch.where(active, 1 - lr * hp["weight_decay"], one)
+        if flags["amsgrad"] == 2:
+            c["ams"] = hp["amsgrad"] != 0
+        del zero
+        c["flags"] = flags
+        return c
+
+    def _small_keys(self) -> tuple[str, ...]:
+        return ("step", "bias_correction1", "bias_correction2")
+
+    def _small_entries(self, small: Tensor) -> dict[str, Tensor]:
+        return {
+            "step": small[:, 2],
+            "bias_correction1": small[:, 0],
+            "bias_correction2": small[:, 1],
+        }
+
+    def _small_from_steps(self, steps: Tensor, c: dict[str, Any]) -> Tensor:
+        t = steps.view(-1, 1)
+        saved = c.get("saved", {})
+        if "bias_correction1" in saved and "bias_correction2" in saved:
+            # Exactly as saved (a resumed run continues bit for bit).
+            cols = [
+                torch.as_tensor(saved[k]).to(device=t.device, dtype=torch.float64).view(-1, 1)
+                for k in ("bias_correction1", "bias_correction2")
+            ]
+            return torch.cat([*cols, t], 1)
+        b1, b2 = c["betas[0]"], c["betas[1]"]
+        return torch.cat([1 - b1**t, 1 - b2**t, t], 1)
+
+    def _on_hparams_changed(self, old: dict[str, list[Any]], new: dict[str, list[Any]]) -> None:
+        # torch.optim computes the bias corrections from the current betas (which e.g.
+        # OneCycleLR cycles): recompute them from the step counts.
+        if old.get("betas[0]") == new["betas[0]"] and old.get("betas[1]") == new["betas[1]"]:
+            return
+        self._recompute_small()
+
+    @staticmethod
+    def _update(  # type: ignore[override]
+        p: Tensor,
+        grads: list[Tensor],
+        state: dict[str, Tensor],
+        small: Tensor,
+        c: dict[str, Any],
+        flags: dict[str, Any],
+        scratch: Tensor | None,
+    ) -> None:
+        if scratch is None:
+            coef = Adam._coefficients(small, c, flags)
+            Adam._apply_functional(p, grads, state, coef, c, flags)
+            return
+        masked = flags["masked"]
+        g = torch.cat(grads, 1, out=scratch)
+        if flags["maximize"]:
+            g.mul_(c["sign"])
+        if flags["wd"]:
+            for a, b in flags["decay_runs"]:
+                if flags["wd"] == 1:
+                    g[:, a:b].addcmul_(p[:, a:b], c["wd"])
+                else:
+                    p[:, a:b].mul_(c["decay"])
+        if masked:  # quarantined models: no gradient reaches their state
+            g.masked_fill_(c["inactive"], 0.0)
+        # Per-model step state, once per step: [bc1, bc2, t], then [bc1, sqrt(bc2), 1].
+        torch.addcmul(c["f64_A"], small, c["f64_M"], out=small)
+        z = torch.pow(small, c["f64_E"])
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.lerp_(grad, per_model_view(1 - beta1, p))
-        exp_avg_sq.mul_(per_model_view(beta2, p)).addcmul_(
-            grad * per_model_view(1 - beta2, p), grad
-        )
-
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        step_size = lr / bias_correction1
-        bias_correction2_sqrt = bias_correction2.sqrt()
-
+        if flags["lowp"]:
+            exp_avg.mul_(c["m1"]).addcmul_(g, c["w1"])
+            g.mul_(g)
+            exp_avg_sq.mul_(c["m2"]).addcmul_(g, c["w2"])
+        else:
+            exp_avg.lerp_(g, c["w1"])
+            g.mul_(g)
+            exp_avg_sq.lerp_(g, c["w2"])
         second = exp_avg_sq
-        if self.any_hparam("amsgrad"):
-            max_sq = state.get("max_exp_avg_sq")
-            if max_sq is None:  # amsgrad switched on after the state was created
-                max_sq = exp_avg_sq.clone()
-            max_sq = torch.maximum(max_sq, exp_avg_sq)
-            state["max_exp_avg_sq"] = max_sq
-            second = torch.where(per_model_view(self.hparam("amsgrad", p), p), max_sq, exp_avg_sq)
-        denom = (second.sqrt() / per_model_view(bias_correction2_sqrt, p)).add_(
-            per_model_view(self.hparam("eps", p), p)
-        )
-        p.addcdiv_(exp_avg * per_model_view(-step_size, p), denom)
+        if flags["amsgrad"]:
+            max_sq = state["max_exp_avg_sq"]
+            torch.maximum(max_sq, exp_avg_sq, out=max_sq)
+            second = max_sq if flags["amsgrad"] == 1 else torch.where(c["ams"], max_sq, exp_avg_sq)
+        torch.sqrt(second, out=g)
+        # p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps), written as p -= m / d with
+        # d = (bc1 / lr) * (sqrt(v) / sqrt(bc2) + eps) = sqrt(v) * k + e.
+        if flags["safe"]:  # some lr == 0: d = (sqrt(v) + eps * sqrt(bc2)) * k, k may be inf
+            k = torch.div(z[:, 0:1], z[:, 1:2] * c["f64_lr"]).to(_coef_dtype(p.dtype))
+            g.add_((z[:, 1:2] * c["f64_eps"]).to(_coef_dtype(p.dtype))).mul_(k)
+        else:
+            ke = torch.div(z[:, 0:1], z[:, 1:3] * c["f64_L"]).to(_coef_dtype(p.dtype))
+            torch.addcmul(ke[:, 1:2], g, ke[:, 0:1], out=g)
+        if masked:
+            torch.addcdiv(p, exp_avg, g, value=-1, out=g)
+            torch.where(c["active"], g, p, out=p)
+        else:
+            p.addcdiv_(exp_avg, g, value=-1)
+
+    @staticmethod
+    def _coefficients(small: Tensor, c: dict[str, Any], flags: dict[str, Any]) -> Tensor:
+        """The per-step per-model coefficients ``[N, 2]`` (compiled path), updating the step
+        state ``small`` in place: ``[k, e]`` with the denominator ``sqrt(v) * k + e``, or
+        ``[k, eps * sqrt(bc2)]`` when some lr is 0 (then ``(sqrt(v) + e) * k``)."""
+        new_small = c["f64_A"] + small * c["f64_M"]
+        small.copy_(new_small)
+        z = torch.pow(new_small, c["f64_E"])
+        if flags["safe"]:
+            k = torch.div(z[:, 0:1], z[:, 1:2] * c["f64_lr"])
+            return torch.cat([k, z[:, 1:2] * c["f64_eps"]], 1).to(c["w1"].dtype)
+        return torch.div(z[:, 0:1], z[:, 1:3] * c["f64_L"]).to(c["w1"].dtype)
+
+    @staticmethod
+    def _apply_functional(
+        p: Tensor,
+        grads: list[Tensor],
+        state: dict[str, Tensor],
+        coef: Tensor,
+        c: dict[str, Any],
+        flags: dict[str, Any],
+    ) -> None:
+        """The element-wise update without in-place temporaries, always quarantine-aware
+        (compiled path: Inductor fuses all of it, the gradient gather included)."""
+        g = torch.cat(grads, 1)
+        if flags["maximize"]:
+            g = g * c["sign"]
+        p_in = p
+        if flags["wd"]:
+            decay = torch.zeros_like(p[:1])
+            for a, b in flags["decay_runs"]:
+                decay[:, a:b] = 1
+            if flags["wd"] == 1:
+                g = g + p * (c["wd"] * decay)
+            else:
+                p_in = p * torch.where(decay != 0, c["decay"], 1.0)
+        g = torch.where(c["active"], g, 0.0)
+        if flags["lowp"]:
+            exp_avg = state["exp_avg"] * c["m1"] + g * c["w1"]
+            exp_avg_sq = state["exp_avg_sq"] * c["m2"] + g * g * c["w2"]
+        else:
+            exp_avg = torch.lerp(state["exp_avg"], g, c["w1"])
+            exp_avg_sq = torch.lerp(state["exp_avg_sq"], g * g, c["w2"])
+        second = exp_avg_sq
+        if flags["amsgrad"]:
+            max_sq = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq)
+            state["max_exp_avg_sq"].copy_(max_sq)
+            second = max_sq if flags["amsgrad"] == 1 else torch.where(c["ams"], max_sq, exp_avg_sq)
+        root = torch.sqrt(second)
+        if flags["safe"]:
+            d = (root + coef[:, 1:2]) * coef[:, 0:1]
+        else:
+            d = torch.addcmul(coef[:, 1:2], root, coef[:, 0:1])
+        new_p = torch.where(c["active"], torch.addcdiv(p_in, exp_avg, d, value=-1), p)
+        state["exp_avg"].copy_(exp_avg)
+        state["exp_avg_sq"].copy_(exp_avg_sq)
+        p.copy_(new_p)
 
 
 class AdamW(Adam):

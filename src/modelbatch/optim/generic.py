@@ -22,6 +22,31 @@ if TYPE_CHECKING:
 __all__ = ["PerModelOptimizer"]
 
 
+def _validate_per_model(
+    optimizer_cls: type[torch.optim.Optimizer],
+    per_model: Mapping[str, list[Any]],
+    model_ids: Sequence[int | str],
+) -> None:
+    """Check every model's hyper-parameters as ``optimizer_cls``'s constructor would (it
+    checks only its own arguments, not the values of extra param groups): one throwaway
+    optimizer per distinct configuration, on a dummy tensor."""
+    seen: dict[str, int] = {}
+    for i, mid in enumerate(model_ids):
+        config = {k: v[i] for k, v in per_model.items()}
+        key = repr(sorted(config.items(), key=lambda kv: kv[0]))
+        if key in seen:
+            continue
+        seen[key] = i
+        dummy = torch.zeros(1, requires_grad=True)
+        try:
+            optimizer_cls([dummy], **config)  # type: ignore[call-arg]
+        except (TypeError, ValueError) as e:
+            raise type(e)(
+                f"{optimizer_cls.__name__}, model {i} (id {mid!r}): invalid hyper-parameters "
+                f"{config}: {e}"
+            ) from None
+
+
 class PerModelOptimizer(torch.optim.Optimizer):
     """Wrap any ``torch.optim.Optimizer`` class so it trains each model of a batch alone.
 
@@ -45,6 +70,7 @@ class PerModelOptimizer(torch.optim.Optimizer):
         self.batch = batch
         self.optimizer_cls = optimizer_cls
         per_model = {k: expand_hyperparameter(k, v, n) for k, v in hyperparams.items()}
+        _validate_per_model(optimizer_cls, per_model, batch.model_ids)
         self._names = [name for name, p in batch.stacked_parameters() if p.requires_grad]
         self._views: list[list[nn.Parameter]] = [[] for _ in range(n)]
         self._bind_views()
@@ -161,7 +187,21 @@ class PerModelOptimizer(torch.optim.Optimizer):
         sd["model_ids"] = list(self.batch.model_ids)
         return sd
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Refused: the param groups are the N models, one each."""
+        raise TypeError(
+            "PerModelOptimizer.add_param_group is not supported: it has exactly one param "
+            "group per model of its ModelBatch, each covering all of that model's parameters; "
+            "use a separate optimizer for other parameters"
+        )
+
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+        if "model_ids" not in state_dict:
+            raise ValueError(
+                "PerModelOptimizer.load_state_dict got a state dict without 'model_ids': a "
+                "plain torch.optim state dict of one model? This optimizer's state holds all N "
+                "models; load what its own state_dict() returned"
+            )
         ids = list(state_dict.get("model_ids", []))
         if ids != list(self.batch.model_ids):
             raise ValueError(

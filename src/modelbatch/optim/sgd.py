@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from modelbatch.optim.base import BatchOptimizer, check_range, per_model_view
+from modelbatch.optim.base import BatchOptimizer, check_range
 
 if TYPE_CHECKING:
     from modelbatch.core import ModelBatch
@@ -16,10 +16,6 @@ if TYPE_CHECKING:
 __all__ = ["SGD"]
 
 Hp = float | Sequence[float]
-
-
-def _is_zero(value: float) -> bool:
-    return value == 0
 
 
 class SGD(BatchOptimizer):
@@ -64,38 +60,215 @@ class SGD(BatchOptimizer):
             },
         )
 
+    _small_width = 2  # [momentum buffer started (0/1), step]
+
     def _validate(self, group: Mapping[str, Any], i: int) -> None:
         for name in ("lr", "momentum", "weight_decay"):
             check_range(self, group, i, name)
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise self._error(i, "Nesterov momentum requires a momentum and zero dampening")
 
-    def _update_param(self, name: str, p: Tensor, grad: Tensor, state: dict[str, Any]) -> None:
-        step = state["step"]
-        if self.any_hparam("maximize"):
-            grad = torch.where(per_model_view(self.hparam("maximize", p), p), -grad, grad)
-        if self.any_hparam("weight_decay"):
-            grad = grad + per_model_view(self.hparam("weight_decay", p), p) * p
-        if self.any_hparam("momentum"):
-            momentum = per_model_view(self.hparam("momentum", p), p)
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = grad.clone()
-            else:
-                # A model's first step copies the gradient (as torch.optim.SGD does when
-                # it creates the buffer); later steps apply momentum and dampening.
-                damp = per_model_view(1 - self.hparam("dampening", p), p)
-                first = per_model_view(step == 0, p)
-                buf = torch.where(first, grad, buf * momentum + grad * damp)
-            state["momentum_buffer"] = buf
-            if self.any_hparam("nesterov"):
-                nesterov = per_model_view(self.hparam("nesterov", p), p)
-                update = torch.where(nesterov, grad + buf * momentum, buf)
-            else:
-                update = buf
-            if self.any_hparam("momentum", _is_zero):  # some models without momentum
-                update = torch.where(momentum != 0, update, grad)
+    def _state_keys(self) -> tuple[str, ...]:
+        if not self._hp_host:
+            self._hp_host = self._host_values()
+        return ("momentum_buffer",) if any(self._hp_host["momentum"]) else ()
+
+    def _small_keys(self) -> tuple[str, ...]:
+        return ("step", "momentum_started")
+
+    def _small_entries(self, small: Tensor) -> dict[str, Tensor]:
+        return {"step": small[:, 1], "momentum_started": small[:, 0]}
+
+    def _constants(self, hp: dict[str, Tensor], host: dict[str, list[Any]]) -> dict[str, Any]:
+        active = hp["active"]
+        mom, damp, lr = hp["momentum"], hp["dampening"], hp["lr"]
+        one = torch.ones_like(mom)
+        zero = torch.zeros_like(mom)
+        moving = (mom != 0) & active  # models whose buffer this step updates
+        # Buffer coefficients [c1, c2]: buf = buf * c1 + grad * c2. A model's first step with
+        # momentum copies the gradient ([0, 1]), later ones apply momentum and dampening;
+        # models without momentum (or quarantined) keep their buffer ([1, 0]).
+        keep = torch.cat([one, zero], 1)
+        first = torch.where(moving, torch.cat([zero, one], 1), keep)
+        later = torch.where(moving, torch.cat([mom, 1 - damp], 1), keep)
+        nesterov = hp["nesterov"] != 0
+        has_mom = mom != 0
+        # Update = k1 * grad + k2 * buf, times -lr.
+        k1 = torch.where(has_mom, torch.where(nesterov, one, zero), one)
+        k2 = torch.where(has_mom, torch.where(nesterov, mom, one), zero)
+        neg_lr = -lr * active.to(lr.dtype)
+        c: dict[str, Any] = {
+            "first": first,
+            "later": later,
+            "f64_moving": moving.to(torch.float64),
+            "f64_active": active.to(torch.float64),
+            "raw_lr": neg_lr,
+            "k1": neg_lr * k1,
+            "k2": neg_lr * k2,
+            "active": active,
+            "inactive": ~active,
+        }
+        flags = {
+            "maximize": any(host["maximize"]),
+            "wd": 1 if any(host["weight_decay"]) else 0,
+            "momentum": any(host["momentum"]),
+            "raw_grad": any(
+                m == 0 or nest for m, nest in zip(host["momentum"], host["nesterov"], strict=True)
+            ),
+        }
+        if flags["maximize"]:
+            c["sign"] = torch.where(hp["maximize"] != 0, -one, one)
+        if flags["wd"]:
+            c["wd"] = hp["weight_decay"]
+        c["flags"] = flags
+        return c
+
+    def _slot_flags(self, slot: Any, masked: bool, k: int | None = None) -> dict[str, Any]:
+        flags = super()._slot_flags(slot, masked, k)
+        # Settled: every model with momentum already has its buffer (known after a step
+        # with all models active and the same set of models with momentum): the buffer
+        # coefficients are then constant and need no per-step work.
+        nz = self.__dict__.get("_nz")
+        if nz is None or self.__dict__.get("_nz_of") is not self._hp_host:
+            nz = tuple(m != 0 for m in self._hp_host["momentum"])  # O(N), on a change only
+            self._nz, self._nz_of = nz, self._hp_host
+        settled = self._settled is nz or (
+            self._settled is not None
+            and all(s or not z for s, z in zip(self._settled, nz, strict=True))
+        )
+        if settled:
+            self._settled = nz
+        flags["settled"] = settled and not masked and k is None and self._compiled is None
+        return flags
+
+    def _after_step(self, masked: bool) -> None:
+        if not masked and self._slots is not None and all(s.split is None for s in self._slots):
+            self._settled = self.__dict__.get("_nz")
+
+    def _small_from_steps(self, steps: Tensor, c: dict[str, Any]) -> Tensor:
+        saved = c.get("saved", {})
+        started = saved.get("momentum_started")
+        t = steps.view(-1, 1)
+        if started is None:  # older state dicts: a model that stepped has its buffer
+            hb = (t > 0).to(torch.float64)
         else:
-            update = grad
-        p.add_(update * per_model_view(-self.hparam("lr", p), p))
-        step += 1
+            hb = torch.as_tensor(started).to(device=t.device, dtype=torch.float64).view(-1, 1)
+        return torch.cat([hb, t], 1)
+
+    def _import_state(self, saved: Mapping[str, Mapping[str, Any]]) -> None:
+        super()._import_state(saved)
+        self._settled = None
+
+    def _to_torch_state(self, s: dict[str, Any]) -> dict[str, Any]:
+        buf = s.get("momentum_buffer")
+        started = bool(s.get("momentum_started", 0))
+        return {"momentum_buffer": buf if (buf is not None and started) else None}
+
+    def _missing_torch_state(self, like: Tensor) -> dict[str, Any] | None:
+        # torch.optim.SGD keeps no state for a parameter stepped without momentum.
+        return self._from_torch_state({}, like)
+
+    def _from_torch_state(self, s: dict[str, Any], like: Tensor) -> dict[str, Any]:
+        buf = s.get("momentum_buffer")
+        if buf is None:
+            return {
+                "momentum_buffer": torch.zeros_like(like),
+                "momentum_started": torch.tensor(0.0, dtype=torch.float64),
+                "step": torch.tensor(0.0, dtype=torch.float64),
+            }
+        if buf.shape != like.shape:
+            raise ValueError(
+                f"torch.optim SGD momentum_buffer has shape {tuple(buf.shape)}, the parameter "
+                f"{tuple(like.shape)}"
+            )
+        return {
+            "momentum_buffer": buf.detach().to(like.dtype),
+            "momentum_started": torch.tensor(1.0, dtype=torch.float64),
+            "step": torch.tensor(1.0, dtype=torch.float64),
+        }
+
+    @staticmethod
+    def _update(  # type: ignore[override]
+        p: Tensor,
+        grads: list[Tensor],
+        state: dict[str, Tensor],
+        small: Tensor,
+        c: dict[str, Any],
+        flags: dict[str, Any],
+        scratch: Tensor | None,
+    ) -> None:
+        if scratch is None:
+            coef = SGD._coefficients(small, c, flags)
+            SGD._apply_functional(p, grads, state, coef, c, flags)
+            return
+        masked = flags["masked"]
+        g = torch.cat(grads, 1, out=scratch)
+        if flags["maximize"]:
+            g.mul_(c["sign"])
+        if flags["wd"]:
+            for a, b in flags["decay_runs"]:
+                g[:, a:b].addcmul_(p[:, a:b], c["wd"])
+        if masked:  # quarantined models: no gradient reaches their state
+            g.masked_fill_(c["inactive"], 0.0)
+        if not flags["momentum"]:
+            small[:, 1:2].add_(c["f64_active"])
+            p.addcmul_(g, c["raw_lr"])
+            return
+        buf = state["momentum_buffer"]
+        if flags["settled"]:
+            coef = c["later"]
+            small[:, 1:2].add_(1.0)
+        else:
+            hb = small[:, 0:1]
+            coef = torch.where(hb > 0, c["later"], c["first"])
+            torch.maximum(hb, c["f64_moving"], out=hb)  # started |= moving
+            small[:, 1:2].add_(c["f64_active"])
+        buf.mul_(coef[:, 0:1]).addcmul_(g, coef[:, 1:2])
+        if masked:  # the same arithmetic as below, then kept for active models only
+            new = torch.addcmul(p, g, c["k1"], out=g) if flags["raw_grad"] else g.copy_(p)
+            new.addcmul_(buf, c["k2"])
+            torch.where(c["active"], new, p, out=p)
+            return
+        if flags["raw_grad"]:
+            p.addcmul_(g, c["k1"])
+        p.addcmul_(buf, c["k2"])
+
+    @staticmethod
+    def _coefficients(small: Tensor, c: dict[str, Any], flags: dict[str, Any]) -> Tensor:
+        """The buffer coefficients ``[N, 2]`` of this step (compiled path), updating the
+        step state ``small`` (started, step) in place."""
+        hb = small[:, 0:1]
+        coef = torch.where(hb > 0, c["later"], c["first"])
+        small.copy_(torch.cat([torch.maximum(hb, c["f64_moving"]),
+                               small[:, 1:2] + c["f64_active"]], 1))  # fmt: skip
+        return coef
+
+    @staticmethod
+    def _apply_functional(
+        p: Tensor,
+        grads: list[Tensor],
+        state: dict[str, Tensor],
+        coef: Tensor,
+        c: dict[str, Any],
+        flags: dict[str, Any],
+    ) -> None:
+        """The element-wise update without in-place temporaries, always quarantine-aware
+        (compiled path)."""
+        g = torch.cat(grads, 1)
+        if flags["maximize"]:
+            g = g * c["sign"]
+        if flags["wd"]:
+            decay = torch.zeros_like(p[:1])
+            for a, b in flags["decay_runs"]:
+                decay[:, a:b] = 1
+            g = g + p * (c["wd"] * decay)
+        g = torch.where(c["active"], g, 0.0)
+        if not flags["momentum"]:
+            p.copy_(torch.addcmul(p, g, c["raw_lr"]))
+            return
+        buf = state["momentum_buffer"]
+        new_buf = torch.addcmul(buf * coef[:, 0:1], g, coef[:, 1:2])
+        new = torch.addcmul(p, g, c["k1"]) if flags["raw_grad"] else p
+        new = torch.addcmul(new, new_buf, c["k2"])
+        buf.copy_(new_buf)
+        p.copy_(torch.where(c["active"], new, p))
