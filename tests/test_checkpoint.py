@@ -601,6 +601,6 @@ def test_a_setting_assigned_on_the_batch_is_what_the_checkpoint_records(tmp_path
     batch = ModelBatch([net(0.1) for _ in range(2)])
     batch.stacked[1].momentum = 0.75
     batch.save_all(tmp_path / "ck")
-    with pytest.raises(CheckpointError, match="'momentum' is 0.75 in the checkpoint"):
+    with pytest.raises(CheckpointError, match=r"'momentum' is 0\.75 in the checkpoint"):
         ModelBatch([net(0.1) for _ in range(2)]).load_all(tmp_path / "ck")
     ModelBatch([net(0.75) for _ in range(2)]).load_all(tmp_path / "ck")
