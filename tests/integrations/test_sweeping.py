@@ -651,7 +651,7 @@ def test_digits_sweep_example_runs(tmp_path, monkeypatch, capsys):
     folder = tmp_path / "digits"
     monkeypatch.setattr(sys, "argv", ["sweep_digits.py", str(folder)])
     ns = runpy.run_path(str(EXAMPLES / "sweep_digits.py"), run_name="__main__")
-    rows = list(csv.DictReader((folder / "results.csv").open()))
+    rows = list(csv.DictReader((folder / "results.csv").read_text().splitlines()))
     assert len(rows) == 24 and {r["status"] for r in rows} == {"completed"}
     assert max(float(r["best_val_accuracy"]) for r in rows) > 0.9
     assert (folder / "sweep.png").stat().st_size > 0
