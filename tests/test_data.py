@@ -3,6 +3,7 @@ alone on exactly their samples of each batch."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -444,3 +445,74 @@ def test_routed_batchnorm_refusals() -> None:
         batch(modelbatch.data.route_inputs(x[:6], mask), per_model=True)
     with modelbatch.data.routed_batch_norm(mask), pytest.raises(ValueError, match=r"\[N, B\]"):
         batch(x[:8])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("track", [True, False])
+def test_routed_batchnorm3d_per_model_eps(dtype: torch.dtype, track: bool) -> None:
+    """BatchNorm3d with per-model eps and momenta, with and without running statistics,
+    float64 and float32: a routed step equals each model alone (outputs, gradients,
+    buffers); in eval mode the routing context changes nothing."""
+    n = 3
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(7, 2, 3, 2, 2, generator=g, dtype=dtype)
+    y = torch.randint(0, 3, (7,), generator=g)
+    counts = torch.tensor([[1, 2, 0, 1, 1, 0, 3], [0, 1, 1, 1, 0, 1, 0], [0] * 7])
+    torch.manual_seed(2)
+    models = [
+        nn.Sequential(
+            nn.BatchNorm3d(2, eps=eps, momentum=mom, track_running_stats=track),
+            nn.Flatten(),
+            nn.Linear(24, 3),
+        ).to(dtype)
+        for eps, mom in [(1e-5, 0.1), (1e-2, None), (0.3, 0.5)]
+    ]
+    batch = ModelBatch(models)
+    xs = modelbatch.data.route_inputs(x, counts)
+    with modelbatch.data.routed_batch_norm(counts):
+        out = batch(xs, per_model=True)
+    batch.compute_loss(out, y, F.cross_entropy, mask=counts).backward()
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    params = dict(batch.stacked.named_parameters())
+    for i in (0, 1):
+        m = copy.deepcopy(models[i])
+        reps = torch.arange(7).repeat_interleave(counts[i])
+        ref_out = m(x[reps])
+        F.cross_entropy(ref_out, y[reps]).backward()
+        assert rel_err(out[i][reps], ref_out) <= tol
+        for name, p in m.named_parameters():
+            assert p.grad is not None
+            assert rel_err(params[name].grad[i], p.grad) <= tol, (i, name)
+        assert_close_models([batch.extract(i)], [m], dtype, f"model {i}")
+    assert_close_models([batch.extract(2)], [models[2]], dtype, "model 2 (no sample)")
+    batch.eval()
+    with torch.no_grad():
+        plain = batch(x)
+        with modelbatch.data.routed_batch_norm(counts):
+            routed = batch(x)
+    assert torch.equal(plain, routed)
+
+
+# Dynamo itself warns when it fakeifies a BatchNorm's non-leaf batched input after a graph
+# break (a torch-internal UserWarning, not about the result).
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_routed_batchnorm_under_compile() -> None:
+    """``enable_compile``: routed and plain training forwards, in either order, equal the
+    eager ones (the routing context is not baked into the compiled code)."""
+    torch._dynamo.reset()
+    torch.manual_seed(4)
+    models = [_mlp(m).double() for m in (0.1, None)]
+    eager, compiled = ModelBatch(copy.deepcopy(models)), ModelBatch(copy.deepcopy(models))
+    compiled.enable_compile(backend="eager")
+    x, _ = _bn_data("mlp")
+    x = x[:6]
+    mask = torch.tensor([[1, 1, 0, 1, 0, 1], [0, 1, 1, 1, 1, 0]]).bool()
+    xs = modelbatch.data.route_inputs(x, mask)
+    for routed in (True, False, True):
+        outs = []
+        for b in (eager, compiled):
+            with modelbatch.data.routed_batch_norm(mask) if routed else contextlib.nullcontext():
+                outs.append(b(xs, per_model=True))
+        assert rel_err(outs[1], outs[0]) <= 1e-12, routed
+        for a, c in zip(eager.stacked.buffers(), compiled.stacked.buffers(), strict=True):
+            assert rel_err(c.double(), a.double()) <= 1e-12, routed

@@ -402,11 +402,10 @@ def _routed_all(
     size = math.prod(spatial)
     count = w.to(sd).sum(dim=1) * size  # [N]
     has = count > 0
-    denom = torch.where(has, count, torch.ones_like(count)).view(n_models, 1)
+    denom = torch.where(has, count, 1.0).view(n_models, 1)
     dims = [1, *range(3, x.dim())]
-    zero = torch.zeros((), dtype=sd, device=x.device)
-    mean = (wv * torch.where(keep, xs, zero)).sum(dim=dims) / denom  # [N, C]
-    centred = torch.where(keep, xs - mean.view(cshape), zero)
+    mean = (wv * torch.where(keep, xs, 0.0)).sum(dim=dims) / denom  # [N, C]
+    centred = torch.where(keep, xs - mean.view(cshape), 0.0)
     var = (wv * centred * centred).sum(dim=dims) / denom  # biased, [N, C]
     invstd = torch.rsqrt(var + eps.to(sd).view(n_models, 1))
     scale = invstd if weight is None else invstd * weight.to(sd)
@@ -420,12 +419,12 @@ def _routed_all(
                 new_nbt = nbt + has.to(nbt.dtype)
                 nbt.copy_(new_nbt)
             m = momentum.to(running_mean.dtype)
-            if new_nbt is not None and bool(torch.isnan(m).any()):
+            if new_nbt is not None:  # momentum=None: 1 / num_batches_tracked (no host sync)
                 m = torch.where(torch.isnan(m), 1.0 / new_nbt.to(m.dtype), m)
             f = m.view(n_models, 1)
             rd = running_mean.dtype
             c = count.to(rd).view(n_models, 1)
-            unbiased = var.detach().to(rd) * (c / torch.where(c > 1, c - 1, torch.ones_like(c)))
+            unbiased = var.detach().to(rd) * (c / torch.where(c > 1, c - 1, 1.0))
             keep_model = has.view(n_models, 1)
             new_mean = (1 - f) * running_mean + f * mean.detach().to(rd)
             new_var = (1 - f) * running_var + f * unbiased
@@ -481,7 +480,7 @@ def _routed_vmap(
     rm = per_model(running_mean, m_dim, "running_mean", True)
     rv = per_model(running_var, v_dim, "running_var", True)
     nbt = per_model(num_batches_tracked, t_dim, "num_batches_tracked", True)
-    if x.dim() == 3:
+    if x.dim() == 3 and not torch.compiler.is_compiling():
         routing = _ROUTING.get()
         totals = (
             routing.totals()
