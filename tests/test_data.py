@@ -453,7 +453,6 @@ def test_routed_batchnorm3d_per_model_eps(dtype: torch.dtype, track: bool) -> No
     """BatchNorm3d with per-model eps and momenta, with and without running statistics,
     float64 and float32: a routed step equals each model alone (outputs, gradients,
     buffers); in eval mode the routing context changes nothing."""
-    n = 3
     g = torch.Generator().manual_seed(9)
     x = torch.randn(7, 2, 3, 2, 2, generator=g, dtype=dtype)
     y = torch.randint(0, 3, (7,), generator=g)

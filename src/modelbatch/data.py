@@ -21,10 +21,10 @@ the shared forward. The cost is one ``[N, B, ...]`` copy of the inputs per step.
 What BatchNorm sees: within :func:`routed_batch_norm` (entered by :func:`train_one_epoch`
 around each routed forward) a training-mode BatchNorm computes model i's batch and running
 statistics over its routed samples only, each counted by its weight: exactly model i
-trained alone on its selected (repeated) samples. ``DataRouter(..., isolate_inputs=False)``
-restores the shared
-forward (every model sees all B real samples, one wide matmul instead of a batched one),
-at the price of isolation.
+trained alone on its selected (repeated) samples.
+
+``DataRouter(..., isolate_inputs=False)`` restores the shared forward (every model sees all
+B real samples, one wide matmul instead of a batched one), at the price of isolation.
 
 The loader must yield the dataset index of each sample: wrap a dataset in
 :class:`IndexedDataset` so it yields ``(x, y, index)``.

@@ -56,6 +56,8 @@ def train_one_epoch(
         router: optional :class:`modelbatch.data.DataRouter`. The loader then yields
             ``(x, y, index)`` and model i's loss uses its ``[N, B]`` weights
             ``router.train_mask(index)``; a model with no sample in a batch skips that step.
+            BatchNorm layers compute each model's statistics over its routed samples only
+            (:func:`modelbatch.data.routed_batch_norm` around the forward).
         callbacks: optional :class:`modelbatch.CallbackPack`; its ``on_step_begin``,
             ``on_before_optimizer_step``, ``on_step_end`` and ``on_epoch_end`` hooks are
             called (e.g. a :class:`modelbatch.NaNGuard` quarantines non-finite models).
