@@ -31,6 +31,15 @@ so a momentum sweep is one batch. Paths:
   autograd formula saves what the native kernel saves and is the native backward; in eval
   mode, ``x * scale + shift`` from the running statistics.
 
+Data routing: while :func:`modelbatch.data.routed_batch_norm` holds a step's ``[N, B]``
+sample weights (``train_one_epoch`` with a ``DataRouter`` enters it around the forward), a
+layer in training mode calls ``modelbatch::batch_norm_routed`` instead: per model, weighted
+mean and biased variance over (B, spatial) of the samples with weight > 0, normalise,
+affine, and running statistics (own momentum or ``1 / num_batches_tracked``, unbiased with
+``n = sum_b w_b * spatial``) updated only for models with a sample. Its batching rule runs
+the N models as plain operations on ``[N, B, C, ...]`` (autograd differentiates them): each
+model exactly as trained alone on its selected samples, repeated by their counts.
+
 The per-model settings are stored as Python lists indexed by the non-persistent ``[N]``
 buffer ``mb_slot`` (each model's slot among the models the batch was built with), so they follow
 the models through ``drop`` / ``keep_positions`` like every stacked buffer, and survive
@@ -455,6 +464,7 @@ def _routed_vmap(
         else input.unsqueeze(0).expand(n, *input.shape)
     )
     sw = sample_weight.movedim(s_dim, 0) if s_dim is not None else sample_weight
+    sw = sw.to(x.device, non_blocking=True)
     if sw.dim() != 2 or tuple(sw.shape) != (n, x.shape[1]):
         raise ValueError(
             f"routed BatchNorm: the routing weights have shape {tuple(sw.shape)}, the layer's "
