@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from modelbatch.optim.base import BatchOptimizer, _coef_dtype, check_range
+from modelbatch.optim.base import BatchOptimizer, check_range
 
 if TYPE_CHECKING:
     from modelbatch.core import ModelBatch
@@ -108,6 +108,9 @@ class Adam(BatchOptimizer):
             "m2": torch.where(active, b2, 1.0),
             "active": active,
             "inactive": ~active,
+            # Output of the per-step coefficients [k, e] in the coefficient dtype (the last
+            # float64 op writes it: no separate cast kernel; kept at one address).
+            "ke": torch.zeros(active.shape[0], 2, dtype=torch.float64, device=b1.device),
         }
         amsgrad = host["amsgrad"]
         maximize = host["maximize"]
@@ -206,11 +209,13 @@ class Adam(BatchOptimizer):
         torch.sqrt(second, out=g)
         # p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps), written as p -= m / d with
         # d = (bc1 / lr) * (sqrt(v) / sqrt(bc2) + eps) = sqrt(v) * k + e.
+        ke = c["ke"]  # [N, 2] in the coefficient dtype: the float64 results cast on write
         if flags["safe"]:  # some lr == 0: d = (sqrt(v) + eps * sqrt(bc2)) * k, k may be inf
-            k = torch.div(z[:, 0:1], z[:, 1:2] * c["f64_lr"]).to(_coef_dtype(p.dtype))
-            g.add_((z[:, 1:2] * c["f64_eps"]).to(_coef_dtype(p.dtype))).mul_(k)
+            torch.div(z[:, 0:1], z[:, 1:2] * c["f64_lr"], out=ke[:, 0:1])
+            torch.mul(z[:, 1:2], c["f64_eps"], out=ke[:, 1:2])
+            g.add_(ke[:, 1:2]).mul_(ke[:, 0:1])
         else:
-            ke = torch.div(z[:, 0:1], z[:, 1:3] * c["f64_L"]).to(_coef_dtype(p.dtype))
+            torch.div(z[:, 0:1], z[:, 1:3] * c["f64_L"], out=ke)
             torch.addcmul(ke[:, 1:2], g, ke[:, 0:1], out=g)
         if masked:
             torch.addcdiv(p, exp_avg, g, value=-1, out=g)

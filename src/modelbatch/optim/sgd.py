@@ -130,8 +130,12 @@ class SGD(BatchOptimizer):
         # coefficients are then constant and need no per-step work.
         nz = self.__dict__.get("_nz")
         if nz is None or self.__dict__.get("_nz_of") is not self._hp_host:
-            nz = tuple(m != 0 for m in self._hp_host["momentum"])  # O(N), on a change only
-            self._nz, self._nz_of = nz, self._hp_host
+            host = self._hp_host
+            nz = tuple(m != 0 for m in host["momentum"])  # O(N), on a change only
+            # Every model has momentum and no dampening: a settled step's buffer update is
+            # one kernel, buf = g + buf * momentum (torch.optim: buf * momentum + g).
+            self._plain = all(nz) and not any(host["dampening"])
+            self._nz, self._nz_of = nz, host
         settled = self._settled is nz or (
             self._settled is not None
             and all(s or not z for s, z in zip(self._settled, nz, strict=True))
@@ -139,6 +143,8 @@ class SGD(BatchOptimizer):
         if settled:
             self._settled = nz
         flags["settled"] = settled and not masked and k is None and self._compiled is None
+        # (not in static mode: there `masked=False` is the caller's promise, not a fact)
+        flags["plain"] = flags["settled"] and not self._static and self.__dict__.get("_plain", False)
         return flags
 
     def _after_step(self, masked: bool) -> None:
@@ -218,6 +224,12 @@ class SGD(BatchOptimizer):
         if flags["settled"]:
             coef = c["later"]
             small[:, 1:2].add_(1.0)
+            if flags["plain"]:  # coef = [momentum, 1] for every model
+                torch.addcmul(g, buf, coef[:, 0:1], out=buf)
+                if flags["raw_grad"]:
+                    p.addcmul_(g, c["k1"])
+                p.addcmul_(buf, c["k2"])
+                return
         else:
             hb = small[:, 0:1]
             coef = torch.where(hb > 0, c["later"], c["first"])
