@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from modelbatch.optim.base import BatchOptimizer, check_range
+from modelbatch.optim.base import BatchOptimizer, _capturing, _Slot, check_range
 
 if TYPE_CHECKING:
     from modelbatch.core import ModelBatch
@@ -131,7 +132,86 @@ class Adam(BatchOptimizer):
             c["ams"] = hp["amsgrad"] != 0
         del zero
         c["flags"] = flags
+        # Every model with the same hyper-parameters: the host path's Python scalars.
+        names = ("lr", "betas[0]", "betas[1]", "eps", "weight_decay", "amsgrad", "maximize")
+        uniform = all(len(set(host[k])) == 1 for k in names)
+        self._uniform = {k: host[k][0] for k in names} if uniform else None
         return c
+
+    # ---------------------------------------------------------------- host path
+    def _fast_step(
+        self, slot: _Slot, p: Tensor, grads: list[Tensor], c: dict[str, Any], flags: dict[str, Any]
+    ) -> bool:
+        """The step when every model has the same hyper-parameters and the same step count,
+        known on the host, and every model is active: bias corrections and step size are
+        Python numbers, as in ``torch.optim.Adam`` (non-capturable), so the step is the
+        element-wise kernels only (7 for float32 Adam: gather, two moments, g², sqrt, add,
+        update). The step state is written lazily (:meth:`_write_pending`)."""
+        u = self.__dict__.get("_uniform")
+        if (
+            u is None
+            or slot.host_t is None
+            or flags["masked"]
+            or flags["lowp"]
+            or not self._fresh(slot)
+            or (p.device.type == "cuda" and _capturing())
+        ):
+            return False
+        t = slot.host_t + 1
+        b1, b2, lr, eps = u["betas[0]"], u["betas[1]"], u["lr"], u["eps"]
+        bc1 = 1 - b1**t
+        root_bc2 = math.sqrt(1 - b2**t)
+        g = torch.cat(grads, 1, out=slot.scratch)
+        if u["maximize"]:
+            g.neg_()
+        wd = u["weight_decay"]
+        if wd:
+            for a, b in flags["decay_runs"]:
+                if self._decoupled_weight_decay:
+                    p[:, a:b].mul_(1 - lr * wd)
+                else:
+                    g[:, a:b].add_(p[:, a:b], alpha=wd)
+        state = slot.state
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(g, 1 - b1)
+        g.mul_(g)
+        exp_avg_sq.lerp_(g, 1 - b2)
+        second = exp_avg_sq
+        if u["amsgrad"]:
+            second = state["max_exp_avg_sq"]
+            torch.maximum(second, exp_avg_sq, out=second)
+        # p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
+        #    = lr * sqrt(bc2) / bc1 * m / (sqrt(v) + eps * sqrt(bc2))
+        torch.sqrt(second, out=g)
+        g.add_(eps * root_bc2)
+        p.addcdiv_(exp_avg, g, value=-(lr * root_bc2 / bc1))
+        slot.host_t = t
+        slot.pending += 1
+        return True
+
+    def _host_rows(self, small: Tensor, t: int) -> Tensor:
+        """The step state ``[N, 3]`` of models at step ``t`` with the current betas, computed
+        as the host path computes it (Python floats)."""
+        host = self._hp_host_now()
+        b1s, b2s = host["betas[0]"], host["betas[1]"]
+        if len(set(b1s)) == 1 and len(set(b2s)) == 1:
+            rows = [[1 - b1s[0] ** t, 1 - b2s[0] ** t, float(t)]]
+        else:  # O(N), only when the betas differ between models (then no host path runs)
+            rows = [[1 - x**t, 1 - y**t, float(t)] for x, y in zip(b1s, b2s, strict=True)]
+        return torch.tensor(rows, dtype=small.dtype).expand(small.shape[0], 3)
+
+    def _write_pending(self, slot: _Slot) -> None:
+        assert slot.host_t is not None
+        slot.small.copy_(self._host_rows(slot.small, slot.host_t))
+
+    def _host_steps(self, slot: _Slot) -> int | None:
+        if slot.split is not None:
+            return None
+        small = slot.small.cpu()  # loading a state: a sync is fine here
+        t = float(small[0, 2])
+        if not (t.is_integer() and t >= 0):
+            return None
+        return int(t) if torch.equal(small, self._host_rows(small, int(t))) else None
 
     def _small_keys(self) -> tuple[str, ...]:
         return ("step", "bias_correction1", "bias_correction2")
@@ -161,7 +241,11 @@ class Adam(BatchOptimizer):
         # OneCycleLR cycles): recompute them from the step counts.
         if old.get("betas[0]") == new["betas[0]"] and old.get("betas[1]") == new["betas[1]"]:
             return
-        self._recompute_small()
+        slots = self._slots or []
+        on_host = [s for s in slots if s.host_t is not None and s.split is None and self._fresh(s)]
+        for s in on_host:  # rewritten from the step count with the new betas when read
+            s.pending = max(s.pending, 1)
+        self._recompute_small([s for s in slots if s not in on_host])
 
     @staticmethod
     def _update(  # type: ignore[override]

@@ -144,8 +144,35 @@ class SGD(BatchOptimizer):
             self._settled = nz
         flags["settled"] = settled and not masked and k is None and self._compiled is None
         # (not in static mode: there `masked=False` is the caller's promise, not a fact)
-        flags["plain"] = flags["settled"] and not self._static and self.__dict__.get("_plain", False)
+        flags["plain"] = (
+            flags["settled"] and not self._static and self.__dict__.get("_plain", False)
+        )
         return flags
+
+    def _fast_step(
+        self, slot: Any, p: Tensor, grads: list[Tensor], c: dict[str, Any], flags: dict[str, Any]
+    ) -> bool:
+        """A settled step with every model active, with momentum and without dampening:
+        the step counts are kept on the host (written into the step state when it is read),
+        the step is 3 kernels (gather, buffer, parameters) plus one for Nesterov."""
+        if not flags["plain"] or not self._fresh(slot):
+            return False
+        g = torch.cat(grads, 1, out=slot.scratch)
+        if flags["maximize"]:
+            g.mul_(c["sign"])
+        if flags["wd"]:
+            for a, b in flags["decay_runs"]:
+                g[:, a:b].addcmul_(p[:, a:b], c["wd"])
+        buf = slot.state["momentum_buffer"]
+        torch.addcmul(g, buf, c["later"][:, 0:1], out=buf)
+        if flags["raw_grad"]:
+            p.addcmul_(g, c["k1"])
+        p.addcmul_(buf, c["k2"])
+        slot.pending += 1
+        return True
+
+    def _write_pending(self, slot: Any) -> None:
+        slot.small[:, 1].add_(float(slot.pending))
 
     def _after_step(self, masked: bool) -> None:
         if not masked and self._slots is not None and all(s.split is None for s in self._slots):
