@@ -500,7 +500,9 @@ class BatchOptimizer(torch.optim.Optimizer):
                 old["raw_all"].copy_(raw_all)  # keep addresses (compiled steps, CUDA graphs)
                 raw_all = old["raw_all"]
         raw = {k: raw_all[:, j : j + 1] for j, k in enumerate(names)}
-        active = self.batch.active.to(device).view(n, 1)
+        # A copy: the constants are refreshed in place (``copy_``), and a write into the
+        # batch's own mask would bump its version and make every later step rebuild them.
+        active = self.batch.active.to(device).view(n, 1).clone()
         consts = self._constants({**raw, "active": active}, host)
         flags = consts.pop("flags")
         self._flags = flags
