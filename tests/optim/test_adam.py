@@ -107,8 +107,35 @@ def test_host_path_equals_torch_optim(name: str, dtype: torch.dtype) -> None:
     assert torch.equal(state["step"], torch.full((N,), 5.0, dtype=torch.float64))
     assert float(opt.torch_state_dicts()[1]["state"][0]["step"]) == 5.0
     b1, b2 = opt.param_groups[0]["betas"]
-    assert torch.equal(state["bias_correction1"], torch.full((N,), 1 - b1**5, dtype=torch.float64))
-    assert torch.equal(state["bias_correction2"], torch.full((N,), 1 - b2**5, dtype=torch.float64))
+    expected_bc = torch.full((N,), 1 - b1**5, dtype=torch.float64)
+    torch.testing.assert_close(state["bias_correction1"], expected_bc, rtol=1e-14, atol=0)
+    expected_bc = torch.full((N,), 1 - b2**5, dtype=torch.float64)
+    torch.testing.assert_close(state["bias_correction2"], expected_bc, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_host_and_device_paths_are_bit_identical(name: str, dtype: torch.dtype) -> None:
+    """A model's numbers do not depend on which path ran: the same models trained on the
+    host path, and on the device path (a fourth model with another lr next to them), are
+    bit for bit the same; so is their optimizer state."""
+    make_batched = CONFIGS[name][0]
+    data = make_data(5, dtype)
+    host_batch = modelbatch.ModelBatch(make_models(dtype))
+    host_opt = make_batched(host_batch)
+    extra = [*make_models(dtype), make_models(dtype)[0]]
+    dev_batch = modelbatch.ModelBatch(extra)
+    dev_opt = make_batched(dev_batch)
+    dev_opt.param_groups[N]["lr"] = 0.5  # another lr: the device path for every step
+    train(host_batch, host_opt, data)
+    train(dev_batch, dev_opt, data)
+    assert host_opt._slots[0].host_t == 5 and dev_opt._slots[0].host_t is None
+    dev_params = dict(dev_batch.stacked_parameters())
+    for key, value in host_batch.stacked_parameters():
+        assert torch.equal(value, dev_params[key][:N]), key
+    for key, s in host_opt.state.items():
+        for k, v in s.items():
+            assert torch.equal(v, dev_opt.state[key][k][:N]), (key, k)
 
 
 def test_hand_overs_between_host_and_device_paths() -> None:
@@ -144,7 +171,10 @@ def test_hand_overs_between_host_and_device_paths() -> None:
     assert_close_models(batch.extract_all(), expected, torch.float64, "hand-overs")
 
 
-def test_betas_change_keeps_the_host_path_and_matches_torch() -> None:
+def test_betas_change_hands_over_to_the_device_path_and_matches_torch() -> None:
+    """torch.optim recomputes the bias corrections from the new betas; so does the step
+    state, on the device (the host path hands over: a model's numbers then follow the same
+    arithmetic whatever the other models do)."""
     models = make_models()
     data = make_data(6)
     batch = modelbatch.ModelBatch(copy.deepcopy(models))
@@ -153,7 +183,7 @@ def test_betas_change_keeps_the_host_path_and_matches_torch() -> None:
     for g in opt.param_groups:
         g["betas"] = (0.7, 0.9)
     train(batch, opt, data[3:5])
-    assert kernels_of_step(batch, opt, *data[5]) == 8  # still the host path
+    assert kernels_of_step(batch, opt, *data[5]) == 13  # the device path (8 + 5 [N]-sized)
 
     def make(m: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.AdamW(m.parameters(), lr=1e-2)
@@ -161,7 +191,8 @@ def test_betas_change_keeps_the_host_path_and_matches_torch() -> None:
     expected = train_alone(models, make, data, betas_at={3: (0.7, 0.9)})
     assert_close_models(batch.extract_all(), expected, torch.float64, "betas")
     state = opt.state["0.bias"]
-    assert torch.equal(state["bias_correction1"], torch.full((N,), 1 - 0.7**6, dtype=torch.float64))
+    expected_bc = torch.full((N,), 1 - 0.7**6, dtype=torch.float64)
+    torch.testing.assert_close(state["bias_correction1"], expected_bc, rtol=1e-14, atol=0)
 
 
 def _fresh(make: Callable[[modelbatch.ModelBatch], Any]) -> tuple[modelbatch.ModelBatch, Any]:
@@ -184,8 +215,9 @@ def test_resume_from_state_dict_is_bit_for_bit(per_model_lr: bool) -> None:
     batch2, opt2 = _fresh(make)
     batch2.load_state_dict(saved[0])
     opt2.load_state_dict(saved[1])
-    # Resumed on the host path when the saved run was on it (internal: the host step count).
-    assert [s.host_t for s in opt2._slots] == [None if per_model_lr else 3]
+    # The loaded step state is the same for every model: the host knows the count again
+    # (internal), and the host path resumes when the hyper-parameters allow it.
+    assert [s.host_t for s in opt2._slots] == [3]
     train(batch2, opt2, data[3:])
     for a, b in zip(batch.state_dict().values(), batch2.state_dict().values(), strict=True):
         assert torch.equal(a, b)

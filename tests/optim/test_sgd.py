@@ -132,3 +132,32 @@ def test_run_and_undo_drops_the_host_steps() -> None:
     opt.zero_grad()
     body()
     assert opt.state["weight"]["step"].tolist() == [4.0, 4.0]
+
+
+def test_host_and_device_paths_are_bit_identical() -> None:
+    """The same models on the host path, and on the masked device path (a quarantined
+    fourth model next to them), end bit for bit the same."""
+    dtype = torch.float32
+
+    def make(n: int) -> list[nn.Module]:
+        torch.manual_seed(0)
+        return [nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)) for _ in range(n)]
+
+    g = torch.Generator().manual_seed(5)
+    data = [(torch.randn(8, 5, generator=g, dtype=dtype), torch.randint(0, 3, (8,), generator=g))
+            for _ in range(5)]  # fmt: skip
+    host = modelbatch.ModelBatch(make(3))
+    dev = modelbatch.ModelBatch([*make(3), make(1)[0]])
+    dev.quarantine(3)
+    opts = [modelbatch.optim.SGD(b, lr=0.05, momentum=0.9, nesterov=True) for b in (host, dev)]
+    for batch, opt in zip((host, dev), opts, strict=True):
+        for x, y in data:
+            opt.zero_grad()
+            batch.compute_loss(batch(x), y, F.cross_entropy).backward()
+            opt.step()
+    assert opts[0]._slots[0].pending > 0  # the host path ran (internal)
+    dev_params = dict(dev.stacked_parameters())
+    for key, value in host.stacked_parameters():
+        assert torch.equal(value, dev_params[key][:3]), key
+    buf = opts[1].state["0.weight"]["momentum_buffer"][:3]
+    assert torch.equal(opts[0].state["0.weight"]["momentum_buffer"], buf)

@@ -112,6 +112,8 @@ class Adam(BatchOptimizer):
             # Output of the per-step coefficients [k, e] in the coefficient dtype (the last
             # float64 op writes it: no separate cast kernel; kept at one address).
             "ke": torch.zeros(active.shape[0], 2, dtype=torch.float64, device=b1.device),
+            # Their denominators [sqrt(bc2) * lr (written every step), lr / eps].
+            "f64_den": torch.cat([zero, lr / eps], 1),
         }
         amsgrad = host["amsgrad"]
         maximize = host["maximize"]
@@ -130,88 +132,91 @@ class Adam(BatchOptimizer):
             c["decay"] = torch.where(active, 1 - lr * hp["weight_decay"], one)
         if flags["amsgrad"] == 2:
             c["ams"] = hp["amsgrad"] != 0
-        del zero
         c["flags"] = flags
-        # Every model with the same hyper-parameters: the host path's Python scalars.
-        names = ("lr", "betas[0]", "betas[1]", "eps", "weight_decay", "amsgrad", "maximize")
-        uniform = all(len(set(host[k])) == 1 for k in names)
-        self._uniform = {k: host[k][0] for k in names} if uniform else None
+        # The host path needs one lr, betas and eps for all models (the bias corrections
+        # and coefficients are then one pair of numbers); the rest stays per model.
+        names = ("lr", "betas[0]", "betas[1]", "eps")
+        uniform = all(len(set(host[k])) == 1 for k in names) and flags["amsgrad"] != 2
+        nonzero = host["lr"][0] != 0 and host["eps"][0] != 0  # (Python would divide by 0)
+        self._uniform = {k: host[k][0] for k in names} if uniform and nonzero else None
         return c
 
     # ---------------------------------------------------------------- host path
     def _fast_step(
         self, slot: _Slot, p: Tensor, grads: list[Tensor], c: dict[str, Any], flags: dict[str, Any]
     ) -> bool:
-        """The step when every model has the same hyper-parameters and the same step count,
-        known on the host, and every model is active: bias corrections and step size are
-        Python numbers, as in ``torch.optim.Adam`` (non-capturable), so the step is the
-        element-wise kernels only (7 for float32 Adam: gather, two moments, g², sqrt, add,
-        update). The step state is written lazily (:meth:`_write_pending`)."""
+        """The step when every model has the same lr, betas and eps and the same step count
+        (known on the host), and every model is active: the step state and the coefficients
+        are Python numbers, computed exactly as the device path computes them (the same IEEE
+        operations in float64), so a model's numbers never depend on which path ran. The
+        element-wise kernels are the device path's: 7 for float32 Adam (gather, two moments,
+        g², sqrt, denominator, update). The step state is written lazily
+        (:meth:`_write_pending`)."""
         u = self.__dict__.get("_uniform")
         if (
             u is None
             or slot.host_t is None
             or flags["masked"]
             or flags["lowp"]
+            or slot.small.dtype != torch.float64  # (MPS: the device path is float32)
             or not self._fresh(slot)
             or (p.device.type == "cuda" and _capturing())
         ):
             return False
-        t = slot.host_t + 1
         b1, b2, lr, eps = u["betas[0]"], u["betas[1]"], u["lr"], u["eps"]
-        bc1 = 1 - b1**t
-        root_bc2 = math.sqrt(1 - b2**t)
+        bc1, bc2 = slot.host_bc
+        # As small.mul_(M).add_(A), sqrt, mul and div on the device.
+        bc1 = bc1 * b1 + (1.0 - b1)
+        bc2 = bc2 * b2 + (1.0 - b2)
+        k = bc1 / (math.sqrt(bc2) * lr)
+        e = bc1 / (lr / eps)
         g = torch.cat(grads, 1, out=slot.scratch)
-        if u["maximize"]:
-            g.neg_()
-        wd = u["weight_decay"]
-        if wd:
+        if flags["maximize"]:
+            g.mul_(c["sign"])
+        if flags["wd"]:
             for a, b in flags["decay_runs"]:
-                if self._decoupled_weight_decay:
-                    p[:, a:b].mul_(1 - lr * wd)
+                if flags["wd"] == 1:
+                    g[:, a:b].addcmul_(p[:, a:b], c["wd"])
                 else:
-                    g[:, a:b].add_(p[:, a:b], alpha=wd)
+                    p[:, a:b].mul_(c["decay"])
         state = slot.state
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.lerp_(g, 1 - b1)
+        exp_avg.lerp_(g, c["w1"])
         g.mul_(g)
-        exp_avg_sq.lerp_(g, 1 - b2)
+        exp_avg_sq.lerp_(g, c["w2"])
         second = exp_avg_sq
-        if u["amsgrad"]:
+        if flags["amsgrad"]:
             second = state["max_exp_avg_sq"]
             torch.maximum(second, exp_avg_sq, out=second)
-        # p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
-        #    = lr * sqrt(bc2) / bc1 * m / (sqrt(v) + eps * sqrt(bc2))
         torch.sqrt(second, out=g)
-        g.add_(eps * root_bc2)
-        p.addcdiv_(exp_avg, g, value=-(lr * root_bc2 / bc1))
-        slot.host_t = t
+        # Host scalars (zero-dimensional CPU tensors: no device kernel, no copy), cast to
+        # the parameters' dtype inside the kernel as the device path's [N, 2] write casts.
+        scalar = torch.float64
+        torch.addcmul(torch.tensor(e, dtype=scalar), g, torch.tensor(k, dtype=scalar), out=g)
+        p.addcdiv_(exp_avg, g, value=-1)
+        slot.host_t += 1
+        slot.host_bc = (bc1, bc2)
         slot.pending += 1
         return True
 
-    def _host_rows(self, small: Tensor, t: int) -> Tensor:
-        """The step state ``[N, 3]`` of models at step ``t`` with the current betas, computed
-        as the host path computes it (Python floats)."""
-        host = self._hp_host_now()
-        b1s, b2s = host["betas[0]"], host["betas[1]"]
-        if len(set(b1s)) == 1 and len(set(b2s)) == 1:
-            rows = [[1 - b1s[0] ** t, 1 - b2s[0] ** t, float(t)]]
-        else:  # O(N), only when the betas differ between models (then no host path runs)
-            rows = [[1 - x**t, 1 - y**t, float(t)] for x, y in zip(b1s, b2s, strict=True)]
-        return torch.tensor(rows, dtype=small.dtype).expand(small.shape[0], 3)
-
     def _write_pending(self, slot: _Slot) -> None:
         assert slot.host_t is not None
-        slot.small.copy_(self._host_rows(slot.small, slot.host_t))
+        row = torch.tensor([[*slot.host_bc, float(slot.host_t)]], dtype=slot.small.dtype)
+        slot.small.copy_(row.expand_as(slot.small))
 
     def _host_steps(self, slot: _Slot) -> int | None:
+        """After loading: every model at the same step state (read once; loading is not a
+        hot path) continues on the host path from it."""
         if slot.split is not None:
             return None
-        small = slot.small.cpu()  # loading a state: a sync is fine here
-        t = float(small[0, 2])
+        small = slot.small.cpu()
+        if not torch.equal(small, small[0:1].expand_as(small)):
+            return None
+        bc1, bc2, t = small[0].tolist()
         if not (t.is_integer() and t >= 0):
             return None
-        return int(t) if torch.equal(small, self._host_rows(small, int(t))) else None
+        slot.host_bc = (bc1, bc2)
+        return int(t)
 
     def _small_keys(self) -> tuple[str, ...]:
         return ("step", "bias_correction1", "bias_correction2")
@@ -241,11 +246,8 @@ class Adam(BatchOptimizer):
         # OneCycleLR cycles): recompute them from the step counts.
         if old.get("betas[0]") == new["betas[0]"] and old.get("betas[1]") == new["betas[1]"]:
             return
-        slots = self._slots or []
-        on_host = [s for s in slots if s.host_t is not None and s.split is None and self._fresh(s)]
-        for s in on_host:  # rewritten from the step count with the new betas when read
-            s.pending = max(s.pending, 1)
-        self._recompute_small([s for s in slots if s not in on_host])
+        # (Recomputed on the device; the host path hands over to the device path.)
+        self._recompute_small()
 
     @staticmethod
     def _update(  # type: ignore[override]
@@ -273,9 +275,11 @@ class Adam(BatchOptimizer):
                     p[:, a:b].mul_(c["decay"])
         if masked:  # quarantined models: no gradient reaches their state
             g.masked_fill_(c["inactive"], 0.0)
-        # Per-model step state, once per step: [bc1, bc2, t], then [bc1, sqrt(bc2), 1].
-        torch.addcmul(c["f64_A"], small, c["f64_M"], out=small)
-        z = torch.pow(small, c["f64_E"])
+        # Per-model step state, once per step: [bc1, bc2, t] <- [bc1, bc2, t] * M + A, and
+        # the coefficients, one IEEE operation per kernel (no fused multiply-add, no pow):
+        # the host path computes the same numbers in Python (Adam._host_coefficients).
+        small.mul_(c["f64_M"]).add_(c["f64_A"])
+        root = torch.sqrt(small[:, 1:2])
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         if flags["lowp"]:
             exp_avg.mul_(c["m1"]).addcmul_(g, c["w1"])
@@ -294,12 +298,14 @@ class Adam(BatchOptimizer):
         # p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps), written as p -= m / d with
         # d = (bc1 / lr) * (sqrt(v) / sqrt(bc2) + eps) = sqrt(v) * k + e.
         ke = c["ke"]  # [N, 2] in the coefficient dtype: the float64 results cast on write
+        den = c["f64_den"]
+        torch.mul(root, c["f64_lr"], out=den[:, 0:1])
         if flags["safe"]:  # some lr == 0: d = (sqrt(v) + eps * sqrt(bc2)) * k, k may be inf
-            torch.div(z[:, 0:1], z[:, 1:2] * c["f64_lr"], out=ke[:, 0:1])
-            torch.mul(z[:, 1:2], c["f64_eps"], out=ke[:, 1:2])
+            torch.div(small[:, 0:1], den[:, 0:1], out=ke[:, 0:1])
+            torch.mul(root, c["f64_eps"], out=ke[:, 1:2])
             g.add_(ke[:, 1:2]).mul_(ke[:, 0:1])
-        else:
-            torch.div(z[:, 0:1], z[:, 1:3] * c["f64_L"], out=ke)
+        else:  # k = bc1 / (sqrt(bc2) * lr), e = bc1 / (lr / eps)
+            torch.div(small[:, 0:1], den, out=ke)
             torch.addcmul(ke[:, 1:2], g, ke[:, 0:1], out=g)
         if masked:
             torch.addcdiv(p, exp_avg, g, value=-1, out=g)

@@ -209,6 +209,7 @@ class _Slot:
     host_t: int | None = 0
     pending: int = 0
     version: int = -1
+    host_bc: tuple[float, float] = (0.0, 0.0)  # Adam's bias corrections on the host path
 
     def column(self, t: Tensor, k: int) -> Tensor:
         return t[:, self.group.starts[k] : self.group.ends[k]]

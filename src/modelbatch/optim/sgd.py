@@ -132,8 +132,6 @@ class SGD(BatchOptimizer):
         if nz is None or self.__dict__.get("_nz_of") is not self._hp_host:
             host = self._hp_host
             nz = tuple(m != 0 for m in host["momentum"])  # O(N), on a change only
-            # Every model has momentum and no dampening: a settled step's buffer update is
-            # one kernel, buf = g + buf * momentum (torch.optim: buf * momentum + g).
             self._plain = all(nz) and not any(host["dampening"])
             self._nz, self._nz_of = nz, host
         settled = self._settled is nz or (
@@ -143,10 +141,12 @@ class SGD(BatchOptimizer):
         if settled:
             self._settled = nz
         flags["settled"] = settled and not masked and k is None and self._compiled is None
-        # (not in static mode: there `masked=False` is the caller's promise, not a fact)
-        flags["plain"] = (
-            flags["settled"] and not self._static and self.__dict__.get("_plain", False)
-        )
+        # Every model with momentum and no dampening: the buffer update is one kernel,
+        # buf = g + buf * c0, on every path (the same arithmetic whichever path runs, so a
+        # model's numbers do not depend on the others'). Not in static mode, where
+        # `masked=False` is the caller's promise, not a fact.
+        flags["plain_hp"] = not self._static and self.__dict__.get("_plain", False)
+        flags["plain"] = flags["settled"] and flags["plain_hp"]
         return flags
 
     def _fast_step(
@@ -251,18 +251,15 @@ class SGD(BatchOptimizer):
         if flags["settled"]:
             coef = c["later"]
             small[:, 1:2].add_(1.0)
-            if flags["plain"]:  # coef = [momentum, 1] for every model
-                torch.addcmul(g, buf, coef[:, 0:1], out=buf)
-                if flags["raw_grad"]:
-                    p.addcmul_(g, c["k1"])
-                p.addcmul_(buf, c["k2"])
-                return
         else:
             hb = small[:, 0:1]
             coef = torch.where(hb > 0, c["later"], c["first"])
             torch.maximum(hb, c["f64_moving"], out=hb)  # started |= moving
             small[:, 1:2].add_(c["f64_active"])
-        buf.mul_(coef[:, 0:1]).addcmul_(g, coef[:, 1:2])
+        if flags["plain_hp"]:  # coef[:, 1] is 1 (or 0 where g is 0: quarantined models)
+            torch.addcmul(g, buf, coef[:, 0:1], out=buf)
+        else:
+            buf.mul_(coef[:, 0:1]).addcmul_(g, coef[:, 1:2])
         if masked:  # the same arithmetic as below, then kept for active models only
             new = torch.addcmul(p, g, c["k1"], out=g) if flags["raw_grad"] else g.copy_(p)
             new.addcmul_(buf, c["k2"])
