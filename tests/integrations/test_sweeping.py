@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import math
+import runpy
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +25,8 @@ from modelbatch.integrations.sweeping import (
 )
 from tests.helpers import assert_close_models, train_alone
 from tests.integrations._toy import make_loader, make_mlp, make_mlp64
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 F64 = torch.float64
 
@@ -637,3 +642,18 @@ def test_a_seeded_sweep_interrupted_after_a_refill_resumes_to_the_same_models(tm
     for k in range(4):
         a, b = expected[k].model.state_dict(), resumed[k].model.state_dict()
         assert all(torch.equal(a[n], b[n]) for n in a), k
+
+
+def test_digits_sweep_example_runs(tmp_path, monkeypatch, capsys):
+    """The README's sweep: 24 configs (three of them dropout rates) in one call."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    folder = tmp_path / "digits"
+    monkeypatch.setattr(sys, "argv", ["sweep_digits.py", str(folder)])
+    ns = runpy.run_path(str(EXAMPLES / "sweep_digits.py"), run_name="__main__")
+    rows = list(csv.DictReader((folder / "results.csv").read_text().splitlines()))
+    assert len(rows) == 24 and {r["status"] for r in rows} == {"completed"}
+    assert max(float(r["best_val_accuracy"]) for r in rows) > 0.9
+    assert (folder / "sweep.png").stat().st_size > 0
+    assert isinstance(ns["best"], nn.Sequential)
+    assert capsys.readouterr().out.count("best_val_accuracy") == 5

@@ -35,6 +35,7 @@ from modelbatch.integrations.sweeping import (
     _per_model_hparams,
     _save_model,
     _SlotSchedulers,
+    release_slots,
     reset_slot,
 )
 from modelbatch.optim.factory import OptimizerFactory
@@ -419,18 +420,8 @@ class _OptunaRun:
             run.started = time.monotonic()
             self.running[slot] = run  # type: ignore[index]
             self._attach(slot, run)  # type: ignore[arg-type]
-        if len(empty) == len(batch):
+        if not release_slots(batch, self.pack, self.scheds, empty):
             self.batch = self.optimizer = self.scheds = self.pack = None
-            return
-        if empty:
-            gone = [batch.model_ids[p] for p in empty]
-            if self.pack is not None:
-                self.pack.drop(gone, "finished")
-            else:
-                batch.drop(gone)
-            if self.scheds is not None:
-                for slot in gone:
-                    self.scheds.slots.pop(slot, None)  # type: ignore[arg-type]
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:

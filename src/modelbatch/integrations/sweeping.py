@@ -516,6 +516,26 @@ def _hparam_value(optimizer: torch.optim.Optimizer, name: str, value: Any) -> An
     return float(value)
 
 
+def release_slots(
+    batch: ModelBatch, pack: Any, scheds: _SlotSchedulers | None, empty: list[int]
+) -> bool:
+    """Drop the models at positions ``empty`` (no config left to refill them), through the
+    callback ``pack`` when there is one, and forget their slots' schedulers. Returns False
+    when that would empty the batch: the caller then discards the batch instead."""
+    if len(empty) == len(batch):
+        return False
+    if empty:
+        gone = [batch.model_ids[p] for p in empty]
+        if pack is not None:
+            pack.drop(gone, "finished")
+        else:
+            batch.drop(gone)
+        if scheds is not None:
+            for slot in gone:
+                scheds.slots.pop(slot, None)  # type: ignore[arg-type]
+    return True
+
+
 @torch.no_grad()
 def reset_slot(
     batch: ModelBatch,
@@ -1217,19 +1237,9 @@ class _SweepRun:
             if self.scheds is not None:
                 self.scheds.slots.pop(slot, None)  # type: ignore[arg-type]
             self._attach_scheduler(slot, i)  # type: ignore[arg-type]
-        if len(empty) == len(batch):
+        if not release_slots(batch, self.pack, self.scheds, empty):
             self.batch = self.optimizer = self.pack = self.scheds = None
             self.state_keys = []
-            return
-        if empty:
-            gone = [batch.model_ids[p] for p in empty]
-            if self.pack is not None:
-                self.pack.drop(gone, "finished")
-            else:
-                batch.drop(gone)
-            if self.scheds is not None:
-                for slot in gone:
-                    self.scheds.slots.pop(slot, None)  # type: ignore[arg-type]
 
     def best_so_far(self) -> tuple[Any, float] | None:
         best: tuple[Any, float] | None = None
