@@ -113,12 +113,17 @@ def test_host_path_equals_torch_optim(name: str, dtype: torch.dtype) -> None:
     torch.testing.assert_close(state["bias_correction2"], expected_bc, rtol=1e-14, atol=0)
 
 
+@pytest.mark.parametrize("copied", [False, True], ids=["scalars", "copied"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_host_and_device_paths_are_bit_identical(name: str, dtype: torch.dtype) -> None:
+def test_host_and_device_paths_are_bit_identical(
+    name: str, dtype: torch.dtype, copied: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A model's numbers do not depend on which path ran: the same models trained on the
     host path, and on the device path (a fourth model with another lr next to them), are
-    bit for bit the same; so is their optimizer state."""
+    bit for bit the same; so is their optimizer state. ``copied``: the host numbers reach
+    the kernel as off the CPU (a [1, 2] tensor copied to the device)."""
+    monkeypatch.setattr(modelbatch.optim.Adam, "_host_ke_copy", copied)
     make_batched = CONFIGS[name][0]
     data = make_data(5, dtype)
     host_batch = modelbatch.ModelBatch(make_models(dtype))

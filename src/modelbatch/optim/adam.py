@@ -66,6 +66,9 @@ class Adam(BatchOptimizer):
         )
 
     _small_width = 3  # [bias correction 1, bias correction 2, step]
+    # The host path's coefficients reach the kernel through a copied [1, 2] device tensor
+    # (always off the CPU; True on the CPU too only to test that variant there).
+    _host_ke_copy = False
 
     def _validate(self, group: Mapping[str, Any], i: int) -> None:
         for name in ("lr", "eps", "weight_decay"):
@@ -189,10 +192,23 @@ class Adam(BatchOptimizer):
             second = state["max_exp_avg_sq"]
             torch.maximum(second, exp_avg_sq, out=second)
         torch.sqrt(second, out=g)
-        # Host scalars (zero-dimensional CPU tensors: no device kernel, no copy), cast to
-        # the parameters' dtype inside the kernel as the device path's [N, 2] write casts.
-        scalar = torch.float64
-        torch.addcmul(torch.tensor(e, dtype=scalar), g, torch.tensor(k, dtype=scalar), out=g)
+        ke = c["ke"]
+        if p.device.type == "cpu" and not self._host_ke_copy:
+            # Zero-dimensional tensors (no kernel, no copy), cast to the parameters' dtype
+            # inside the kernel as the device path's [N, 2] write casts its float64 results.
+            e_t = torch.tensor(e, dtype=torch.float64)
+            k_t = torch.tensor(k, dtype=torch.float64)
+        else:
+            # Elsewhere one non-blocking copy from pinned memory into a [1, 2] device
+            # tensor (same dtype and cast as the device path's; then the same kernel).
+            cuda = p.device.type == "cuda"
+            host = torch.tensor([[k, e]], dtype=ke.dtype, pin_memory=cuda)
+            dev = slot.host_ke
+            if dev is None or dev.device != p.device or dev.dtype != ke.dtype:
+                dev = slot.host_ke = torch.empty(1, 2, dtype=ke.dtype, device=p.device)
+            dev.copy_(host, non_blocking=cuda)
+            e_t, k_t = dev[:, 1:2], dev[:, 0:1]
+        torch.addcmul(e_t, g, k_t, out=g)
         p.addcdiv_(exp_avg, g, value=-1)
         slot.host_t += 1
         slot.host_bc = (bc1, bc2)

@@ -210,6 +210,7 @@ class _Slot:
     pending: int = 0
     version: int = -1
     host_bc: tuple[float, float] = (0.0, 0.0)  # Adam's bias corrections on the host path
+    host_ke: Tensor | None = None  # Adam's host-path coefficients off the CPU ([1, 2])
 
     def column(self, t: Tensor, k: int) -> Tensor:
         return t[:, self.group.starts[k] : self.group.ends[k]]
