@@ -6,8 +6,10 @@ and one model alone, side by side. Runs on any device (counts, not timings, are 
   :class:`~torch.utils._python_dispatch.TorchDispatchMode`, except views and allocations
   without a kernel (``empty``, ``detach``, ``alias``, ...): on a GPU each is a kernel launch.
   Counted per phase of one steady-state step: forward, loss, backward, optimizer, zero_grad.
-* **Bytes moved** (optimizer phase): per kernel, the bytes of its tensor inputs (read) and
-  outputs (written), divided by the number of parameter elements of the batch: the fused
+* **Bytes moved** (optimizer phase): per kernel, the bytes it reads (its tensor arguments,
+  except ``out=`` buffers, which are only written) and writes (the arguments it mutates, in
+  place or as ``out=``; otherwise its outputs), divided by the number of parameter elements
+  of the batch: the fused
   Adam floor is 28 B/element in fp32 (read param, grad, two moments; write param, two
   moments).
 * **Saved for backward**: the distinct storages autograd keeps from the forward and the loss
@@ -134,8 +136,28 @@ class KernelCounter(TorchDispatchMode):
         if not func.is_view and name not in _NO_KERNEL and not self._host_only(args):
             self.counts[self.current] += 1
             self.ops[self.current][str(func.overloadpacket.__name__)] += 1
-            self.bytes[self.current] += _tensor_bytes((args, kwargs)) + _tensor_bytes(out)
+            self.bytes[self.current] += _moved_bytes(func, args, kwargs or {}, out)
         return out
+
+
+def _moved_bytes(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> int:
+    """Bytes one kernel reads and writes: every tensor argument is read except ``out=``
+    buffers; the arguments the schema marks as written (in place or ``out=``) are written,
+    and when there are none, the returned tensors are."""
+    read = written = 0
+    mutated = False
+    for i, arg in enumerate(func._schema.arguments):
+        value = kwargs.get(arg.name) if arg.kwarg_only or i >= len(args) else args[i]
+        if value is None:
+            continue
+        size = _tensor_bytes(value)
+        is_write = arg.alias_info is not None and arg.alias_info.is_write
+        if not arg.is_out:
+            read += size
+        if is_write:
+            written += size
+            mutated = True
+    return read + (written if mutated else _tensor_bytes(out))
 
 
 @contextmanager
