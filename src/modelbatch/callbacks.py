@@ -565,10 +565,20 @@ class EarlyStopping(Callback):
         self._wait = _select(self._wait, keep)
 
     def on_models_replaced(self, pack: CallbackPack, positions: Sequence[int]) -> None:
+        """The models at ``positions`` are new: their patience, best value and best weights
+        start over. The previous occupant's record under that id is forgotten (take it with
+        :meth:`best_state` before replacing), so it can never be restored into, or returned
+        for, the new model."""
         assert self.best is not None and self._wait is not None
+        ids = pack.batch.model_ids
         for pos in positions:
             self.best[pos] = torch.inf if self.mode == "min" else -torch.inf
             self._wait[pos] = 0
+            model_id = ids[pos]
+            self.best_values.pop(model_id, None)
+            self._weights.pop(model_id, None)
+            if self.directory is not None:
+                self._path(model_id).unlink(missing_ok=True)
 
 
 class GradClipping(Callback):
