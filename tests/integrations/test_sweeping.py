@@ -657,3 +657,22 @@ def test_digits_sweep_example_runs(tmp_path, monkeypatch, capsys):
     assert (folder / "sweep.png").stat().st_size > 0
     assert isinstance(ns["best"], nn.Sequential)
     assert capsys.readouterr().out.count("best_val_accuracy") == 5
+
+
+def test_resuming_with_different_arguments_is_refused_naming_the_difference(tmp_path):
+    """A sweep folder resumed with another config list (or epochs, metric, ...) is refused,
+    and the error names what differs: which config, which entry, both values."""
+    loader = make_loader(n=32)
+    configs = [{"lr": 0.1}, {"lr": 0.2}, {"lr": 0.3}]
+    kwargs = dict(train_loader=loader, loss_fn=F.cross_entropy, epochs=1, progress=False,
+                  folder=tmp_path / "s")
+    sweep(configs, make_mlp, **kwargs)
+    changed = [{"lr": 0.1}, {"lr": 0.25}, {"lr": 0.3}]
+    with pytest.raises(ValueError, match=r"config 1: 'lr' was 0\.2, now 0\.25"):
+        sweep(changed, make_mlp, **kwargs)
+    with pytest.raises(ValueError, match=r"3 configs before, 2 now"):
+        sweep(configs[:2], make_mlp, **kwargs)
+    with pytest.raises(ValueError, match=r"epochs was 1, now 2"):
+        sweep(configs, make_mlp, **{**kwargs, "epochs": 2})
+    again = sweep(configs, make_mlp, **kwargs)  # the same arguments still resume
+    assert [r.status for r in again.values()] == ["completed"] * 3

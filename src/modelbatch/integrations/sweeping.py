@@ -1259,11 +1259,43 @@ class _SweepRun:
             text += repr(o.get("seeds"))
         return hashlib.sha256(text.encode()).hexdigest()
 
+    def spec(self) -> dict[str, Any]:
+        """What the fingerprint covers, in readable form (reprs), to name a difference."""
+        o = self.o
+        return {
+            "config_dicts": [{str(k): repr(v) for k, v in c.items()} for c in self.configs],
+            "keys": repr(self.keys), "epochs": repr(self.epochs),
+            "models_per_batch": repr(o["models_per_batch"]), "refill": repr(o["refill"]),
+            "metric": repr(o["metric"]), "mode": repr(self.mode),
+            "patience": repr(o["patience"]), "optimizer_cls": o["optimizer_cls"].__qualname__,
+            "seeds": repr(o.get("seeds")),
+        }
+
+    def _difference(self, old: Mapping[str, Any] | None) -> str:
+        """The first difference between the saved sweep's spec ``old`` and this one."""
+        if old is None:
+            return "(saved by an older version, which did not record its arguments)"
+        new = self.spec()
+        before, now = old["config_dicts"], new["config_dicts"]
+        if len(before) != len(now):
+            return f"{len(before)} configs before, {len(now)} now"
+        for i, (a, b) in enumerate(zip(before, now, strict=True)):
+            for name in [*a, *(k for k in b if k not in a)]:
+                if a.get(name) != b.get(name):
+                    was = a.get(name, "absent")
+                    return f"config {i}: {name!r} was {was}, now {b.get(name, 'absent')}"
+        for name in ("keys", "epochs", "models_per_batch", "refill", "metric", "mode",
+                     "patience", "optimizer_cls", "seeds"):
+            if old.get(name) != new[name]:
+                return f"{name} was {old.get(name)}, now {new[name]}"
+        return "(a difference in the configs' order or types)"
+
     def save_state(self, done: bool = False) -> None:
         assert self.folder is not None
         state: dict[str, Any] = {
             "version": _STATE_VERSION,
             "fingerprint": self.fingerprint(),
+            "spec": self.spec(),
             "done": done,
             "init_rng": self.init_rng,
             "rng": _rng_get(),
@@ -1295,9 +1327,10 @@ class _SweepRun:
     def load_state(self, state: Mapping[str, Any]) -> None:
         if state.get("version") != _STATE_VERSION or state["fingerprint"] != self.fingerprint():
             raise ValueError(
-                f"{self.folder} holds the state of a different sweep (other configs, epochs, "
-                "models_per_batch, metric or optimizer); use a new folder or delete "
-                f"{_STATE_FILE} to start over"
+                f"{self.folder} holds the state of a different sweep: "
+                f"{self._difference(state.get('spec'))}; call sweep with the same configs "
+                f"and arguments to resume, or use a new folder (or delete {_STATE_FILE}) to "
+                "start over"
             )
         for i, data in enumerate(state["results"]):
             r = ConfigResult.from_dict({**data, "config": self.configs[i]})
