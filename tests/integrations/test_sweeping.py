@@ -676,3 +676,35 @@ def test_resuming_with_different_arguments_is_refused_naming_the_difference(tmp_
         sweep(configs, make_mlp, **{**kwargs, "epochs": 2})
     again = sweep(configs, make_mlp, **kwargs)  # the same arguments still resume
     assert [r.status for r in again.values()] == ["completed"] * 3
+
+
+def test_a_sweep_with_early_stopping_callbacks_resumes_their_patience(tmp_path):
+    """User callbacks keep state across epochs (EarlyStopping's patience counters and best
+    values, the pack's step count): a sweep folder saves it, so a sweep interrupted at any
+    step and called again stops the same models at the same epochs."""
+    loader = make_loader(n=64)
+    configs = [{"lr": lr, "seed": s} for lr, s in [(3.0, 0), (1.0, 1), (5.0, 2), (0.5, 3)]]
+    calls = [0]
+    stop_at = [0]
+
+    def loss_fn(out, target):
+        calls[0] += 1
+        if calls[0] == stop_at[0]:
+            raise KeyboardInterrupt
+        return F.cross_entropy(out, target)
+
+    kwargs = dict(train_loader=loader, loss_fn=loss_fn, epochs=8, models_per_batch=2,
+                  optimizer_cls=torch.optim.SGD, progress=False,
+                  # "max" on a falling loss: improves once, then counts to its patience
+                  callbacks=lambda: [modelbatch.EarlyStopping("loss", mode="max", patience=3)])
+    expected = sweep(configs, make_mlp, **kwargs)
+    want = [(r.status, r.history) for r in expected.values()]
+    assert [len(h) for _, h in want] == [4, 4, 6, 4]
+    total = calls[0]
+    for k in range(3, total, 4):
+        calls[0], stop_at[0] = 0, k
+        with pytest.raises(KeyboardInterrupt):
+            sweep(configs, make_mlp, folder=tmp_path / str(k), **kwargs)
+        stop_at[0] = 0
+        resumed = sweep(configs, make_mlp, folder=tmp_path / str(k), **kwargs)
+        assert [(r.status, r.history) for r in resumed.values()] == want, k

@@ -1318,6 +1318,7 @@ class _SweepRun:
                 "optimizer": self.optimizer.state_dict(),
                 "schedulers": {s: self.scheds.state(s) for s in self.scheds.slots}
                 if self.scheds is not None else {},
+                "callbacks": self.pack.state_dict() if self.pack is not None else None,
             }
         state["final_models"] = {
             i: r.model.state_dict() for i, r in self.results.items() if r.model is not None
@@ -1362,6 +1363,8 @@ class _SweepRun:
             if self.scheds is not None:
                 for slot, st in b["schedulers"].items():
                     self.scheds.load(slot, st)
+            if self.pack is not None and b.get("callbacks") is not None:
+                self.pack.load_state_dict(b["callbacks"])
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> SweepResults:
@@ -1496,6 +1499,9 @@ def sweep(
         scheduler_interval: ``"step"`` (after every optimizer step) or ``"epoch"``.
         callbacks: ``callbacks() -> [modelbatch.Callback, ...]``, built for every batch
             (e.g. ``lambda: [modelbatch.NaNGuard()]``); a quarantined model counts as diverged.
+            A sweep folder saves each callback's ``state_dict()`` (EarlyStopping's patience
+            and best values, DivergenceGuard's counters): a callback of your own that keeps
+            state between epochs implements ``state_dict``/``load_state_dict`` to resume.
         grad_clip: clip each model's gradient to this total norm.
         patience: early stopping: a config stops after ``patience`` epochs without beating
             its best objective. Its best weights are kept in any case.
