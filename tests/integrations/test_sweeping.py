@@ -708,3 +708,30 @@ def test_a_sweep_with_early_stopping_callbacks_resumes_their_patience(tmp_path):
         stop_at[0] = 0
         resumed = sweep(configs, make_mlp, folder=tmp_path / str(k), **kwargs)
         assert [(r.status, r.history) for r in resumed.values()] == want, k
+
+
+def test_make_model_gets_a_real_dict_whose_reads_count():
+    """``make_model`` receives a dict (``isinstance(config, dict)``, ``.copy()``,
+    ``.setdefault``, ``|`` all work, as with the config the user wrote); keys read through
+    a copy or a merge count as used, and a typo is still caught."""
+    kwargs = {"train_loader": make_loader(n=32), "loss_fn": F.cross_entropy, "epochs": 1,
+              "progress": False}
+
+    def copying(config):
+        assert isinstance(config, dict), type(config)
+        c = config.copy()
+        c.setdefault("hidden", 8)
+        merged = {"act": "tanh"} | c
+        return make_mlp({"seed": merged.get("seed", 0), "hidden": merged["hidden"]})
+
+    res = sweep([{"lr": 0.1, "hidden": 4, "seed": 1}, {"lr": 0.1}], copying, **kwargs)
+    assert [r.status for r in res.values()] == ["completed", "completed"]
+    with pytest.raises(ValueError, match=r"\['hiden'\].*did you mean 'hidden'"):
+        sweep([{"lr": 0.1, "hidden": 4, "hiden": 5}],
+              lambda c: make_mlp({"hidden": c.copy()["hidden"]}), **kwargs)
+    rows = sweep([{"lr": 0.1, "hidden": 4}],
+                 lambda c: make_mlp({k: v for k, v in c.items()}), **kwargs)
+    assert rows[0].status == "completed"
+    configs = [{"lr": 0.1, "hidden": 4}]
+    sweep(configs, copying, **kwargs)
+    assert configs == [{"lr": 0.1, "hidden": 4}]  # make_model's edits stay its own

@@ -350,32 +350,63 @@ def train_bundle(
 
 
 # ====================================================================== the one-call sweep
-class _ReadTracker(Mapping[str, Any]):
-    """A read-only view of a config that records which keys were read (``[]``, ``get``,
-    ``in``, ``dict(...)``, ``**``): keys nothing reads are reported as unknown."""
+class _ReadTracker(dict[str, Any]):
+    """A copy of a config (a real ``dict``: ``isinstance``, ``.copy()``, ``|`` work) that
+    records which keys were read (``[]``, ``get``, ``in``, ``pop``, ``setdefault``,
+    ``dict(...)``, ``**``, also through its copies): keys nothing reads are reported as
+    unknown. Edits stay in the copy."""
 
     def __init__(self, data: Mapping[str, Any], read: set[str]) -> None:
-        self._data = data
+        super().__init__(data)
         self._read = read
 
     def __getitem__(self, k: str) -> Any:
         self._read.add(k)
-        return self._data[k]
+        return super().__getitem__(k)
 
     def __contains__(self, k: object) -> bool:
         if isinstance(k, str):
             self._read.add(k)
-        return k in self._data
+        return super().__contains__(k)
 
-    def get(self, k: str, default: Any = None) -> Any:
+    def get(self, k: str, default: Any = None) -> Any:  # type: ignore[override]
         self._read.add(k)
-        return self._data.get(k, default)
+        return super().get(k, default)
 
-    def __iter__(self) -> Any:
-        return iter(self._data)
+    def pop(self, k: str, *default: Any) -> Any:  # type: ignore[override]
+        self._read.add(k)
+        return super().pop(k, *default)
 
-    def __len__(self) -> int:
-        return len(self._data)
+    def setdefault(self, k: str, default: Any = None) -> Any:
+        self._read.add(k)
+        return super().setdefault(k, default)
+
+    def __iter__(self) -> Any:  # overriding it makes dict(...) and ** go through [] above
+        return super().__iter__()
+
+    def items(self) -> Any:  # reading every value reads every key
+        self._read.update(dict.keys(self))
+        return super().items()
+
+    def values(self) -> Any:
+        self._read.update(dict.keys(self))
+        return super().values()
+
+    def _raw(self) -> dict[str, Any]:
+        return dict(dict.items(self))
+
+    def copy(self) -> _ReadTracker:  # type: ignore[override]
+        return _ReadTracker(self._raw(), self._read)
+
+    def __or__(self, other: Any) -> _ReadTracker:  # type: ignore[override]
+        out = self.copy()
+        dict.update(out, other)
+        return out
+
+    def __ror__(self, other: Any) -> _ReadTracker:  # type: ignore[override]
+        out = _ReadTracker(dict(other), self._read)
+        dict.update(out, self._raw())
+        return out
 
 
 def _check_config_keys(
