@@ -735,3 +735,22 @@ def test_make_model_gets_a_real_dict_whose_reads_count():
     configs = [{"lr": 0.1, "hidden": 4}]
     sweep(configs, copying, **kwargs)
     assert configs == [{"lr": 0.1, "hidden": 4}]  # make_model's edits stay its own
+
+
+def test_successive_halving_follows_the_sweeps_mode_and_refuses_the_opposite():
+    """``SuccessiveHalving`` without ``mode`` takes the sweep's (``"max"`` for accuracy), so
+    it keeps the best configs; an explicit opposite mode is refused, naming both."""
+    loader = make_loader()
+    configs = [{"seed": s, "lr": lr} for s in range(2) for lr in (1e-4, 1e-1)]
+    kwargs = dict(train_loader=loader, loss_fn=F.cross_entropy, epochs=2, metric="accuracy",
+                  models_per_batch=2, progress=False)
+    res = sweep(configs, make_mlp, pruner=SuccessiveHalving((1,)), **kwargs)
+    first = {k: r.history[0] for k, r in res.items()}
+    for k, r in res.items():  # the pruned ones are never better than a kept one at rung 1
+        if r.status == "pruned":
+            kept = [first[j] for j, q in res.items() if q.status == "completed"]
+            assert first[k] <= min(kept), (first, [q.status for q in res.values()])
+    with pytest.raises(ValueError, match=r"pruner's mode 'min'.*sweep's mode is 'max'"):
+        sweep(configs, make_mlp, pruner=SuccessiveHalving((1,), mode="min"), **kwargs)
+    with pytest.raises(ValueError, match="SuccessiveHalving needs mode="):
+        SuccessiveHalving((1,))(0, 0, res)

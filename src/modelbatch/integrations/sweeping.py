@@ -653,13 +653,14 @@ class SuccessiveHalving:
     Args:
         rungs: epoch counts at which configs are compared, e.g. ``(1, 3, 9)``.
         reduction_factor: keep about one in ``reduction_factor`` at each rung.
-        mode: ``"min"`` or ``"max"`` (the sweep's objective).
+        mode: ``"min"`` or ``"max"``; default: the mode of the :func:`sweep` it is given to
+            (``"max"`` for accuracy). Needed when called outside a sweep.
     """
 
     def __init__(
-        self, rungs: Sequence[int], reduction_factor: float = 3, mode: str = "min"
+        self, rungs: Sequence[int], reduction_factor: float = 3, mode: str | None = None
     ) -> None:
-        if mode not in ("min", "max"):
+        if mode not in ("min", "max", None):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         if reduction_factor <= 1:
             raise ValueError(f"reduction_factor must be > 1, got {reduction_factor}")
@@ -669,6 +670,11 @@ class SuccessiveHalving:
 
     def __call__(self, key: Any, epoch: int, results: Mapping[Any, ConfigResult]) -> bool:
         """Whether config ``key``, which just finished epoch ``epoch`` (0-based), stops."""
+        if self.mode is None:
+            raise ValueError(
+                "SuccessiveHalving needs mode='min' or 'max' when it is not given to sweep "
+                "(which passes its own)"
+            )
         r = epoch + 1
         if r not in self.rungs:
             return False
@@ -1608,6 +1614,15 @@ def sweep(
             raise TypeError(
                 f"seeds must be an int (a base seed) or a list of one int per config, got "
                 f"{type(seeds).__name__}"
+            )
+    if isinstance(pruner, SuccessiveHalving):
+        if pruner.mode is None:
+            pruner = SuccessiveHalving(pruner.rungs, pruner.reduction_factor, mode)
+        elif pruner.mode != mode:
+            raise ValueError(
+                f"the pruner's mode {pruner.mode!r} does not match: the sweep's mode is {mode!r} "
+                f"(metric {metric!r}): it would prune the best configs; build "
+                f"SuccessiveHalving(..., mode={mode!r}) or leave mode out"
             )
     prefix = "val_" if val_loader is not None and eval_fn is None else ""
     metric_name = prefix + metric
