@@ -754,3 +754,27 @@ def test_successive_halving_follows_the_sweeps_mode_and_refuses_the_opposite():
         sweep(configs, make_mlp, pruner=SuccessiveHalving((1,), mode="min"), **kwargs)
     with pytest.raises(ValueError, match="SuccessiveHalving needs mode="):
         SuccessiveHalving((1,))(0, 0, res)
+
+
+class _PoisonAtEpochEnd(modelbatch.Callback):
+    """Turns slot 0's weights NaN at the end of the first epoch (an update that blew up on
+    the epoch's last step, after its loss was computed)."""
+
+    def on_epoch_end(self, pack):
+        if pack.epoch == 0:
+            with torch.no_grad():
+                for _, p in pack.batch.stacked_parameters():
+                    p[0] = float("nan")
+
+
+def test_non_finite_weights_under_a_finite_accuracy_count_as_diverged():
+    """Accuracy stays finite for NaN outputs (argmax picks a class): a model whose weights
+    went NaN is still diverged at once, and its NaN weights are never its best."""
+    kwargs = dict(train_loader=make_loader(), loss_fn=F.cross_entropy, epochs=2,
+                  metric="accuracy", progress=False, callbacks=lambda: [_PoisonAtEpochEnd()])
+    res = sweep([{"lr": 0.01, "seed": 0}, {"lr": 0.01, "seed": 1}], make_mlp, **kwargs)
+    assert res[0].status == "diverged" and res[0].epochs == 1
+    assert math.isnan(res[0].best_value) and res.ranked() == [1]
+    with pytest.raises(KeyError, match="never reached a finite"):
+        res.best_weights(0)
+    assert res[1].status == "completed"

@@ -688,6 +688,17 @@ class SuccessiveHalving:
         return not (values and _better_or_equal(mine, values[keep - 1], self.mode))
 
 
+@torch.no_grad()
+def _finite_weights(batch: ModelBatch) -> list[bool]:
+    """Per model, whether all its parameters and floating buffers are finite (one sync)."""
+    n = len(batch)
+    ok = torch.ones(n, dtype=torch.bool, device=batch.active.device)
+    for _, t in [*batch.stacked_parameters(), *batch.stacked_buffers()]:
+        if (t.is_floating_point() or t.is_complex()) and t.dim() > 0 and t.shape[0] == n:
+            ok &= t.detach().reshape(n, -1).isfinite().all(dim=1).to(ok.device)
+    return ok.tolist()
+
+
 def _better_or_equal(a: float, b: float, mode: str) -> bool:
     return a <= b if mode == "min" else a >= b
 
@@ -1142,11 +1153,14 @@ class _SweepRun:
         batch = self.batch
         assert batch is not None
         finite: dict[int, bool] = {}
+        weights_ok = _finite_weights(batch)
         for pos, slot in enumerate(batch.model_ids):
             i = self.slot_cfg[slot]  # type: ignore[index]
             res = self.results[i]
             tl, v = float(losses[pos]), float(values[pos])
             res.train_loss.append(tl)
+            if not weights_ok[pos]:  # e.g. accuracy of NaN outputs is finite: not a value
+                v = math.nan
             res.history.append(v)
             res.value = v
             finite[slot] = math.isfinite(tl) and math.isfinite(v)  # type: ignore[index]
