@@ -31,6 +31,7 @@ from modelbatch.integrations.sweeping import (
     EvalFn,
     LossFn,
     _call_scheduler_fn,
+    _finite_weights,
     _objective,
     _per_model_hparams,
     _save_model,
@@ -371,6 +372,7 @@ class _OptunaRun:
         values: Tensor = _objective(batch, o["train_loader"], o["val_loader"], o["loss_fn"],
                                     o["metric"], o["eval_fn"])
         active = batch.active.tolist()
+        weights_ok = _finite_weights(batch)  # accuracy of NaN outputs is finite
         free: list[int] = []
         for pos, slot in enumerate(batch.model_ids):
             run = self.running[slot]  # type: ignore[index]
@@ -381,7 +383,7 @@ class _OptunaRun:
                 o["logger"].log([{"model_id": run.trial.number, "train_loss": tl,
                                   o["metric"]: v, "lr": optimizer.param_groups[pos].get("lr")}],
                                 epoch)
-            if not (math.isfinite(tl) and math.isfinite(v) and active[pos]):
+            if not (math.isfinite(tl) and math.isfinite(v) and active[pos] and weights_ok[pos]):
                 self.finish(run, "fail", position=pos, error="non-finite loss or objective")
             else:
                 run.trial.report(v, epoch)
