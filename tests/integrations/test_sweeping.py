@@ -778,3 +778,22 @@ def test_non_finite_weights_under_a_finite_accuracy_count_as_diverged():
     with pytest.raises(KeyError, match="never reached a finite"):
         res.best_weights(0)
     assert res[1].status == "completed"
+
+
+def test_train_bundle_marks_a_model_with_non_finite_weights_diverged():
+    """An objective can be finite for a model whose weights are NaN (accuracy, or a custom
+    eval_fn): train_bundle still marks it diverged and drops it."""
+
+    def eval_fn(batch):
+        with torch.no_grad():
+            for _, p in batch.stacked_parameters():
+                p[batch.model_ids.index("a")] = float("nan") if "a" in batch.model_ids else p[0]
+        return torch.zeros(len(batch))
+
+    results = train_bundle(
+        [make_mlp({"seed": s}) for s in range(2)], [{"lr": 0.1}] * 2, model_ids=["a", "b"],
+        train_loader=make_loader(), loss_fn=F.cross_entropy, epochs=2, metric="zero",
+        eval_fn=eval_fn,
+    )
+    assert results["a"].status == "diverged" and results["a"].epochs == 1
+    assert results["b"].status == "completed" and results["b"].epochs == 2

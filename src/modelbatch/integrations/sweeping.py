@@ -313,8 +313,11 @@ def train_bundle(
         current = batch.model_ids
         objective: dict[ModelId, float] = {}
         diverged: list[ModelId] = []
+        weights_ok = _finite_weights(batch)
         for i, mid in enumerate(current):
             tl, v = float(train_losses[i]), float(values[i])
+            if not weights_ok[i]:  # e.g. accuracy of NaN outputs is finite: not a value
+                v = math.nan
             res = results[mid]
             res.train_loss.append(tl)
             res.history.append(v)
