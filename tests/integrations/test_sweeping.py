@@ -798,3 +798,42 @@ def test_train_bundle_marks_a_model_with_non_finite_weights_diverged():
     )
     assert results["a"].status == "diverged" and results["a"].epochs == 1
     assert results["b"].status == "completed" and results["b"].epochs == 2
+
+
+def _shuffled_loader():
+    """A loader that reshuffles every epoch from its own generator (not torch's global RNG),
+    built afresh as a restarted script would."""
+    base = make_loader()
+    return torch.utils.data.DataLoader(base.dataset, batch_size=32, shuffle=True,
+                                       generator=torch.Generator().manual_seed(0))
+
+
+def test_a_resumed_sweep_continues_a_seeded_loaders_shuffling(tmp_path):
+    """The order a loader with its own generator shuffles in is part of the sweep state: a
+    sweep interrupted after some epochs and restarted with a freshly built loader sees the
+    epochs the uninterrupted sweep saw, and ends with the same models."""
+    calls = [0]
+    stop_at = [0]
+
+    def loss_fn(out, target):
+        calls[0] += 1
+        if calls[0] == stop_at[0]:
+            raise KeyboardInterrupt
+        return F.cross_entropy(out, target)
+
+    configs = [{"lr": 0.05, "seed": s} for s in range(3)]
+    kwargs = dict(loss_fn=loss_fn, epochs=3, models_per_batch=2, keep_models=True,
+                  progress=False)
+    expected = sweep(configs, make_mlp, train_loader=_shuffled_loader(), **kwargs)
+    total, calls[0] = calls[0], 0
+    stop_at[0] = total // 2 + 1
+    with pytest.raises(KeyboardInterrupt):
+        sweep(configs, make_mlp, train_loader=_shuffled_loader(), folder=tmp_path / "s",
+              **kwargs)
+    stop_at[0] = 0
+    resumed = sweep(configs, make_mlp, train_loader=_shuffled_loader(), folder=tmp_path / "s",
+                    **kwargs)
+    for k in range(3):
+        a, b = expected[k].model.state_dict(), resumed[k].model.state_dict()
+        assert all(torch.equal(a[n], b[n]) for n in a), k
+        assert expected[k].history == resumed[k].history

@@ -941,6 +941,20 @@ def _rng_set(state: Mapping[str, Any]) -> None:
     np.random.set_state((npst[0], npst[1].numpy(), *npst[2:]))
 
 
+def _loader_generators(loaders: Sequence[Any]) -> list[torch.Generator]:
+    """The torch generators the loaders shuffle or sample from (a DataLoader's
+    ``generator``, its sampler's and batch sampler's), each once, in a fixed order."""
+    out: list[torch.Generator] = []
+    for loader in loaders:
+        sampler = getattr(loader, "sampler", None)
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        for owner in (loader, sampler, batch_sampler, getattr(batch_sampler, "sampler", None)):
+            g = getattr(owner, "generator", None)
+            if isinstance(g, torch.Generator) and not any(g is h for h in out):
+                out.append(g)
+    return out
+
+
 _STATE_FILE = "sweep_state.pt"
 _STATE_VERSION = 1
 
@@ -1344,6 +1358,12 @@ class _SweepRun:
                 return f"{name} was {old.get(name)}, now {new[name]}"
         return "(a difference in the configs' order or types)"
 
+    def _generators(self) -> list[torch.Generator]:
+        loaders = [self.o["train_loader"]]
+        if self.o["val_loader"] is not None:
+            loaders.append(self.o["val_loader"])
+        return _loader_generators(loaders)
+
     def save_state(self, done: bool = False) -> None:
         assert self.folder is not None
         state: dict[str, Any] = {
@@ -1353,6 +1373,7 @@ class _SweepRun:
             "done": done,
             "init_rng": self.init_rng,
             "rng": _rng_get(),
+            "loader_rng": [g.get_state() for g in self._generators()],
             "results": [
                 {k: v for k, v in r.to_dict().items() if k != "config"}
                 for r in self.results.values()
@@ -1442,6 +1463,17 @@ class _SweepRun:
                 self.queue = list(self.groups[0]) if self.groups else []
             else:
                 _rng_set(state["rng"])
+                gens, saved = self._generators(), state.get("loader_rng")
+                if saved is None:  # written before loader generators were saved
+                    saved = [g.get_state() for g in gens]
+                if len(saved) != len(gens):
+                    raise ValueError(
+                        f"{self.folder} was saved with loaders drawing from {len(saved)} "
+                        f"torch generator(s), these draw from {len(gens)}: build the loaders "
+                        "as the first run did to resume"
+                    )
+                for g, st in zip(gens, saved, strict=True):
+                    g.set_state(st)
             finished = state is not None and state["done"]
             saved = False
             while not finished:
