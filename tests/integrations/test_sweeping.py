@@ -837,3 +837,18 @@ def test_a_resumed_sweep_continues_a_seeded_loaders_shuffling(tmp_path):
         a, b = expected[k].model.state_dict(), resumed[k].model.state_dict()
         assert all(torch.equal(a[n], b[n]) for n in a), k
         assert expected[k].history == resumed[k].history
+
+
+def test_result_keys_map_to_distinct_checkpoint_ids(tmp_path):
+    """``key=`` values become checkpoint model ids: booleans work, and two keys that would
+    share a folder (``0.5`` and ``"0.5"``) are refused before training, naming them."""
+    kwargs = dict(train_loader=make_loader(n=32), loss_fn=F.cross_entropy, epochs=1,
+                  progress=False)
+    res = sweep([{"lr": 0.1, "flag": True}, {"lr": 0.2, "flag": False}], make_mlp,
+                key="flag", folder=tmp_path / "b", **kwargs)
+    assert set(res) == {True, False}
+    assert all(torch.equal(res.best_weights(k)["0.weight"], res.best_model(k)[0].weight)
+               for k in res)
+    with pytest.raises(ValueError, match=r"keys 0\.5 and '0\.5' would share"):
+        sweep([{"lr": 0.1, "name": 0.5}, {"lr": 0.2, "name": "0.5"}], make_mlp, key="name",
+              folder=tmp_path / "c", **kwargs)

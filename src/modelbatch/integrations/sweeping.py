@@ -905,7 +905,9 @@ class SweepResults(dict[Any, ConfigResult]):
 
 def _model_id_of(key: Any) -> int | str:
     """The model id a config's key is saved under (a checkpoint id is an int or a str)."""
-    return key if isinstance(key, (int, str)) else str(key)
+    if isinstance(key, (int, str)) and not isinstance(key, bool):
+        return key
+    return repr(key)
 
 
 def _folder_of(key: Any) -> str:
@@ -1651,6 +1653,14 @@ def sweep(
         keys = [c[key] for c in config_list]
         if len(set(keys)) != len(keys):
             raise ValueError(f"config[{key!r}] values must be unique, got {keys}")
+        ids: dict[Any, Any] = {}
+        for k in keys:
+            other = ids.setdefault(_model_id_of(k), k)
+            if other is not k:
+                raise ValueError(
+                    f"keys {other!r} and {k!r} would share the checkpoint id "
+                    f"{_model_id_of(k)!r}: make config[{key!r}] values of one type"
+                )
     seed_list: list[int] | None = None
     if seeds is not None:
         from modelbatch.seeding import check_seeds, derive_seeds
