@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from optuna.trial import TrialState
 
 import modelbatch
-
 from modelbatch.integrations.optuna import create_sqlite_study, optimize_batched
 from modelbatch.integrations.sweeping import sweep
 from tests.integrations._toy import make_loader, make_mlp64
