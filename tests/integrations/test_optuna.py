@@ -281,3 +281,15 @@ def test_a_trial_whose_weights_went_nan_fails_even_with_a_finite_accuracy():
                   train_callbacks=lambda: [_PoisonFirstEpoch()])
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert trials[0].intermediate_values == {}
+
+
+def test_callbacks_that_act_on_validation_are_refused_before_any_trial():
+    """EarlyStopping in train_callbacks would never see a validation metric (the objective
+    goes to the study's pruner): refused up front, naming it and the way out."""
+    study = optuna.create_study()
+    with pytest.raises(ValueError, match=r"EarlyStopping acts on validation.*pruner"):
+        _run(study, n_trials=2,
+             train_callbacks=lambda: [modelbatch.EarlyStopping("loss", patience=1)])
+    assert study.trials == []
+    trials = _run(study, n_trials=1, train_callbacks=lambda: [modelbatch.NaNGuard()])
+    assert trials[0].state == TrialState.COMPLETE
