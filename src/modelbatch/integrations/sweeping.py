@@ -702,6 +702,22 @@ def _finite_weights(batch: ModelBatch) -> list[bool]:
     return ok.tolist()
 
 
+def _resolve_pruner(pruner: Any, mode: str, metric: str) -> Any:
+    """A :class:`SuccessiveHalving` without a mode takes the sweep's; an opposite mode is
+    refused (it would prune the best configs). Other pruners pass through."""
+    if not isinstance(pruner, SuccessiveHalving):
+        return pruner
+    if pruner.mode is None:
+        return SuccessiveHalving(pruner.rungs, pruner.reduction_factor, mode)
+    if pruner.mode != mode:
+        raise ValueError(
+            f"the pruner's mode {pruner.mode!r} does not match: the sweep's mode is {mode!r} "
+            f"(metric {metric!r}): it would prune the best configs; build "
+            f"SuccessiveHalving(..., mode={mode!r}) or leave mode out"
+        )
+    return pruner
+
+
 def _better_or_equal(a: float, b: float, mode: str) -> bool:
     return a <= b if mode == "min" else a >= b
 
@@ -1674,15 +1690,7 @@ def sweep(
                 f"seeds must be an int (a base seed) or a list of one int per config, got "
                 f"{type(seeds).__name__}"
             )
-    if isinstance(pruner, SuccessiveHalving):
-        if pruner.mode is None:
-            pruner = SuccessiveHalving(pruner.rungs, pruner.reduction_factor, mode)
-        elif pruner.mode != mode:
-            raise ValueError(
-                f"the pruner's mode {pruner.mode!r} does not match: the sweep's mode is {mode!r} "
-                f"(metric {metric!r}): it would prune the best configs; build "
-                f"SuccessiveHalving(..., mode={mode!r}) or leave mode out"
-            )
+    pruner = _resolve_pruner(pruner, mode, metric)
     prefix = "val_" if val_loader is not None and eval_fn is None else ""
     metric_name = prefix + metric
     opts = {
