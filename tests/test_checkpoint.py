@@ -589,3 +589,18 @@ def test_malformed_settings_are_refused(tmp_path: Path, bad: Any) -> None:
     edit_manifest(tmp_path / "ck", lambda m: m["models"][1].__setitem__("settings", bad))
     with pytest.raises(CheckpointError, match=r"models\[1\]\.settings"):
         batch.load_all(tmp_path / "ck")
+
+
+def test_a_setting_assigned_on_the_batch_is_what_the_checkpoint_records(tmp_path: Path) -> None:
+    """``batch.stacked.bn.momentum = v`` applies to every model; the checkpoint records the
+    momentum the models train with, not the one they were built with."""
+
+    def net(momentum: float) -> nn.Module:
+        return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=momentum))
+
+    batch = ModelBatch([net(0.1) for _ in range(2)])
+    batch.stacked[1].momentum = 0.75
+    batch.save_all(tmp_path / "ck")
+    with pytest.raises(CheckpointError, match=r"'momentum' is 0\.75 in the checkpoint"):
+        ModelBatch([net(0.1) for _ in range(2)]).load_all(tmp_path / "ck")
+    ModelBatch([net(0.75) for _ in range(2)]).load_all(tmp_path / "ck")

@@ -125,6 +125,20 @@ def test_other_errors_are_left_alone() -> None:
         batch(torch.randn(2, 3))
 
 
+@pytest.mark.parametrize("seeds", [None, [1, 2, 3]])
+def test_an_in_place_write_into_a_shared_input_is_named(seeds: list[int] | None) -> None:
+    """An ``inplace=True`` layer (or ``x.mul_()``) on the shared input: alone it overwrites
+    the caller's tensor; in a batch the N models cannot all write into one [B, ...] tensor."""
+    batch = modelbatch.ModelBatch(
+        [nn.Sequential(nn.Dropout(p, inplace=True)) for p in (0.1, 0.2, 0.3)], seeds=seeds
+    )
+    with pytest.raises(RuntimeError, match="writes in place into a tensor shared") as info:
+        batch(torch.ones(4, 5))
+    assert "per_model=True" in str(info.value) and "inplace=False" in str(info.value)
+    out = batch(torch.ones(N, 4, 5), per_model=True)  # the way out
+    assert out.shape == (N, 4, 5)
+
+
 # ------------------------------------------------------------- non-tensor inputs and outputs
 class GRUOnPacked(nn.Module):
     def __init__(self) -> None:

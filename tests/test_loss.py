@@ -378,3 +378,88 @@ def test_selected_samples_all_ignored_give_nan_as_alone() -> None:
     losses = _batch().compute_loss(out, t, ce, mask, reduction="none")
     assert torch.isnan(ce(out[0][mask[0]], t[mask[0]])) and torch.isnan(losses[0])
     assert _same(losses[1], ce(out[1][mask[1]], t[mask[1]])) and losses[2] == 0
+
+
+def _hooked_ce() -> nn.Module:
+    loss = nn.CrossEntropyLoss()
+    loss.register_forward_hook(lambda module, args, out: out * 3)
+    return loss
+
+
+def _pre_hooked_ce() -> nn.Module:
+    loss = nn.CrossEntropyLoss()
+    loss.register_forward_pre_hook(lambda module, args: (args[0] * 2, args[1]))
+    return loss
+
+
+def _forward_replaced_ce() -> nn.Module:
+    loss = nn.CrossEntropyLoss()
+    loss.forward = lambda o, t: F.cross_entropy(o, t) * 5  # type: ignore[method-assign]
+    return loss
+
+
+@pytest.mark.parametrize("make", [_hooked_ce, _pre_hooked_ce, _forward_replaced_ce])
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_loss_module_with_hooks_or_its_own_forward_is_called_as_it_is(
+    make: Callable[[], nn.Module], masked: bool
+) -> None:
+    """A known loss module whose call does something else (hooks, a forward set on the
+    instance) must not take the flat path, which would skip that: each model's loss is what
+    the module returns alone."""
+    batch = _batch()
+    loss_fn = make()
+    assert recognise(loss_fn) is None
+    out = torch.randn(N, B, C, dtype=torch.float64, generator=G)
+    tgt = torch.randint(0, C, (N, B), generator=G)
+    mask = torch.tensor([[1, 0, 2, 1, 0, 1]] * N) if masked else None
+    got = batch.compute_loss(out, tgt, loss_fn, mask=mask, reduction="none")
+    for i in range(N):
+        idx = torch.arange(B) if mask is None else torch.repeat_interleave(torch.arange(B), mask[i])
+        expected = loss_fn(out[i][idx], tgt[i][idx])
+        assert torch.allclose(got[i], expected, rtol=1e-12, atol=0), (i, got[i], expected)
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "kind"),
+    [
+        (F.mse_loss, "nan"),
+        (nn.HuberLoss(reduction="sum"), "nan"),
+        (nn.CrossEntropyLoss(weight=torch.rand(C, dtype=torch.float64, generator=G)), "label"),
+        (nn.CrossEntropyLoss(label_smoothing=0.1), "label"),
+        (nn.NLLLoss(ignore_index=2), "label"),
+        (nn.CrossEntropyLoss(), "nan-output"),
+    ],
+)
+def test_a_sample_outside_a_models_selection_does_not_reach_its_loss(
+    loss_fn: Callable[[Tensor, Tensor], Tensor], kind: str
+) -> None:
+    """Model i's masked loss is the loss on its selected samples alone: a NaN target, an
+    unlabelled sample (label -1, not the ignore_index) or a non-finite output on a sample
+    it does not select must not reach its loss or gradient (the flat path multiplied them
+    by 0: NaN, or an out-of-bounds error)."""
+    batch = _batch()
+    out = torch.randn(N, B, C, dtype=torch.float64, generator=G)
+    if kind == "nan":
+        tgt = torch.randn(B, C, dtype=torch.float64, generator=G)
+        tgt[0, 1] = float("nan")
+    else:
+        tgt = torch.randint(0, C, (B,), generator=G)
+        if kind == "label":
+            tgt[0] = -1
+        else:
+            out[1, 0, 2] = float("inf")
+    mask = torch.ones(N, B, dtype=torch.bool)
+    mask[1:, 0] = False  # models 1 and 2 do not select sample 0
+    mask[0, 0] = kind == "nan-output"  # model 0 selects it only where it is finite
+    out.requires_grad_(True)
+    losses = batch.compute_loss(out, tgt, loss_fn, mask=mask, reduction="none")
+    losses.sum().backward()
+    assert out.grad is not None
+    for i in range(N):
+        idx = mask[i].nonzero().flatten()
+        o = out.detach()[i][idx].requires_grad_(True)
+        expected = loss_fn(o, tgt[idx])
+        expected.backward()
+        assert torch.allclose(losses[i], expected, rtol=1e-12, atol=0), (i, losses[i], expected)
+        assert torch.equal(out.grad[i][~mask[i]], torch.zeros_like(out.grad[i][~mask[i]]))
+        assert torch.allclose(out.grad[i][idx], o.grad, rtol=1e-12, atol=1e-15), i

@@ -66,3 +66,49 @@ def test_check_seeds_errors() -> None:
         check_seeds([True], 1)
     with pytest.raises(ValueError, match=r"seed of model 0 must lie in \[0, 2\*\*63\)"):
         check_seeds([2**63], 1)
+
+
+class RecurrentWithDropout(nn.Module):
+    """An LSTM with dropout between its layers, then a dropout layer: in a batch with
+    seeds= both draw seeded masks, numbered in module order (the LSTM's gaps first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(3, 5, num_layers=3, dropout=0.4)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.rnn(x)[0]))
+
+
+def test_use_seeded_dropout_reproduces_a_batch_with_recurrent_dropout() -> None:
+    """use_seeded_dropout promises the masks model i draws in a batch built with
+    seeds[i]: also for a recurrent layer's dropout between layers, and for the dropout
+    layers after it (their layer numbers)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from modelbatch import use_seeded_dropout
+    from modelbatch.optim import SGD
+    from tests.helpers import assert_close_models
+
+    seeds = [5, 6]
+    models = [m.double() for m in seeded_models(RecurrentWithDropout, seeds)]
+    batch = ModelBatch(copy.deepcopy(models), seeds=seeds)
+    opt = SGD(batch, lr=0.1)
+    alone = [use_seeded_dropout(copy.deepcopy(m), s) for m, s in zip(models, seeds, strict=True)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in alone]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randn(4, 2, 3, generator=g, dtype=torch.float64)
+        y = torch.randn(4, 2, 2, generator=g, dtype=torch.float64)
+        opt.zero_grad()
+        batch.compute_loss(batch(x), y, F.mse_loss).backward()
+        opt.step()
+        for m, o in zip(alone, opts, strict=True):
+            o.zero_grad()
+            F.mse_loss(m(x), y).backward()
+            o.step()
+    assert_close_models(batch.extract_all(), alone, torch.float64, "seeded recurrent")

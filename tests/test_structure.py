@@ -404,3 +404,48 @@ def test_graph_networks_with_different_dropout_share_a_batch() -> None:
     assert structure_key(a) == structure_key(b)
     with pytest.raises(ArchitectureMismatchError, match=r"attribute 'improved' is True"):
         check_same_structure([pyg.GCNConv(4, 8), pyg.GCNConv(4, 8, improved=True)])
+
+
+class CachedTranspose(nn.Module):
+    """Keeps a view of its weight, made when built (``self.wt = self.lin.weight.t()``): alone
+    the view follows the weight through training; a batch would keep model 0's tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.wt = self.lin.weight.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.wt
+
+
+class CachedProduct(nn.Module):
+    """Keeps a tensor computed from its weight when built (``2 * weight``): each model alone
+    uses its own; a batch would give every model model 0's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.w2 = self.lin.weight * 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + x @ self.w2
+
+
+def test_a_tensor_attribute_viewing_a_parameter_is_refused() -> None:
+    """Model 1 silently ran model 0's weight (and no model's weight got a gradient through
+    that path): refused, naming the attribute, the parameter and the way out."""
+    with pytest.raises(ArchitectureMismatchError) as info:
+        ModelBatch([CachedTranspose() for _ in range(2)])
+    message = str(info.value)
+    assert "'wt'" in message and "lin.weight" in message and "in forward" in message, message
+
+
+def test_a_tensor_attribute_computed_from_the_weights_is_compared_by_value() -> None:
+    torch.manual_seed(0)
+    with pytest.raises(ArchitectureMismatchError, match="attribute 'w2'"):
+        ModelBatch([CachedProduct() for _ in range(2)])
+    twins = modelbatch.seeded_models(CachedProduct, [3, 3])  # equal: model 0's is each's
+    x = torch.randn(4, 3)
+    out = ModelBatch(twins)(x)
+    torch.testing.assert_close(out[1], twins[1](x))

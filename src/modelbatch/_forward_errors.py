@@ -100,6 +100,15 @@ def explain_forward_error(
             "use_reentrant=False), or give the Function a setup_context (see "
             f"https://pytorch.org/docs/stable/notes/extending.func.html).\nOriginal error: {msg}"
         )
+    if "inplace arithmetic" in msg and "but `self` not being vmapped over" in msg:
+        return RuntimeError(
+            f"a model's forward writes in place into a tensor shared by all models{_where(e)} "
+            f"({_what(n)}): an `inplace=True` layer (Dropout, ReLU, LeakyReLU, ...) or an "
+            "in-place op (`x.mul_()`, `x += y`) on a shared input or constant. Alone it "
+            "overwrites that tensor; here the N models cannot all write their own result into "
+            "one tensor. Way out: pass per-model inputs [N, B, ...] with per_model=True, or "
+            f"use inplace=False / an out-of-place op.\nOriginal error: {msg}"
+        )
     if type(e) is RuntimeError and _SHAPE_WORDS.search(msg):
         shapes = [tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__ for x in inputs]
         expect = "[N, B, ...]" if per_model else "[B, ...], shared by every model"

@@ -171,6 +171,13 @@ class _Canon:
         for name, b in model.named_buffers(remove_duplicate=False):
             self.tensor_names.setdefault(id(b), f"buffer {name}")
         self.module_paths = {id(m): name for name, m in model.named_modules()}
+        # storage -> name of the parameter/buffer on it, to recognise views of them
+        self.storages: dict[int, str] = {}
+        named = [*model.named_parameters(), *model.named_buffers()]
+        for name, t in named:
+            ptr = _storage_ptr(t)
+            if ptr is not None:
+                self.storages.setdefault(ptr, name)
         # id -> (object, canonical form); the object is kept so that its id stays unique.
         self.memo: dict[int, tuple[Any, Hashable]] = {}
         self.active: set[int] = set()
@@ -278,11 +285,10 @@ class _Canon:
 
     @staticmethod
     def _tensor(t: torch.Tensor) -> Hashable:
+        # A tensor computed from the parameters (with a grad_fn) is compared by value like
+        # any other: a batch runs model 0's. (The weight that the older weight_norm /
+        # spectral_norm hooks recompute before every forward is left out by _module_state.)
         head = ("tensor", tuple(t.shape), str(t.dtype), str(t.device), t.requires_grad)
-        if t.grad_fn is not None:
-            # Computed from the parameters (e.g. the weight the old torch.nn.utils.weight_norm
-            # hook recomputes before each forward): differs with the weights, like they do.
-            return (*head, "computed")
         try:
             data = t.detach()
             if data.layout != torch.strided:
@@ -293,12 +299,32 @@ class _Canon:
         return (*head, _digest(raw))
 
 
+def _storage_ptr(t: torch.Tensor) -> int | None:
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except Exception:  # meta, fake or sparse tensors
+        return None
+    return int(ptr) if ptr else None
+
+
 def _cell_full(cell: Any) -> bool:
     try:
         cell.cell_contents  # noqa: B018
     except ValueError:
         return False
     return True
+
+
+# Key of the state entry that marks a plain tensor attribute viewing a parameter or buffer.
+_VIEW = "view of a parameter"
+
+
+def _hook_computed(module: nn.Module) -> set[str]:
+    if not module._forward_pre_hooks:
+        return set()
+    from modelbatch.layers.parametrize import hook_computed_attributes
+
+    return hook_computed_attributes(module)
 
 
 def _module_state(
@@ -309,9 +335,21 @@ def _module_state(
     non-persistent buffer names and ``extra_repr()``. The ``training`` flag is separate."""
     state: dict[str, tuple[Hashable, Any]] = {}
     skip = _cache_attrs(type(module))
+    computed = _hook_computed(module)
     for attr, value in vars(module).items():
         if attr in _MODULE_INTERNALS or attr in allowed or attr in skip:
             continue
+        if attr in computed and isinstance(value, torch.Tensor):
+            # Recomputed from the parameters by the older weight_norm / spectral_norm hook
+            # before every forward: differs with the weights, like they do.
+            shown = f"<computed {tuple(value.shape)} {value.dtype}>"
+            state[f"attribute {attr!r}"] = (shown, shown)
+            continue
+        if isinstance(value, torch.Tensor) and id(value) not in canon.tensor_names:
+            ptr = _storage_ptr(value)
+            viewed = canon.storages.get(ptr) if ptr is not None else None
+            if viewed is not None:  # a view of a parameter / buffer, kept as an attribute
+                state[_VIEW] = (("view", attr, viewed), (attr, viewed))
         state[f"attribute {attr!r}"] = (canon(value), value)
     for table in _HOOK_TABLES:
         hooks = getattr(module, table, None)
@@ -438,8 +476,25 @@ def check_same_structure(
                 "(e.g. copy.deepcopy) so that each model has its own weights"
             )
     ref = _Signature(models[0])
+    _refuse_views(ref)
     for i, model in enumerate(models[1:], start=1):
         _compare(ref, _Signature(model), _label(i, model_ids), compare_training)
+
+
+def _refuse_views(sig: _Signature) -> None:
+    """A plain tensor attribute that is a view of a parameter or buffer (``self.wt =
+    self.lin.weight.t()``, made when the model was built) follows the weight alone; a batch
+    cannot keep one per model (it would stay model 0's, never updated): refused."""
+    for name, cls in sig.modules:
+        found = sig.states[name].get(_VIEW)
+        if found is not None:
+            attr, viewed = found[1]
+            raise ArchitectureMismatchError(
+                f"{_submodule(name, cls)}: attribute {attr!r} is a view of {viewed!r} made "
+                "when the model was built. Alone it follows the weight through training; in "
+                "a ModelBatch it would stay model 0's tensor for every model. Way out: compute "
+                "it in forward (e.g. `x @ self.lin.weight.t()`), or use a property"
+            )
 
 
 def _compare(ref: _Signature, sig: _Signature, who: str, compare_training: bool) -> None:

@@ -542,7 +542,7 @@ def _write_checkpoint(
                 "active": bool(active[i]),
                 "seed": None if seeds is None else int(seeds[i]),
                 "settings": _json_ready(
-                    batch._model_settings[i], f"per-model settings of model {mid!r}"
+                    batch._current_settings(i), f"per-model settings of model {mid!r}"
                 ),
             }
         )
@@ -1456,7 +1456,7 @@ def _check_slot_settings(
     slope). ``saved`` is ``None`` for a checkpoint that did not record them: not checked."""
     if saved is None:
         return
-    have = batch._model_settings[i]
+    have = batch._current_settings(i)
     for path, attr, value, saved_value in _settings_differences(have, saved):
         sub = dict(batch.stacked.named_modules()).get(path)
         cls = f" ({type(sub).__name__})" if sub is not None else ""

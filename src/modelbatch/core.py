@@ -672,7 +672,7 @@ class ModelBatch(nn.Module):
                 if id(b) not in buffers:
                     buffers[id(b)] = stacked_b[name][i].detach().clone()
                 sub._buffers[attr] = buffers[id(b)]
-        for path, attrs in self._model_settings[i].items():
+        for path, attrs in self._current_settings(i).items():
             sub = module.get_submodule(path)
             for attr, value in attrs.items():
                 setattr(sub, attr, value)
@@ -680,6 +680,27 @@ class ModelBatch(nn.Module):
         for name, sub in module.named_modules():
             sub.training = modes.get(name, self.training)
         return refresh_computed_weights(module)  # the older weight_norm's computed weight
+
+    def _current_settings(self, i: int) -> dict[str, dict[str, Any]]:
+        """Model i's per-model settings as the batch runs them now: the value the layer
+        records for model i (``per_model_<attr>``), or the layer's own attribute where one
+        value serves every model (a user may have assigned it on the batch's layer, e.g.
+        a dropout schedule); the values at build time for anything else."""
+        stacked = dict(self.stacked.named_modules())
+        out: dict[str, dict[str, Any]] = {}
+        for path, attrs in self._model_settings[i].items():
+            sub = stacked.get(path)
+            out[path] = {}
+            for attr, built in attrs.items():
+                value = built
+                if sub is not None:
+                    recorded = getattr(sub, f"per_model_{attr}", None)
+                    if isinstance(recorded, list) and len(recorded) == len(self):
+                        value = recorded[i]
+                    elif attr in vars(sub) or hasattr(type(sub), attr):
+                        value = getattr(sub, attr)
+                out[path][attr] = value
+        return out
 
     def extract_all(self) -> list[nn.Module]:
         """Standalone copies of all N models, in position order (ids: :attr:`model_ids`)."""
@@ -700,7 +721,7 @@ class ModelBatch(nn.Module):
         except ValueError as e:
             message = str(e).replace("model 1", "the module").replace("model 0", "the batch")
             raise type(e)(f"{label}: {message}") from None
-        expected = self._model_settings[i]
+        expected = self._current_settings(i)
         for path, attrs in model_settings(module).items():
             for attr, value in attrs.items():
                 built = expected[path][attr]

@@ -177,6 +177,8 @@ def recognise(loss_fn: Any) -> LossSpec | None:
     fn: Any = None
     given: dict[str, Any] = {}
     if type(loss_fn) in _MODULES:  # exact classes: a subclass may override forward
+        if _call_differs(loss_fn):
+            return None
         fn, attrs = _MODULES[type(loss_fn)]
         for attr in attrs:
             given[attr] = getattr(loss_fn, attr)
@@ -206,6 +208,29 @@ def recognise(loss_fn: Any) -> LossSpec | None:
         weight=options["weight"],
         ignore_index=int(options["ignore_index"]),
         label_smoothing=float(options.get("label_smoothing", 0.0)),
+    )
+
+
+def _call_differs(module: nn.Module) -> bool:
+    """Whether calling ``module`` may do more than its class's ``forward``: hooks on the
+    instance or on every module (``nn.modules.module.register_module_forward_hook``), or a
+    ``forward`` set on the instance. The flat path would skip them."""
+    if "forward" in vars(module):
+        return True
+    for attr, table in vars(module).items():
+        if "hook" in attr and isinstance(table, dict) and table:
+            return True
+    from torch.nn.modules import module as torch_module
+
+    return any(
+        bool(getattr(torch_module, name, None))
+        for name in (
+            "_global_forward_hooks",
+            "_global_forward_pre_hooks",
+            "_global_backward_hooks",
+            "_global_backward_pre_hooks",
+            "_global_forward_hooks_always_called",
+        )
     )
 
 
@@ -240,6 +265,8 @@ def flat_losses(
         if spec.weight is not None and spec.weight.dim() > len(one):
             return None
         tgt = targets if per_model else targets.expand(n, *one)
+        if mask is not None:
+            outputs, tgt = _selected(outputs, mask), _selected(tgt, mask)
         options = dict(spec.kwargs)
         if spec.weight is not None:
             options["weight"] = spec.weight
@@ -269,6 +296,10 @@ def flat_losses(
     elif targets.dtype != torch.int64 or t_one != (b, *one[2:]):
         return None
     tgt = targets if per_model else targets.expand(n, *t_one)
+    if mask is not None:
+        # Model i's loss sees its selected samples only (any label, NaN or inf elsewhere).
+        outputs, tgt = _selected(outputs, mask), _selected(tgt, mask)
+        targets, per_model = tgt, True
     kwargs: dict[str, Any] = {"weight": spec.weight, "reduction": "none"}
     if spec.kind == "ce":
         kwargs["label_smoothing"] = spec.label_smoothing
@@ -298,6 +329,15 @@ def flat_losses(
     total = (per_sample.sum(dim=2) * mask).sum(dim=1)
     denom = (mask * v_sample).sum(dim=1)
     return _divide(total, denom, mask)
+
+
+def _selected(t: Tensor, mask: Tensor) -> Tensor:
+    """``t`` ``[N, B, ...]`` with 0 where ``mask`` ``[N, B]`` is 0: what model i does not
+    select (a NaN target, an unlabelled sample's label -1, a non-finite output) cannot
+    reach its loss or its gradient (``0 * nan`` would be nan), as when trained alone on its
+    selected samples. Class index 0 in place of a label is weighted by 0 like the sample."""
+    keep = mask.ne(0).view(*mask.shape, *([1] * (t.dim() - 2)))
+    return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
 def _divide(total: Tensor, denom: Tensor, mask: Tensor) -> Tensor:

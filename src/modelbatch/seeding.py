@@ -82,20 +82,31 @@ def use_seeded_dropout(module: nn.Module, seed: int) -> nn.Module:
 
     Every layer of the dropout family (``nn.Dropout``, ``nn.Dropout1d/2d/3d``,
     ``nn.AlphaDropout``, ``nn.FeatureAlphaDropout``) is replaced in place, numbered in the
-    order a :class:`~modelbatch.ModelBatch` numbers them, so the returned module, trained
+    order a :class:`~modelbatch.ModelBatch` numbers them, and the dropout between the layers
+    of an ``nn.LSTM``/``nn.GRU``/``nn.RNN`` is seeded as in a batch (the layer becomes its
+    ``modelbatch.layers.recurrent`` counterpart, same parameters), so the returned module, trained
     alone, draws exactly the dropout masks that model i of a batch built with
     ``seeds[i] == seed`` draws. Returns ``module``, or its replacement when ``module``
     itself is a dropout layer.
     """
+    from modelbatch.layers import _unique_modules, replace_module
+    from modelbatch.layers.recurrent import seeded_inter_layer_dropout
+
     (seed,) = check_seeds([seed], 1)
     layer = 0
-    for name, sub in list(module.named_modules()):
+    root = module
+    for _, sub, paths in _unique_modules(module):
+        if type(sub) in (nn.LSTM, nn.GRU, nn.RNN):
+            # Its dropout between layers is seeded in a batch too (and numbered first).
+            assert isinstance(sub, nn.RNNBase)
+            if sub.dropout > 0 and sub.num_layers > 1:
+                layer = seeded_inter_layer_dropout(sub, seed, layer)
+            continue
         if type(sub) not in _FEATURE_DIMS:
             continue
         new = _seeded_replacement(sub, seed, layer)
         layer += 1
-        if not name:
-            return new  # the module is itself a dropout layer (it has no children)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(module.get_submodule(parent_name), attr, new)
-    return module
+        # Every name of the layer (one dropout registered twice is one layer, as in a
+        # batch); the module itself when it is a dropout layer.
+        root = replace_module(module, paths, new)
+    return root

@@ -433,3 +433,46 @@ def test_momentum_sweep_through_sweep_is_one_batch_equal_to_alone() -> None:
     assert_close_models(trained, ref, torch.float64, "sweep")
     for model, c in zip(trained, configs, strict=True):
         assert model.bn.momentum == c["bn_momentum"] and model.bn.eps == c["eps"]
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("case", ["1d", "2d"])
+def test_eps_sweep_on_a_shared_input_without_per_model_tensors(case: str, train: bool) -> None:
+    """A BatchNorm without affine and running statistics (input normalisation as a model's
+    first layer) has no per-model tensor: on a shared input nothing it sees is batched, yet
+    each model must still use its own eps."""
+    cls, _, shape = BN_CASES[case]
+    models = [
+        nn.Sequential(cls(4, eps=eps, affine=False, track_running_stats=False)).double()
+        for eps in (1e-5, 1.0, 0.25)
+    ]
+    for m in models:
+        m.train(train)
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    out = ModelBatch(models)(x)
+    for i, m in enumerate(models):
+        assert rel_err(out[i], m(x)) <= 1e-10, i
+
+
+def test_a_momentum_set_on_the_batch_applies_to_every_model_or_is_refused() -> None:
+    """``batch.stacked.bn.momentum = v`` (a momentum schedule over ``batch.modules()``) was
+    silently ignored: the layer runs the values recorded at build time. With one value for
+    all models it now applies to every model (and extract returns it); with per-model
+    values it is refused."""
+    torch.manual_seed(0)
+    models = [Net(nn.BatchNorm1d(4), 2).double() for _ in range(2)]
+    batch = ModelBatch(copy.deepcopy(models))
+    for module in batch.modules():
+        if isinstance(module, nn.BatchNorm1d):
+            module.momentum = 0.75
+            module.eps = 0.5
+    x = torch.randn(6, 4, dtype=torch.float64)
+    out = batch(x)
+    for i, m in enumerate(models):
+        m.bn.momentum, m.bn.eps = 0.75, 0.5
+        assert rel_err(out[i], m(x)) <= 1e-10
+        assert rel_err(batch.stacked.bn.running_mean[i], m.bn.running_mean) <= 1e-10
+        assert (batch.extract(i).bn.momentum, batch.extract(i).bn.eps) == (0.75, 0.5)
+    sweep = ModelBatch(_sweep_models("1d", "momentum"))
+    with pytest.raises(modelbatch.ArchitectureMismatchError, match="cannot set 'momentum'"):
+        sweep.stacked.bn.momentum = 0.5

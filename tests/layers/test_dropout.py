@@ -423,3 +423,88 @@ def test_a_model_without_tensors_runs() -> None:
     batch.drop(0)
     assert batch(torch.ones(2, 3)).shape == (1, 2, 3)
     assert batch.state_dict().keys() == {"active", "model_ids"}
+
+
+# ------------------------------------------------------------------ inplace=True
+class InplaceResidual(nn.Module):
+    """``h + drop(h)`` with an in-place dropout: alone, ``h`` itself is overwritten, so the
+    output is ``2 * drop(h)`` (a model that relies on torch's in-place semantics)."""
+
+    def __init__(self, cls: type[nn.Module], p: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 6)
+        self.drop = cls(p, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x).unsqueeze(-1).expand(-1, -1, 4).contiguous()  # [B, 6, 4]
+        y = self.drop(h)
+        return h + y
+
+
+@pytest.mark.parametrize("cls", [nn.Dropout, nn.Dropout1d, nn.AlphaDropout])
+@pytest.mark.parametrize("rates", [(0.4, 0.4), (0.2, 0.6)])
+def test_inplace_dropout_writes_into_its_input_as_alone(
+    cls: type[nn.Module], rates: tuple[float, float]
+) -> None:
+    """With seeds=, each model equals the model alone with use_seeded_dropout, whose
+    SeededDropout keeps inplace=True (torch's own dropout overwrites its input)."""
+    seeds = [3, 4]
+    models = [InplaceResidual(cls, p).double() for p in rates]
+    batch = ModelBatch(models, seeds=seeds)
+    alone = [use_seeded_dropout(copy.deepcopy(m), s) for m, s in zip(models, seeds, strict=True)]
+    assert all(m.drop.inplace for m in alone)
+    x = torch.randn(7, 5, dtype=torch.float64)
+    out = batch(x)
+    for i, m in enumerate(alone):
+        expected = m(x)
+        assert torch.equal(out[i] == 0, expected == 0), i  # the same mask
+        assert rel_err(out[i], expected) <= 1e-12, i  # (the Linear differs in rounding)
+        h = models[i].fc(x).unsqueeze(-1).expand(-1, -1, 4)
+        assert not torch.allclose(expected, h + h)  # the in-place write matters here
+
+
+def test_inplace_dropout_without_seeds_writes_into_its_input() -> None:
+    """Per-model rates without seeds (PerModelDropout): the output is 2 * drop(h)."""
+    models = [InplaceResidual(nn.Dropout, p).double() for p in (0.3, 0.7)]
+    batch = ModelBatch(models)
+    x = torch.randn(50, 5, dtype=torch.float64)
+    out = batch(x)
+    for i, (m, p) in enumerate(zip(models, (0.3, 0.7), strict=True)):
+        h = m.fc(x).unsqueeze(-1).expand(-1, -1, 4)
+        kept = out[i] != 0
+        assert torch.allclose(out[i][kept], (2 * h / (1 - p))[kept], rtol=1e-12), i
+        assert 0.1 < 1 - kept.double().mean() < 0.9
+
+
+# ------------------------------------------------------------------ one layer, two names
+class SharedDropout(nn.Module):
+    """One dropout module registered under two names (applied twice)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        drop = nn.Dropout(p)
+        self.first = drop
+        self.second = drop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+
+@pytest.mark.parametrize("seeds", [None, [1, 2]])
+def test_a_dropout_under_two_names_is_replaced_under_both(seeds: list[int] | None) -> None:
+    """Only the first name was replaced: the second still ran model 0's torch Dropout, so
+    model 1 (p=0.9) dropped 90% instead of 99%."""
+    batch = ModelBatch([SharedDropout(0.0), SharedDropout(0.9)], seeds=seeds)
+    assert batch.stacked.first is batch.stacked.second
+    out = batch(torch.ones(20000, dtype=torch.float64))
+    dropped = (out == 0).double().mean(dim=1)
+    assert dropped[0] == 0 and abs(dropped[1] - 0.99) < 0.005, dropped
+    if seeds is not None:
+        fresh = [SharedDropout(0.0), SharedDropout(0.9)]
+        alone = [use_seeded_dropout(m, s) for m, s in zip(fresh, seeds, strict=True)]
+        assert alone[1].first is alone[1].second and isinstance(alone[1].second, SeededDropout)
+        x = torch.randn(50, dtype=torch.float64)
+        out = batch(x)
+        for i, m in enumerate(alone):
+            m(x)  # the batch's layer ran once already (counter 1)
+            assert torch.equal(out[i], m(x)), i

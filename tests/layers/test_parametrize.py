@@ -96,3 +96,59 @@ def test_old_style_weight_norm_extract_and_insert() -> None:
     torch.testing.assert_close(out[0], newcomer(x))
     torch.testing.assert_close(out[2], models[1](x))
     copy.deepcopy(batch)
+
+
+def _old_spectral_net() -> nn.Module:
+    # A GAN discriminator's layers with the older torch.nn.utils.spectral_norm (a hook that
+    # keeps the computed weight as a plain attribute, set from weight.data when applied).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return nn.Sequential(
+            nn.utils.spectral_norm(nn.Linear(4, 6)),
+            nn.LeakyReLU(0.2),
+            nn.Unflatten(1, (6, 1)),
+            nn.utils.spectral_norm(nn.Conv1d(6, 3, 1), n_power_iterations=2),
+            nn.Flatten(1),
+        ).double()
+
+
+def test_old_style_spectral_norm_trains_like_alone() -> None:
+    """The older torch.nn.utils.spectral_norm: models with different weights share a batch
+    (its computed weight is not a setting), its power iteration runs per model, and each
+    model ends as alone; extract and insert see a plain spectral-normed model."""
+    import torch.nn.functional as F
+
+    from tests.helpers import assert_close_models
+
+    torch.manual_seed(0)
+    models = [_old_spectral_net() for _ in range(N)]
+
+    batch = modelbatch.ModelBatch(copy_model_list(models))
+    opt = modelbatch.optim.SGD(batch, lr=0.1)
+    alone = copy_model_list(models)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in alone]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(5, 4, generator=g, dtype=torch.float64)
+        y = torch.randn(5, 3, generator=g, dtype=torch.float64)
+        opt.zero_grad()
+        batch.compute_loss(batch(x), y, F.mse_loss).backward()
+        opt.step()
+        for m, o in zip(alone, opts, strict=True):
+            o.zero_grad()
+            F.mse_loss(m(x), y).backward()
+            o.step()
+    assert_close_models(batch.extract_all(), alone, torch.float64, "old spectral_norm")
+    x = torch.randn(2, 4, dtype=torch.float64)
+    batch.eval()
+    out = batch(x)
+    for i, m in enumerate(alone):
+        m.eval()
+        torch.testing.assert_close(out[i], m(x), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(batch.extract(i)[0].weight, m[0].weight)
+    batch.insert(0, alone[2])
+    torch.testing.assert_close(batch(x)[0], alone[2](x), rtol=1e-10, atol=1e-12)
+
+
+def copy_model_list(models: list[nn.Module]) -> list[nn.Module]:
+    return [copy_model(m) for m in models]

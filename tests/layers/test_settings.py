@@ -158,3 +158,159 @@ def test_eps_sweep_through_sweep_is_one_batch_and_equals_alone() -> None:
     assert [m[1].eps for m in trained] == [1e-5, 1e-2, 0.3]  # type: ignore[index]
     assert_close_models(trained, alone, torch.float64)  # type: ignore[arg-type]
     assert TOL[torch.float64] == 1e-10
+
+
+class InplaceLeaky(nn.Module):
+    """``h + act(h)`` with an in-place LeakyReLU: alone ``h`` is overwritten, so the output
+    is ``2 * leaky_relu(h)``."""
+
+    def __init__(self, slope: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.act = nn.LeakyReLU(slope, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return h + self.act(h)
+
+
+def test_inplace_leaky_relu_slope_sweep_overwrites_its_input_as_alone() -> None:
+    torch.manual_seed(0)
+    models = [InplaceLeaky(s).double() for s in (0.01, 0.2, 0.5)]
+    batch = ModelBatch(models)
+    assert isinstance(batch.stacked.act, PerModelLeakyReLU)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    out = batch(x)
+    out.sum().backward()
+    for i, m in enumerate(models):
+        expected = m(x)
+        torch.testing.assert_close(out[i], expected, rtol=1e-12, atol=1e-14)
+        expected.sum().backward()
+        torch.testing.assert_close(batch.stacked.fc.weight.grad[i], m.fc.weight.grad)
+
+
+# ------------------------------------------------------------------ settings read by other code
+class ReadsRate(nn.Module):
+    """Reads its dropout layer's rate instead of calling the layer (timm's attention:
+    ``dropout_p=self.attn_drop.p if self.training else 0.0``)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.attn_drop = nn.Dropout(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(self.fc(x), self.attn_drop.p if self.training else 0.0, self.training)
+
+
+class ReadsEps(nn.Module):
+    def __init__(self, eps: float) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(4, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.ln.normalized_shape, self.ln.weight, self.ln.bias, self.ln.eps)
+
+
+class ReadsSlope(nn.Module):
+    def __init__(self, slope: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.act = nn.LeakyReLU(slope)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(self.fc(x), self.act.negative_slope)
+
+
+class ReadsMomentum(nn.Module):
+    def __init__(self, momentum: float) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4, momentum=momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        return F.batch_norm(
+            x, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, bn.momentum, bn.eps
+        )
+
+
+@pytest.mark.parametrize(
+    ("make", "values", "attr", "seeds"),
+    [
+        (ReadsRate, (0.0, 0.9), "p", None),
+        (ReadsRate, (0.0, 0.9), "p", [1, 2]),
+        (ReadsEps, (1e-5, 10.0), "eps", None),
+        (ReadsSlope, (0.01, 0.5), "negative_slope", None),
+        (ReadsMomentum, (0.1, 0.5), "momentum", None),
+    ],
+)
+def test_a_per_model_setting_read_by_other_code_is_refused(
+    make: Callable[[float], nn.Module],
+    values: tuple[float, float],
+    attr: str,
+    seeds: list[int] | None,
+) -> None:
+    """A setting that differs between the models has no single value: code that reads it
+    from the layer (instead of calling the layer) would run model 0's value for every
+    model. The read raises, naming the layer, the attribute, the values and the way out."""
+    models = [make(v).double() for v in values]
+    batch = ModelBatch(models, seeds=seeds)
+    with pytest.raises(modelbatch.ArchitectureMismatchError) as info:
+        batch(torch.randn(5, 4, dtype=torch.float64))
+    message = str(info.value)
+    assert f"'{attr}'" in message and "call the layer" in message, message
+    assert str(values[1]) in message, message
+    repr(batch)  # printing the batch still works
+    # Equal values read as before.
+    same = ModelBatch([make(values[1]).double() for _ in values], seeds=seeds)
+    same(torch.randn(5, 4, dtype=torch.float64))
+
+
+def test_setting_a_per_model_setting_in_the_batch_is_refused() -> None:
+    """Assigning ``p`` / ``eps`` on the batch's layer would change nothing (each model runs
+    its recorded value): refused, not ignored."""
+    batch = ModelBatch([ln_net(e) for e in (1e-5, 1e-3)])
+    with pytest.raises(modelbatch.ArchitectureMismatchError, match="eps"):
+        batch.stacked[1].eps = 0.1
+    drop = ModelBatch([nn.Sequential(nn.Dropout(p)) for p in (0.1, 0.2)], seeds=[0, 1])
+    with pytest.raises(modelbatch.ArchitectureMismatchError, match="'p'"):
+        drop.stacked[0].p = 0.5
+
+
+def test_transformer_layer_norm_eps_sweep_runs_in_one_batch() -> None:
+    """torch's TransformerEncoderLayer reads norm1.eps only on its fused path, which the
+    batch turns off: an eps sweep trains as alone."""
+    torch.manual_seed(0)
+    models = [
+        nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, layer_norm_eps=e, batch_first=True)
+        .double()
+        for e in (1e-5, 0.5)
+    ]
+    batch = ModelBatch(copy.deepcopy(models))
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    for mode in ("train", "eval"):
+        getattr(batch, mode)()
+        out = batch(x)
+        for i, m in enumerate(models):
+            getattr(m, mode)()
+            torch.testing.assert_close(out[i], m(x), rtol=1e-10, atol=1e-12)
+
+
+def test_a_setting_read_after_drop_is_the_remaining_models_value() -> None:
+    """Once the models left agree, the setting reads as their value (not model 0's, which
+    may have been dropped), and the batch prints each layer's per-model values."""
+
+    def net(v: float) -> nn.Module:
+        return nn.Sequential(
+            nn.Linear(3, 3), nn.Dropout(v), nn.LayerNorm(3, eps=v), nn.LeakyReLU(v),
+            nn.BatchNorm1d(3, momentum=v, eps=v), nn.GroupNorm(1, 3, eps=v),
+        )  # fmt: skip
+
+    batch = ModelBatch([net(0.1), net(0.2)], seeds=[1, 2])
+    text = repr(batch)
+    assert text.count("[0.1, 0.2]") == 6, text  # p, 2 x eps, slope, momentum, eps
+    batch.drop(0)
+    layers = batch.stacked
+    assert layers[1].p == 0.2 and layers[2].eps == 0.2 and layers[3].negative_slope == 0.2
+    assert layers[4].momentum == 0.2 and layers[4].eps == 0.2 and layers[5].eps == 0.2
+    assert [batch.extract(1)[k].eps for k in (2, 5)] == [0.2, 0.2]

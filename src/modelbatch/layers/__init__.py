@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-__all__ = ["register_substitution", "substitute_layers"]
+__all__ = ["register_substitution", "replace_module", "substitute_layers"]
 
 # Called as fn(module, context) -> replacement module (or the same module to keep it).
 # ``context["peers"]`` holds, during that call, the N original models' submodules at the
@@ -58,7 +58,7 @@ def substitute_layers(
     _load_builtin_substitutions()
     per_model = [dict(m.named_modules()) for m in models]
     root = mirror
-    for name, module in list(mirror.named_modules()):
+    for name, module, paths in _unique_modules(mirror):
         fn = _SUBSTITUTIONS.get(type(module))
         if fn is None:
             continue
@@ -66,11 +66,33 @@ def substitute_layers(
         context["path"] = name
         context["peers"] = [mods[name] for mods in per_model]
         new = fn(module, context)
-        if new is module:
-            continue
-        if not name:
-            root = new
-            continue
-        parent_name, _, attr = name.rpartition(".")
-        setattr(mirror.get_submodule(parent_name), attr, new)
+        vars(new)["_mb_path"] = name  # named in errors (modelbatch.layers.settings)
+        if new is not module:
+            root = replace_module(mirror, paths, new)
+    from modelbatch.layers.parametrize import swap_old_spectral_norm_hooks
+
+    swap_old_spectral_norm_hooks(root)  # forward pre-hooks, not modules
     return root
+
+
+def _unique_modules(root: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
+    """``(first name, module, every name)`` for each module of ``root`` once, in
+    ``named_modules()`` order: a module registered under several names (one dropout
+    applied twice, ``nn.ModuleList([block] * k)``) has several names."""
+    names: dict[int, list[str]] = {}
+    for name, module in root.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return [(name, m, names[id(m)]) for name, m in root.named_modules()]
+
+
+def replace_module(root: nn.Module, paths: Sequence[str], new: nn.Module) -> nn.Module:
+    """Put ``new`` at every path in ``paths`` (all names of one module) under ``root``.
+    Returns the new root: ``new`` when a path is ``""`` (the root itself), else ``root``."""
+    out = root
+    for path in paths:
+        if not path:
+            out = new
+            continue
+        parent_name, _, attr = path.rpartition(".")
+        setattr(root.get_submodule(parent_name), attr, new)
+    return out

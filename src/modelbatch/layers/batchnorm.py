@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modelbatch.layers import register_substitution
+from modelbatch.layers.settings import PerModelAttribute, repr_per_model
 
 __all__ = [
     "VmapBatchNorm1d",
@@ -313,6 +314,10 @@ class VmapBatchNormMixin:
     mb_slot: Tensor
     _mb_momenta: list[float | None]
     _mb_epss: list[float]
+    # Reading momentum / eps while the models' values differ raises (see PerModelAttribute);
+    # assigning one value while they agree applies it to every model (_set_per_model).
+    momentum = PerModelAttribute("momentum")
+    eps = PerModelAttribute("eps")
 
     def _init_per_model(
         self, momenta: Sequence[float | None], epss: Sequence[float], device: torch.device
@@ -326,15 +331,38 @@ class VmapBatchNormMixin:
             "mb_slot", torch.arange(len(epss), dtype=torch.int64, device=device), persistent=False
         )
 
+    def extra_repr(self) -> str:
+        return repr_per_model(self, nn.modules.batchnorm._NormBase, ("momentum", "eps"))  # type: ignore[arg-type]
+
+    def _set_per_model(self, attr: str, value: Any) -> bool:
+        """``bn.momentum = v`` / ``bn.eps = v`` on the batch's layer: applied to every model
+        when the models share one value (True), refused when they differ (False)."""
+        current = self.per_model_momentum if attr == "momentum" else self.per_model_eps
+        if any(v != current[0] for v in current):
+            return False
+        if attr == "momentum":
+            self._mb_momenta = [value] * len(self._mb_momenta)
+        else:
+            self._mb_epss = [float(value)] * len(self._mb_epss)
+        self._mb_tables.clear()
+        return True
+
     @property
     def per_model_momentum(self) -> list[float | None]:
         """Each model's ``momentum`` (``None``: cumulative average), in position order."""
-        return [self._mb_momenta[k] for k in self.mb_slot.tolist()]
+        return [self._mb_momenta[k] for k in self._slots()]
 
     @property
     def per_model_eps(self) -> list[float]:
         """Each model's ``eps``, in position order."""
-        return [self._mb_epss[k] for k in self.mb_slot.tolist()]
+        return [self._mb_epss[k] for k in self._slots()]
+
+    def _slots(self) -> list[int]:
+        """``mb_slot`` as a list (also inside the batch's vmap, where it is per model)."""
+        slot = self.mb_slot
+        while torch._C._functorch.is_batchedtensor(slot):
+            slot = torch._C._functorch.get_unwrapped(slot)
+        return [int(k) for k in slot.tolist()]
 
     def _table(self, name: str, values: Sequence[float | None], like: Tensor) -> Tensor:
         """``values`` as a device tensor (``None`` -> nan), cached per device and dtype."""
@@ -360,7 +388,10 @@ class VmapBatchNormMixin:
         use_stats = not bn.training or bn.track_running_stats
         running_mean = bn.running_mean if use_stats else None
         running_var = bn.running_var if use_stats else None
-        if not _under_vmap(input, bn.weight, running_mean):  # one model: nn.BatchNorm's call
+        # One model (built outside a batch): nn.BatchNorm's call. Inside a batch ``mb_slot``
+        # is per model even when nothing else is (no affine, no running statistics, shared
+        # input), so each model keeps its own eps.
+        if not _under_vmap(input, bn.weight, running_mean, self.mb_slot):
             return _single(bn, input, running_mean, running_var, bn_training)
         momenta, epss = self._mb_momenta, self._mb_epss
         one_eps = all(e == epss[0] for e in epss)

@@ -37,7 +37,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modelbatch.layers import register_substitution
-from modelbatch.layers.settings import attach_per_model, differing_values, read_per_model
+from modelbatch.layers.settings import (
+    PerModelAttribute,
+    attach_per_model,
+    differing_values,
+    read_per_model,
+)
 
 __all__ = ["PerModelDropout", "SeededDropout", "dropout_keep_mask"]
 
@@ -191,6 +196,12 @@ def _apply_mask(x: Tensor, keep: Tensor, p: float | Tensor, alpha: bool) -> Tens
     return _times(x * noise, scale)
 
 
+def _output(x: Tensor, out: Tensor, inplace: bool) -> Tensor:
+    """``out``, written into ``x`` when the layer is in-place (as torch's dropout with
+    ``inplace=True``: the caller's tensor is overwritten and returned)."""
+    return x.copy_(out) if inplace else out
+
+
 def _check_p(p: float) -> float:
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
@@ -226,11 +237,14 @@ class SeededDropout(nn.Module):
         alpha: alpha dropout (``nn.AlphaDropout``/``nn.FeatureAlphaDropout``): dropped
             entries take SELU's negative saturation value and the output keeps zero mean
             and unit variance, with torch's formula.
+        inplace: write the result into the input and return it, as torch's dropout with
+            ``inplace=True`` does (a model may rely on its input being overwritten).
     """
 
     seed: Tensor
     counter: Tensor
     per_model_p: list[float] | None
+    p = PerModelAttribute("p")
 
     def __init__(
         self,
@@ -240,10 +254,12 @@ class SeededDropout(nn.Module):
         feature_dims: int = 0,
         layer: int = 0,
         alpha: bool = False,
+        inplace: bool = False,
     ) -> None:
         super().__init__()
         _check_kind(feature_dims, alpha)
         rates = [_check_p(v) for v in p] if isinstance(p, (list, tuple)) else [_check_p(p)]
+        self.inplace = bool(inplace)
         self.p = rates[0]
         self.per_model_p = None
         self.feature_dims = int(feature_dims)
@@ -269,20 +285,21 @@ class SeededDropout(nn.Module):
             return x
         counter = self.counter.clone()
         self.counter.add_(1)
-        p: float | Tensor = self.p
+        p: float | Tensor
         if self.per_model_p is not None:
             p = read_per_model(self._per_model_p)  # type: ignore[arg-type]
-        elif self.p == 0.0:
+        elif (p := self.p) == 0.0:
             return x
         elif self.p == 1.0:
-            return x * 0.0
+            return _output(x, x * 0.0, self.inplace)
         keep = dropout_keep_mask(self.seed, counter, self.layer, shape, p)
-        return _apply_mask(x, keep, p, self.alpha)
+        return _output(x, _apply_mask(x, keep, p, self.alpha), self.inplace)
 
     def extra_repr(self) -> str:
         p = self.per_model_p if self.per_model_p is not None else self.p
         alpha = ", alpha=True" if self.alpha else ""
-        return f"p={p}, feature_dims={self.feature_dims}, layer={self.layer}{alpha}"
+        inplace = ", inplace=True" if self.inplace else ""
+        return f"p={p}, feature_dims={self.feature_dims}, layer={self.layer}{alpha}{inplace}"
 
 
 class PerModelDropout(nn.Module):
@@ -297,12 +314,13 @@ class PerModelDropout(nn.Module):
 
     Args:
         rates: the N drop probabilities.
-        feature_dims, alpha: as for :class:`SeededDropout`.
+        feature_dims, alpha, inplace: as for :class:`SeededDropout`.
         device: where the ``[N]`` rate buffer lives.
     """
 
     per_model_p: list[float]
     _per_model_p: Tensor
+    p = PerModelAttribute("p")
 
     def __init__(
         self,
@@ -311,11 +329,13 @@ class PerModelDropout(nn.Module):
         feature_dims: int = 0,
         alpha: bool = False,
         device: Any = None,
+        inplace: bool = False,
     ) -> None:
         super().__init__()
         _check_kind(feature_dims, alpha)
         checked = [_check_p(v) for v in rates]
         self.p = checked[0]
+        self.inplace = bool(inplace)
         self.feature_dims = int(feature_dims)
         self.alpha = bool(alpha)
         attach_per_model(self, "p", checked, device)
@@ -328,7 +348,7 @@ class PerModelDropout(nn.Module):
         p = read_per_model(self._per_model_p)
         u_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         keep = torch.rand(shape, dtype=u_dtype, device=x.device) < (1.0 - p).to(u_dtype)
-        return _apply_mask(x, keep, p, self.alpha)
+        return _output(x, _apply_mask(x, keep, p, self.alpha), self.inplace)
 
     def extra_repr(self) -> str:
         alpha = ", alpha=True" if self.alpha else ""
@@ -343,7 +363,11 @@ def _substitute(module: nn.Module, context: dict[str, Any]) -> nn.Module:
         if rates is None:
             return module  # torch's dropout, randomness from vmap
         new: nn.Module = PerModelDropout(
-            rates, feature_dims=feature_dims, alpha=alpha, device=context.get("device")
+            rates,
+            feature_dims=feature_dims,
+            alpha=alpha,
+            device=context.get("device"),
+            inplace=bool(getattr(module, "inplace", False)),
         )
         new.train(module.training)
         return new
@@ -365,6 +389,7 @@ def _seeded_replacement(
         feature_dims=feature_dims,
         layer=layer,
         alpha=alpha,
+        inplace=bool(getattr(module, "inplace", False)),
     )
     new.train(module.training)
     return new

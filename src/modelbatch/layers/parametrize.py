@@ -15,6 +15,11 @@ are:
 * The older ``torch.nn.utils.weight_norm`` keeps the computed weight as a non-leaf tensor
   attribute, which ``copy.deepcopy`` refuses; :func:`copy_model` copies such a model with
   that attribute detached (it is recomputed before every forward anyway).
+* The older ``torch.nn.utils.spectral_norm`` (a forward pre-hook, common in GAN
+  discriminators) also writes ``out=`` in its power iteration: its hook becomes a
+  :class:`VmapOldSpectralNorm` (same values with ``copy_``). Like the older weight_norm it
+  keeps the computed weight as a plain attribute; the structure check compares such
+  attributes by shape and dtype only (:func:`hook_computed_attributes`).
 
 The structure check compares a parametrized module by the class it was made from (each
 parametrized module has a class of its own).
@@ -32,7 +37,14 @@ from torch.nn.utils.parametrizations import _SpectralNorm
 
 from modelbatch.layers import register_substitution
 
-__all__ = ["VmapSpectralNorm", "comparable_copy", "copy_model", "refresh_computed_weights"]
+__all__ = [
+    "VmapOldSpectralNorm",
+    "VmapSpectralNorm",
+    "comparable_copy",
+    "copy_model",
+    "hook_computed_attributes",
+    "refresh_computed_weights",
+]
 
 
 def copy_model(model: nn.Module) -> nn.Module:
@@ -47,23 +59,47 @@ def copy_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _weight_norm_hooks(model: nn.Module) -> list[tuple[nn.Module, Any]]:
+def _old_hooks() -> tuple[type, ...]:
+    from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
+    return (WeightNorm, SpectralNorm)
+
+
+def _weight_norm_hooks(model: nn.Module) -> list[tuple[nn.Module, Any]]:
+    """``(module, hook)`` for every hook of the older ``torch.nn.utils.weight_norm`` /
+    ``spectral_norm`` in ``model``."""
+    kinds = _old_hooks()
     return [
         (m, hook)
         for m in model.modules()
         for hook in m._forward_pre_hooks.values()
-        if isinstance(hook, WeightNorm)
+        if isinstance(hook, kinds)
     ]
 
 
+def hook_computed_attributes(module: nn.Module) -> set[str]:
+    """Names of ``module``'s plain attributes that a hook of the older
+    ``torch.nn.utils.weight_norm`` / ``spectral_norm`` recomputes before every forward (its
+    ``weight``): they follow the parameters, like the parameters differ between models."""
+    kinds = _old_hooks()
+    hooks: list[Any] = list(module._forward_pre_hooks.values())
+    return {str(getattr(h, "name", "")) for h in hooks if isinstance(h, kinds)}
+
+
 def refresh_computed_weights(model: nn.Module) -> nn.Module:
-    """Recompute, in place, the weights the older ``torch.nn.utils.weight_norm`` keeps as
-    attributes, from the module's current ``weight_g`` / ``weight_v`` (as its hook does before
-    each forward, and as ``weight_norm()`` does when applied). Returns ``model``."""
+    """Recompute, in place, the weights the older ``torch.nn.utils.weight_norm`` and
+    ``spectral_norm`` keep as attributes, from the module's current tensors (``weight_g`` /
+    ``weight_v``; ``weight_orig`` / ``weight_u`` / ``weight_v`` without a power iteration),
+    as their hooks do before a forward. Returns ``model``."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+
     for module, hook in _weight_norm_hooks(model):
-        setattr(module, hook.name, hook.compute_weight(module))
+        if isinstance(hook, SpectralNorm):
+            weight = hook.compute_weight(module, do_power_iteration=False)
+        else:
+            weight = hook.compute_weight(module)
+        setattr(module, hook.name, weight)
     return model
 
 
@@ -92,6 +128,51 @@ def _substitute_spectral(module: nn.Module, context: dict[str, object]) -> nn.Mo
 
 
 register_substitution(_SpectralNorm, _substitute_spectral)
+
+
+def _old_spectral_norm_class() -> type:
+    from torch.nn.utils.spectral_norm import SpectralNorm
+
+    class VmapOldSpectralNormImpl(SpectralNorm):
+        """The older ``torch.nn.utils.spectral_norm`` hook, with its power iteration
+        writing ``weight_u`` / ``weight_v`` with ``copy_`` instead of ``out=`` (the same
+        values; vmap refuses ``out=``)."""
+
+        def compute_weight(self, module: nn.Module, do_power_iteration: bool) -> Tensor:
+            weight = getattr(module, self.name + "_orig")
+            u = getattr(module, self.name + "_u")
+            v = getattr(module, self.name + "_v")
+            weight_mat = self.reshape_weight_to_matrix(weight)
+            if do_power_iteration:
+                with torch.no_grad():
+                    for _ in range(self.n_power_iterations):
+                        v.copy_(F.normalize(torch.mv(weight_mat.t(), u), dim=0, eps=self.eps))
+                        u.copy_(F.normalize(torch.mv(weight_mat, v), dim=0, eps=self.eps))
+                    if self.n_power_iterations > 0:  # as torch: the saved u, v are copies
+                        u = u.clone(memory_format=torch.contiguous_format)
+                        v = v.clone(memory_format=torch.contiguous_format)
+            sigma = torch.dot(u, torch.mv(weight_mat, v))
+            return weight / sigma
+
+    VmapOldSpectralNormImpl.__name__ = VmapOldSpectralNormImpl.__qualname__ = (
+        "VmapOldSpectralNorm"
+    )
+    return VmapOldSpectralNormImpl
+
+
+#: The hook class the older spectral_norm's hooks get inside a batch.
+VmapOldSpectralNorm = _old_spectral_norm_class()
+
+
+def swap_old_spectral_norm_hooks(mirror: nn.Module) -> None:
+    """Give every hook of the older ``torch.nn.utils.spectral_norm`` in ``mirror`` the class
+    :class:`VmapOldSpectralNorm` (in place: the state-dict hooks refer to the same object)."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+
+    for module in mirror.modules():
+        for hook in module._forward_pre_hooks.values():
+            if type(hook) is SpectralNorm:
+                hook.__class__ = VmapOldSpectralNorm
 
 
 # ----------------------------------------------------------------- torch._weight_norm under vmap

@@ -476,6 +476,26 @@ _REPLACEMENTS: dict[type[nn.Module], type[nn.Module]] = {
 }
 
 
+def seeded_inter_layer_dropout(module: nn.Module, seed: int | Tensor, first: int) -> int:
+    """Give a recurrent layer (``nn.LSTM``/``nn.GRU``/``nn.RNN``, replaced in place by its
+    ``Vmap*`` class) seeded dropout between its layers, numbered ``first, first + 1, ...``
+    among the model's dropout layers; ``seed`` is one model's seed (an int, a model alone:
+    :func:`modelbatch.use_seeded_dropout`) or the ``[N]`` seeds of a batch. Returns the
+    next free layer number (``first`` when the layer has no dropout between layers)."""
+    if type(module) in _REPLACEMENTS:
+        module.__class__ = _REPLACEMENTS[type(module)]
+        module._init_flat_weights()  # type: ignore[operator]
+    assert isinstance(module, nn.RNNBase)
+    if not (module.dropout > 0 and module.num_layers > 1):
+        return first
+    gaps = module.num_layers - 1
+    drops = [SeededDropout(module.dropout, seed, layer=first + k) for k in range(gaps)]
+    for drop in drops:
+        drop.train(module.training)
+    module.add_module("inter_layer_dropout", nn.ModuleList(drops))
+    return first + gaps
+
+
 def _substitute(module: nn.Module, context: dict[str, Any]) -> nn.Module:
     module.__class__ = _REPLACEMENTS[type(module)]
     if isinstance(module, nn.RNNBase):
@@ -483,15 +503,10 @@ def _substitute(module: nn.Module, context: dict[str, Any]) -> nn.Module:
         # forward reads the parameters by name, so the flat list is only kept consistent.
         module._init_flat_weights()
         seeds = context.get("seeds")
-        if seeds is not None and module.dropout > 0 and module.num_layers > 1:
-            first = int(context.get(_LAYER_COUNTER_KEY, 0))
-            gaps = module.num_layers - 1
-            context[_LAYER_COUNTER_KEY] = first + gaps
+        if seeds is not None:
             seed_t = torch.as_tensor(list(seeds), dtype=torch.int64, device=context.get("device"))
-            drops = [SeededDropout(module.dropout, seed_t, layer=first + k) for k in range(gaps)]
-            for drop in drops:
-                drop.train(module.training)
-            module.add_module("inter_layer_dropout", nn.ModuleList(drops))
+            first = int(context.get(_LAYER_COUNTER_KEY, 0))
+            context[_LAYER_COUNTER_KEY] = seeded_inter_layer_dropout(module, seed_t, first)
     return module
 
 

@@ -28,9 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modelbatch._structure import ArchitectureMismatchError, same_setting
 from modelbatch.layers import register_substitution
 
 __all__ = [
+    "PerModelAttribute",
     "PerModelGroupNorm",
     "PerModelLayerNorm",
     "PerModelLeakyReLU",
@@ -69,6 +71,85 @@ def differing_values(peers: Sequence[nn.Module], attr: str) -> list[float] | Non
     if len(values) < 2 or all(v == values[0] for v in values):
         return None
     return values
+
+
+class PerModelAttribute:
+    """The plain attribute ``attr`` of a layer that runs a per-model setting (dropout ``p``,
+    normalisation ``eps``, BatchNorm ``momentum``, LeakyReLU ``negative_slope``).
+
+    The layer runs model i's own value from ``per_model_<attr>``; the attribute itself holds
+    one value only (model 0's). Reading it while the models' values differ raises
+    :class:`~modelbatch.ArchitectureMismatchError`: code that reads the setting instead of
+    calling the layer (timm's attention passes ``dropout_p=self.attn_drop.p`` to
+    ``scaled_dot_product_attention``) would otherwise run model 0's value in every model.
+    Assigning it inside a batch raises too (the layer would keep running the recorded
+    values), unless the layer's class defines ``_set_per_model(attr, value)`` to apply it.
+    """
+
+    def __init__(self, attr: str) -> None:
+        self.attr = attr
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        try:
+            value = vars(obj)[self.attr]
+        except KeyError:
+            raise AttributeError(
+                f"'{type(obj).__name__}' object has no attribute '{self.attr}'"
+            ) from None
+        values = _recorded(obj, self.attr)
+        if not values:
+            return value
+        if any(not same_setting(v, values[0]) for v in values):
+            raise ArchitectureMismatchError(
+                f"{_where(obj)}: its '{self.attr}' was read directly, but the models of this "
+                f"batch have different values {values} (one per model, in position order). One "
+                f"Python number cannot be each model's own: every model would run model 0's. "
+                f"Way out: call the layer (e.g. `self.drop(x)`, `self.norm(x)`) instead of "
+                f"reading its {self.attr} in the model's code, or put models with different "
+                f"{self.attr} in separate batches."
+            )
+        return values[0]  # the models' one value (model 0 may have been dropped since)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        if _recorded(obj, self.attr) is not None:
+            apply = getattr(obj, "_set_per_model", None)
+            if apply is None or not apply(self.attr, value):
+                raise ArchitectureMismatchError(
+                    f"{_where(obj)}: cannot set '{self.attr}' = {value!r} inside a batch: each "
+                    f"model runs its own {self.attr}, recorded when the batch was built "
+                    f"({_recorded(obj, self.attr)}). Set it on the models before building the "
+                    "batch."
+                )
+        vars(obj)[self.attr] = value
+
+
+def _recorded(obj: Any, attr: str) -> list[Any] | None:
+    """The per-model values of ``attr`` the layer runs, or None (one value, the attribute)."""
+    try:
+        values = getattr(obj, f"per_model_{attr}", None)
+    except AttributeError:  # a property read before the layer was set up
+        return None
+    return list(values) if values is not None else None
+
+
+def repr_per_model(module: nn.Module, base: type[nn.Module], attrs: Sequence[str]) -> str:
+    """``base.extra_repr`` of ``module`` with each of ``attrs`` shown as its per-model list
+    (read on a shallow copy: torch's reprs format ``module.__dict__``)."""
+    shown = object.__new__(type(module))
+    shown.__dict__.update(module.__dict__)
+    for attr in attrs:
+        values = _recorded(module, attr)
+        if values is not None:
+            shown.__dict__[attr] = values if len(set(map(repr, values))) > 1 else values[0]
+    return base.extra_repr(shown)
+
+
+def _where(obj: Any) -> str:
+    path = vars(obj).get("_mb_path")
+    name = type(obj).__name__
+    return f"submodule {path or '<root>'!r} ({name})" if path is not None else f"a {name}"
 
 
 _LOW = (torch.float16, torch.bfloat16)
@@ -110,6 +191,10 @@ class PerModelLayerNorm(nn.LayerNorm):
 
     per_model_eps: list[float]
     _per_model_eps: Tensor
+    eps = PerModelAttribute("eps")  # type: ignore[assignment]
+
+    def extra_repr(self) -> str:
+        return repr_per_model(self, nn.LayerNorm, ("eps",))
 
     def forward(self, input: Tensor) -> Tensor:
         k = len(self.normalized_shape)
@@ -141,6 +226,10 @@ class PerModelGroupNorm(nn.GroupNorm):
 
     per_model_eps: list[float]
     _per_model_eps: Tensor
+    eps = PerModelAttribute("eps")  # type: ignore[assignment]
+
+    def extra_repr(self) -> str:
+        return repr_per_model(self, nn.GroupNorm, ("eps",))
 
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() < 2:
@@ -169,17 +258,24 @@ class PerModelGroupNorm(nn.GroupNorm):
 class PerModelLeakyReLU(nn.LeakyReLU):
     """``nn.LeakyReLU`` whose ``negative_slope`` is model i's own inside a batch; exactly
     ``F.leaky_relu`` (the product is formed in float32 for half/bfloat16 inputs, as torch's
-    kernel does). ``inplace=True`` returns a new tensor with the same values."""
+    kernel does). With ``inplace=True`` the result is written into the input, as torch's
+    in-place LeakyReLU does (a model may rely on its input being overwritten)."""
 
     per_model_negative_slope: list[float]
     _per_model_negative_slope: Tensor
+    negative_slope = PerModelAttribute("negative_slope")  # type: ignore[assignment]
+
+    def extra_repr(self) -> str:
+        inplace = ", inplace=True" if self.inplace else ""
+        return f"negative_slope={self.per_model_negative_slope}{inplace}"
 
     def forward(self, input: Tensor) -> Tensor:
         slope = read_per_model(self._per_model_negative_slope)
         low = input.dtype in (torch.float16, torch.bfloat16)
         compute = torch.float32 if low else input.dtype
         negative = (input.to(compute) * slope.to(compute)).to(input.dtype)
-        return torch.where(input > 0, input, negative)
+        out = torch.where(input > 0, input, negative)
+        return input.copy_(out) if self.inplace else out
 
 
 _REPLACEMENTS: dict[type[nn.Module], tuple[type[nn.Module], str]] = {
