@@ -674,6 +674,10 @@ def test_resuming_with_different_arguments_is_refused_naming_the_difference(tmp_
         sweep(configs[:2], make_mlp, **kwargs)
     with pytest.raises(ValueError, match=r"epochs was 1, now 2"):
         sweep(configs, make_mlp, **{**kwargs, "epochs": 2})
+    with pytest.raises(ValueError, match=r"grad_clip was None, now 1\.0"):
+        sweep(configs, make_mlp, **{**kwargs, "grad_clip": 1.0})
+    with pytest.raises(ValueError, match=r"objective was 'loss', now 'val_loss'"):
+        sweep(configs, make_mlp, **{**kwargs, "val_loader": loader})
     again = sweep(configs, make_mlp, **kwargs)  # the same arguments still resume
     assert [r.status for r in again.values()] == ["completed"] * 3
 

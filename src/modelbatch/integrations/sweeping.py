@@ -1343,6 +1343,7 @@ class _SweepRun:
                      o["metric"], self.mode, o["patience"], o["optimizer_cls"].__qualname__))
         if o.get("seeds") is not None:
             text += repr(o.get("seeds"))
+        text += repr((o["grad_clip"], o["scheduler_interval"], o["metric_name"]))
         return hashlib.sha256(text.encode()).hexdigest()
 
     def spec(self) -> dict[str, Any]:
@@ -1354,7 +1355,9 @@ class _SweepRun:
             "models_per_batch": repr(o["models_per_batch"]), "refill": repr(o["refill"]),
             "metric": repr(o["metric"]), "mode": repr(self.mode),
             "patience": repr(o["patience"]), "optimizer_cls": o["optimizer_cls"].__qualname__,
-            "seeds": repr(o.get("seeds")),
+            "seeds": repr(o.get("seeds")), "grad_clip": repr(o["grad_clip"]),
+            "scheduler_interval": repr(o["scheduler_interval"]),
+            "objective": repr(o["metric_name"]),
         }
 
     def _difference(self, old: Mapping[str, Any] | None) -> str:
@@ -1371,7 +1374,8 @@ class _SweepRun:
                     was = a.get(name, "absent")
                     return f"config {i}: {name!r} was {was}, now {b.get(name, 'absent')}"
         for name in ("keys", "epochs", "models_per_batch", "refill", "metric", "mode",
-                     "patience", "optimizer_cls", "seeds"):
+                     "patience", "optimizer_cls", "seeds", "grad_clip", "scheduler_interval",
+                     "objective"):
             if old.get(name) != new[name]:
                 return f"{name} was {old.get(name)}, now {new[name]}"
         return "(a difference in the configs' order or types)"
