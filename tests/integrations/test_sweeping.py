@@ -856,3 +856,17 @@ def test_result_keys_map_to_distinct_checkpoint_ids(tmp_path):
     with pytest.raises(ValueError, match=r"keys 0\.5 and '0\.5' would share"):
         sweep([{"lr": 0.1, "name": 0.5}, {"lr": 0.2, "name": "0.5"}], make_mlp, key="name",
               folder=tmp_path / "c", **kwargs)
+
+
+def test_a_config_entry_named_like_a_result_column_keeps_its_own_column(tmp_path):
+    """A hyper-parameter called ``epochs`` (read by ``scheduler_fn``) or ``status`` is not
+    overwritten by the result columns of the same name: it appears as ``config.epochs``."""
+    res = sweep(
+        [{"lr": 0.1, "epochs": 10}], make_mlp, train_loader=make_loader(n=32),
+        loss_fn=F.cross_entropy, epochs=1, progress=False, folder=tmp_path / "s",
+        scheduler_fn=lambda opt, c: torch.optim.lr_scheduler.CosineAnnealingLR(opt, c["epochs"]),
+    )
+    row = res.records()[0]
+    assert row["config.epochs"] == 10 and row["epochs"] == 1 and row["lr"] == 0.1
+    with (tmp_path / "s" / "results.csv").open() as f:
+        assert next(csv.DictReader(f))["config.epochs"] == "10"

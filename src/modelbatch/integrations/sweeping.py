@@ -828,12 +828,14 @@ class SweepResults(dict[Any, ConfigResult]):
     def records(self) -> list[dict[str, Any]]:
         """One row per config: ``key``, its hyper-parameters, the final and best objective,
         ``best_epoch``, ``status``, ``epochs``, final ``train_loss``, ``checkpoint``,
-        ``error``."""
+        ``error``. A config entry named like one of these columns is ``config.<name>``."""
+        reserved = {"key", self.metric, f"best_{self.metric}", "best_epoch", "status",
+                    "epochs", "train_loss", "checkpoint", "error"}
         rows = []
         for k, r in self.items():
             row: dict[str, Any] = {"key": k}
-            for name, v in r.config.items():
-                row[name] = v
+            for name, v in r.config.items():  # a config entry named like a result column
+                row[f"config.{name}" if name in reserved else name] = v
             row[self.metric] = r.value
             row[f"best_{self.metric}"] = r.best_value
             row["best_epoch"] = r.best_epoch
