@@ -3,6 +3,7 @@ alone on exactly their samples of each batch."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -15,7 +16,7 @@ import modelbatch
 from modelbatch import DataRouter, IndexedDataset, ModelBatch, evaluate_held_out
 from modelbatch.data import bootstrap_counts, kfold_assignments, skip_models_without_samples
 from modelbatch.optim import SGD, Adam
-from tests.helpers import assert_close_models
+from tests.helpers import assert_close_models, rel_err
 
 D = 30
 
@@ -294,3 +295,223 @@ def test_route_inputs_and_targets() -> None:
     assert modelbatch.data.route_targets(out, classes, mask) == (classes, None)
     with pytest.raises(ValueError, match="do not match"):
         modelbatch.data.route_inputs(torch.zeros(4, 2), mask)
+
+
+# ------------------------------------------------------------------------- routed BatchNorm
+def _cnn(momentum: float | None) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, bias=False),  # a bias before BatchNorm has no gradient
+        nn.BatchNorm2d(3, momentum=momentum),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 3),
+    )
+
+
+def _mlp(momentum: float | None) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(4, 6, bias=False),
+        nn.BatchNorm1d(6, momentum=momentum),
+        nn.Tanh(),
+        nn.Linear(6, 5),
+        nn.Unflatten(1, (1, 5)),
+        nn.BatchNorm1d(1, momentum=momentum, affine=False),  # [B, C, L] input
+        nn.Flatten(),
+        nn.Linear(5, 3),
+    )
+
+
+BN_D = 24
+
+
+def _bn_data(kind: str) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(7)
+    shape = (BN_D, 2, 4, 4) if kind == "cnn" else (BN_D, 4)
+    return (
+        torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5,
+        torch.randint(0, 3, (BN_D,), generator=g),
+    )
+
+
+def _bn_batches(kind: str, shuffle: bool) -> list[tuple[Tensor, Tensor, Tensor]]:
+    x, y = _bn_data(kind)
+    order = torch.Generator().manual_seed(8)
+    out = []
+    for _ in range(2):
+        perm = torch.randperm(BN_D, generator=order) if shuffle else torch.arange(BN_D)
+        out += [(x[i], y[i], i) for i in perm.split(8)]
+    return out
+
+
+def _momenta(case: str, n: int) -> list[float | None]:
+    return {"0.1": [0.1] * n, "None": [None] * n, "mixed": [0.3, None, 0.1, 0.5][:n]}[case]
+
+
+@pytest.mark.parametrize("kind", ["cnn", "mlp"])
+@pytest.mark.parametrize("routing", ["kfold", "bootstrap"])
+@pytest.mark.parametrize("momenta", ["0.1", "None", "mixed"])
+def test_routed_batchnorm_training_equals_training_alone(
+    kind: str, routing: str, momenta: str
+) -> None:
+    """k-fold / bootstrap training of models with BatchNorm through train_one_epoch equals
+    each model trained alone with torch.optim on its own (repeated) samples of each batch:
+    parameters, running statistics and num_batches_tracked after several steps, then eval
+    outputs. Unshuffled k-fold batches coincide with the folds, so each model skips a batch
+    (its running statistics must not move)."""
+    n = 3
+    router = (
+        DataRouter.kfold(n, BN_D, shuffle=False)
+        if routing == "kfold"
+        else DataRouter.bootstrap(n, BN_D, seed=3)
+    )
+    data = _bn_batches(kind, shuffle=routing == "bootstrap")
+    torch.manual_seed(0)
+    make = _cnn if kind == "cnn" else _mlp
+    models = [make(m).double() for m in _momenta(momenta, n)]
+    batch = ModelBatch(models)
+    opt = Adam(batch, lr=0.05)
+    modelbatch.train_one_epoch(batch, data, opt, F.cross_entropy, router=router)
+    alone, skipped = [], 0
+    for i in range(n):
+        m, s = train_alone_weighted(
+            models[i],
+            lambda mm: torch.optim.Adam(mm.parameters(), lr=0.05),
+            data,
+            router.train_weights[i],
+        )
+        alone.append(m)
+        skipped += s
+    if routing == "kfold":
+        assert skipped == 2 * n  # each model skipped its own fold's batch, twice
+    assert_close_models(batch.extract_all(), alone, torch.float64, f"{routing} {kind}")
+    x_all, _ = _bn_data(kind)
+    batch.eval()
+    with torch.no_grad():
+        out = batch(x_all)
+        for i, m in enumerate(alone):
+            m.eval()
+            err = rel_err(out[i], m(x_all))
+            assert err <= 1e-10, f"eval model {i}: {err:.3g}"
+
+
+@pytest.mark.parametrize("kind", ["cnn", "mlp"])
+def test_routed_batchnorm_step_outputs_and_gradients(kind: str) -> None:
+    """A hand-written routed step (the documented opt-in): the outputs of each model's
+    selected samples and every gradient equal the model's alone on its repeated samples;
+    unselected samples' outputs are finite; an all-zero row keeps its running statistics."""
+    n = 3
+    x, y = _bn_data(kind)
+    x, y = x[:10], y[:10]
+    counts = torch.tensor(
+        [[2, 0, 1, 3, 0, 1, 1, 0, 2, 1], [0] * 10, [1, 1, 0, 0, 1, 4, 0, 1, 1, 1]]
+    )
+    torch.manual_seed(1)
+    make = _cnn if kind == "cnn" else _mlp
+    models = [make(None if i == 1 else 0.2).double() for i in range(n)]
+    batch = ModelBatch(models)
+    before = [copy.deepcopy(b) for b in batch.stacked.buffers()]
+    xs = modelbatch.data.route_inputs(x, counts)
+    with modelbatch.data.routed_batch_norm(counts):
+        out = batch(xs, per_model=True)
+    loss = batch.compute_loss(out, y, F.cross_entropy, mask=counts)
+    loss.backward()
+    assert bool(torch.isfinite(out).all())
+    params = dict(batch.stacked.named_parameters())
+    for i in (0, 2):
+        m = copy.deepcopy(models[i])
+        reps = torch.arange(10).repeat_interleave(counts[i])
+        ref_out = m(x[reps])
+        F.cross_entropy(ref_out, y[reps]).backward()
+        assert rel_err(out[i][reps], ref_out) <= 1e-10
+        for name, p in m.named_parameters():
+            assert p.grad is not None
+            err = rel_err(params[name].grad[i], p.grad)
+            assert err <= 1e-10, f"model {i} grad {name}: {err:.3g}"
+        for (name, buf), ref in zip(batch.extract(i).named_buffers(), m.buffers(), strict=True):
+            assert rel_err(buf.double(), ref.double()) <= 1e-10, f"model {i} {name}"
+    for old, new in zip(before, batch.stacked.buffers(), strict=True):
+        assert torch.equal(old[1], new[1])  # model 1 (no sample) unchanged
+
+
+def test_routed_batchnorm_refusals() -> None:
+    """One sample per channel ([B, C] input) and a batch dimension that is not the mask's
+    are refused with errors naming the cause."""
+    batch = ModelBatch([_mlp(0.1).double() for _ in range(2)])
+    x, _ = _bn_data("mlp")
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[0, :3] = True
+    mask[1, 4] = True
+    with modelbatch.data.routed_batch_norm(mask), pytest.raises(ValueError, match=r"\[1\]"):
+        batch(modelbatch.data.route_inputs(x[:6], mask), per_model=True)
+    with modelbatch.data.routed_batch_norm(mask), pytest.raises(ValueError, match=r"\[N, B\]"):
+        batch(x[:8])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("track", [True, False])
+def test_routed_batchnorm3d_per_model_eps(dtype: torch.dtype, track: bool) -> None:
+    """BatchNorm3d with per-model eps and momenta, with and without running statistics,
+    float64 and float32: a routed step equals each model alone (outputs, gradients,
+    buffers); in eval mode the routing context changes nothing."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(7, 2, 3, 2, 2, generator=g, dtype=dtype)
+    y = torch.randint(0, 3, (7,), generator=g)
+    counts = torch.tensor([[1, 2, 0, 1, 1, 0, 3], [0, 1, 1, 1, 0, 1, 0], [0] * 7])
+    torch.manual_seed(2)
+    models = [
+        nn.Sequential(
+            nn.BatchNorm3d(2, eps=eps, momentum=mom, track_running_stats=track),
+            nn.Flatten(),
+            nn.Linear(24, 3),
+        ).to(dtype)
+        for eps, mom in [(1e-5, 0.1), (1e-2, None), (0.3, 0.5)]
+    ]
+    batch = ModelBatch(models)
+    xs = modelbatch.data.route_inputs(x, counts)
+    with modelbatch.data.routed_batch_norm(counts):
+        out = batch(xs, per_model=True)
+    batch.compute_loss(out, y, F.cross_entropy, mask=counts).backward()
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    params = dict(batch.stacked.named_parameters())
+    for i in (0, 1):
+        m = copy.deepcopy(models[i])
+        reps = torch.arange(7).repeat_interleave(counts[i])
+        ref_out = m(x[reps])
+        F.cross_entropy(ref_out, y[reps]).backward()
+        assert rel_err(out[i][reps], ref_out) <= tol
+        for name, p in m.named_parameters():
+            assert p.grad is not None
+            assert rel_err(params[name].grad[i], p.grad) <= tol, (i, name)
+        assert_close_models([batch.extract(i)], [m], dtype, f"model {i}")
+    assert_close_models([batch.extract(2)], [models[2]], dtype, "model 2 (no sample)")
+    batch.eval()
+    with torch.no_grad():
+        plain = batch(x)
+        with modelbatch.data.routed_batch_norm(counts):
+            routed = batch(x)
+    assert torch.equal(plain, routed)
+
+
+# Dynamo itself warns when it fakeifies a BatchNorm's non-leaf batched input after a graph
+# break (a torch-internal UserWarning, not about the result).
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_routed_batchnorm_under_compile() -> None:
+    """``enable_compile``: routed and plain training forwards, in either order, equal the
+    eager ones (the routing context is not baked into the compiled code)."""
+    torch._dynamo.reset()
+    torch.manual_seed(4)
+    models = [_mlp(m).double() for m in (0.1, None)]
+    eager, compiled = ModelBatch(copy.deepcopy(models)), ModelBatch(copy.deepcopy(models))
+    compiled.enable_compile(backend="eager")
+    x, _ = _bn_data("mlp")
+    x = x[:6]
+    mask = torch.tensor([[1, 1, 0, 1, 0, 1], [0, 1, 1, 1, 1, 0]]).bool()
+    xs = modelbatch.data.route_inputs(x, mask)
+    for routed in (True, False, True):
+        outs = []
+        for b in (eager, compiled):
+            with modelbatch.data.routed_batch_norm(mask) if routed else contextlib.nullcontext():
+                outs.append(b(xs, per_model=True))
+        assert rel_err(outs[1], outs[0]) <= 1e-12, routed
+        for a, c in zip(eager.stacked.buffers(), compiled.stacked.buffers(), strict=True):
+            assert rel_err(c.double(), a.double()) <= 1e-12, routed

@@ -18,13 +18,13 @@ the models routed to it, zeros for the others (floating targets alike, see
 weight of 0 does not stop a NaN: ``0 * NaN`` is NaN, in the loss and in every gradient of
 the shared forward. The cost is one ``[N, B, ...]`` copy of the inputs per step.
 
-What BatchNorm sees: in training mode a BatchNorm layer still normalises over all B
-positions of the batch; for model i the positions of samples it is not routed are zero
-inputs (so they shift its batch statistics and running estimates). For exact subset
-semantics with such layers, give each model a batch of its own samples only (per-model
-inputs of your own making). ``DataRouter(..., isolate_inputs=False)`` restores the shared
-forward (every model sees all B real samples, one wide matmul instead of a batched one),
-at the price of isolation.
+What BatchNorm sees: within :func:`routed_batch_norm` (entered by :func:`train_one_epoch`
+around each routed forward) a training-mode BatchNorm computes model i's batch and running
+statistics over its routed samples only, each counted by its weight: exactly model i
+trained alone on its selected (repeated) samples.
+
+``DataRouter(..., isolate_inputs=False)`` restores the shared forward (every model sees all
+B real samples, one wide matmul instead of a batched one), at the price of isolation.
 
 The loader must yield the dataset index of each sample: wrap a dataset in
 :class:`IndexedDataset` so it yields ``(x, y, index)``.
@@ -53,6 +53,7 @@ __all__ = [
     "kfold_assignments",
     "route_inputs",
     "route_targets",
+    "routed_batch_norm",
     "skip_models_without_samples",
 ]
 
@@ -332,6 +333,36 @@ def skip_models_without_samples(batch: ModelBatch, mask: Tensor) -> Iterator[Non
         yield
     finally:
         batch.active.copy_(saved)
+
+
+@contextmanager
+def routed_batch_norm(mask: Tensor) -> Iterator[None]:
+    """Within the block, training-mode BatchNorm layers of a ModelBatch compute each model's
+    statistics over its routed samples only.
+
+    Args:
+        mask: the step's ``[N, B]`` routing weights (bool, counts or float weights), on the
+            batch's device: ``router.train_mask(index)``.
+
+    For model i, a BatchNorm layer in training mode then normalises with the mean and
+    (biased) variance of the samples with ``mask[i, b] != 0``, each counted ``mask[i, b]``
+    times, and updates its running statistics with them (unbiased variance with
+    ``n = sum_b mask[i, b] * spatial size``): exactly as model i trained alone on its
+    selected samples (repeated by their counts). Models whose row is all zero keep their
+    running statistics and ``num_batches_tracked``. Outputs of samples a model is not
+    routed are finite and meaningless (their loss weight is 0). Eval mode is unaffected.
+    :func:`modelbatch.train_one_epoch` enters it around the forward of every routed step;
+    a hand-written loop wraps its forward the same way. The layer's batch dimension must
+    be the loader's B (a model that reshapes ``[B, T, C]`` to ``[B*T, C]`` before a
+    BatchNorm is refused with an error).
+    """
+    from modelbatch.layers.batchnorm import _ROUTING, RoutedWeights
+
+    token = _ROUTING.set(RoutedWeights(mask))
+    try:
+        yield
+    finally:
+        _ROUTING.reset(token)
 
 
 def _to_device(x: Any, device: torch.device) -> Any:

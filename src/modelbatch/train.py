@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -14,6 +15,7 @@ from modelbatch.data import (
     _to_device,
     route_inputs,
     route_targets,
+    routed_batch_norm,
     skip_models_without_samples,
 )
 
@@ -54,6 +56,8 @@ def train_one_epoch(
         router: optional :class:`modelbatch.data.DataRouter`. The loader then yields
             ``(x, y, index)`` and model i's loss uses its ``[N, B]`` weights
             ``router.train_mask(index)``; a model with no sample in a batch skips that step.
+            BatchNorm layers compute each model's statistics over its routed samples only
+            (:func:`modelbatch.data.routed_batch_norm` around the forward).
         callbacks: optional :class:`modelbatch.CallbackPack`; its ``on_step_begin``,
             ``on_before_optimizer_step``, ``on_step_end`` and ``on_epoch_end`` hooks are
             called (e.g. a :class:`modelbatch.NaNGuard` quarantines non-finite models).
@@ -82,7 +86,9 @@ def train_one_epoch(
         if mask is not None and router is not None and router.isolate_inputs:
             # Each model sees only its own samples' values (see modelbatch.data).
             x, x_per_model = route_inputs(x, mask, per_model=per_model), isinstance(x, Tensor)
-        outputs = batch(x, per_model=x_per_model or per_model)
+        # BatchNorm statistics over each model's routed samples only (see modelbatch.data).
+        with routed_batch_norm(mask) if mask is not None else nullcontext():
+            outputs = batch(x, per_model=x_per_model or per_model)
         if mask is not None and router is not None and router.isolate_inputs:
             y, y_per_model = route_targets(outputs, y, mask, per_model_targets)
         loss = batch.compute_loss(

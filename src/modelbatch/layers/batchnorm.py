@@ -31,6 +31,15 @@ so a momentum sweep is one batch. Paths:
   autograd formula saves what the native kernel saves and is the native backward; in eval
   mode, ``x * scale + shift`` from the running statistics.
 
+Data routing: while :func:`modelbatch.data.routed_batch_norm` holds a step's ``[N, B]``
+sample weights (``train_one_epoch`` with a ``DataRouter`` enters it around the forward), a
+layer in training mode calls ``modelbatch::batch_norm_routed`` instead: per model, weighted
+mean and biased variance over (B, spatial) of the samples with weight > 0, normalise,
+affine, and running statistics (own momentum or ``1 / num_batches_tracked``, unbiased with
+``n = sum_b w_b * spatial``) updated only for models with a sample. Its batching rule runs
+the N models as plain operations on ``[N, B, C, ...]`` (autograd differentiates them): each
+model exactly as trained alone on its selected samples, repeated by their counts.
+
 The per-model settings are stored as Python lists indexed by the non-persistent ``[N]``
 buffer ``mb_slot`` (each model's slot among the models the batch was built with), so they follow
 the models through ``drop`` / ``keep_positions`` like every stacked buffer, and survive
@@ -40,7 +49,9 @@ it had.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -277,6 +288,241 @@ def _batch_norm_eps_vmap(
 torch.library.register_vmap(batch_norm_eps, _batch_norm_eps_vmap)
 
 
+# ---------------------------------------------------------------- routed (weighted) statistics
+class RoutedWeights:
+    """The ``[N, B]`` sample weights of a routed training step (see
+    :func:`modelbatch.data.routed_batch_norm`), with a lazily computed host copy of each
+    model's total weight (only needed for the ``n > 1`` check of a layer without spatial
+    dimensions)."""
+
+    def __init__(self, weights: Tensor) -> None:
+        if weights.dim() != 2:
+            raise ValueError(f"routing weights must have shape [N, B], got {tuple(weights.shape)}")
+        self.weights = weights
+        self._totals: list[float] | None = None
+
+    def totals(self) -> list[float]:
+        """Each model's total weight ``sum_b w[n, b]`` (one device-to-host copy per step)."""
+        if self._totals is None:
+            self._totals = [float(v) for v in self.weights.double().sum(dim=1).tolist()]
+        return self._totals
+
+
+_ROUTING: ContextVar[RoutedWeights | None] = ContextVar("modelbatch_bn_routing", default=None)
+
+
+def routing_weights() -> RoutedWeights | None:
+    """The routed step's weights while :func:`modelbatch.data.routed_batch_norm` is active."""
+    return _ROUTING.get()
+
+
+@torch.library.custom_op(
+    "modelbatch::batch_norm_routed",
+    mutates_args=("running_mean", "running_var", "num_batches_tracked"),
+)
+def batch_norm_routed(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    sample_weight: Tensor,
+    momentum: Tensor,
+    eps: Tensor,
+) -> Tensor:
+    """Training-mode batch normalisation over weighted samples (one model).
+
+    Input ``[B, C, ...]``, ``sample_weight`` ``[B]`` (sample b counts ``w[b]`` times; 0: not
+    in this model's batch), weight/bias/running statistics ``[C]``, ``num_batches_tracked``,
+    ``momentum`` (NaN: cumulative average) and ``eps`` 0-dim. Exactly ``F.batch_norm`` on
+    the batch in which each sample is repeated ``w[b]`` times, for the samples with
+    ``w[b] > 0`` (the others get finite, meaningless outputs). With all weights 0 the
+    running statistics and ``num_batches_tracked`` are left as they are.
+
+    Under vmap ``sample_weight`` may also be the unbatched ``[N, B]`` table of all N models
+    (row n for model n); the batching rule runs the N models in one pass. Used only under
+    vmap (autograd records the plain operations of the rule).
+    """
+    out = _routed_all(
+        input.unsqueeze(0),
+        sample_weight.reshape(1, -1),
+        _first(weight),
+        _first(bias),
+        _first(running_mean),
+        _first(running_var),
+        _first(num_batches_tracked),
+        momentum.reshape(1),
+        eps.reshape(1),
+    )
+    return out[0]
+
+
+@batch_norm_routed.register_fake
+def _batch_norm_routed_fake(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    sample_weight: Tensor,
+    momentum: Tensor,
+    eps: Tensor,
+) -> Tensor:
+    return torch.empty_like(input)
+
+
+def _first(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.unsqueeze(0)
+
+
+def _routed_all(
+    x: Tensor,
+    w: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    nbt: Tensor | None,
+    momentum: Tensor,
+    eps: Tensor,
+) -> Tensor:
+    """The N models' weighted batch normalisation with plain (differentiable) operations.
+
+    ``x`` ``[N, B, C, *S]``, ``w`` ``[N, B]``, weight/bias/running statistics ``[N, C]``,
+    ``nbt``/``momentum``/``eps`` ``[N]``. Per model and channel: ``n = sum_b w_b * |S|``,
+    ``mean = sum w x / n``, biased ``var = sum w (x - mean)^2 / n`` (over the samples with
+    ``w > 0`` only, so the values of the others never enter), output
+    ``(x - mean) / sqrt(var + eps) * weight + bias``; running statistics
+    ``(1 - f) r + f s`` with the unbiased ``var * n / (n - 1)`` and ``f`` the momentum
+    (``1 / num_batches_tracked`` for NaN), for the models with ``n > 0``. Returns
+    ``[N, B, C, *S]``.
+    """
+    n_models, b = x.shape[:2]
+    spatial = x.shape[3:]
+    ref = weight if weight is not None else running_mean
+    sd = x.dtype if ref is None else _stat_dtype(x, ref, ref)
+    xs = x.to(sd)
+    bshape = [n_models, b, 1, *([1] * len(spatial))]  # per sample, broadcast over C and S
+    cshape = [n_models, 1, -1, *([1] * len(spatial))]  # per channel
+    wv = w.to(sd).view(bshape)
+    keep = w.ne(0).view(bshape)
+    size = math.prod(spatial)
+    count = w.to(sd).sum(dim=1) * size  # [N]
+    has = count > 0
+    denom = torch.where(has, count, 1.0).view(n_models, 1)
+    dims = [1, *range(3, x.dim())]
+    mean = (wv * torch.where(keep, xs, 0.0)).sum(dim=dims) / denom  # [N, C]
+    centred = torch.where(keep, xs - mean.view(cshape), 0.0)
+    var = (wv * centred * centred).sum(dim=dims) / denom  # biased, [N, C]
+    invstd = torch.rsqrt(var + eps.to(sd).view(n_models, 1))
+    scale = invstd if weight is None else invstd * weight.to(sd)
+    out = (xs - mean.view(cshape)) * scale.view(cshape)
+    if bias is not None:
+        out = out + bias.to(sd).view(cshape)
+    if running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            new_nbt = None
+            if nbt is not None:
+                new_nbt = nbt + has.to(nbt.dtype)
+                nbt.copy_(new_nbt)
+            m = momentum.to(running_mean.dtype)
+            if new_nbt is not None:  # momentum=None: 1 / num_batches_tracked (no host sync)
+                m = torch.where(torch.isnan(m), 1.0 / new_nbt.to(m.dtype), m)
+            f = m.view(n_models, 1)
+            rd = running_mean.dtype
+            c = count.to(rd).view(n_models, 1)
+            unbiased = var.detach().to(rd) * (c / torch.where(c > 1, c - 1, 1.0))
+            keep_model = has.view(n_models, 1)
+            new_mean = (1 - f) * running_mean + f * mean.detach().to(rd)
+            new_var = (1 - f) * running_var + f * unbiased
+            running_mean.copy_(torch.where(keep_model, new_mean, running_mean))
+            running_var.copy_(torch.where(keep_model, new_var, running_var))
+    return out.to(x.dtype)
+
+
+def _routed_vmap(
+    info: Any,
+    in_dims: tuple[int | None, ...],
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    sample_weight: Tensor,
+    momentum: Tensor,
+    eps: Tensor,
+) -> tuple[Tensor, int]:
+    """Batching rule: the N models' weighted statistics in one pass over ``[N, B, C, ...]``."""
+    n = int(info.batch_size)
+    x_dim, w_dim, b_dim, m_dim, v_dim, t_dim, s_dim, mo_dim, e_dim = in_dims
+    x = (
+        input.movedim(x_dim, 0)
+        if x_dim is not None
+        else input.unsqueeze(0).expand(n, *input.shape)
+    )
+    sw = sample_weight.movedim(s_dim, 0) if s_dim is not None else sample_weight
+    sw = sw.to(x.device, non_blocking=True)
+    if sw.dim() != 2 or tuple(sw.shape) != (n, x.shape[1]):
+        raise ValueError(
+            f"routed BatchNorm: the routing weights have shape {tuple(sw.shape)}, the layer's "
+            f"input {tuple(x.shape[1:])} per model for N={n} models; they must be [N, B] = "
+            f"[{n}, {x.shape[1]}]. A model that changes the batch dimension before a "
+            "BatchNorm (e.g. [B, T, C] -> [B*T, C]) cannot train with routed BatchNorm "
+            "statistics: leave modelbatch.data.routed_batch_norm (train_one_epoch: "
+            "router=None with masks of your own)"
+        )
+
+    def per_model(t: Tensor | None, dim: int | None, what: str, stat: bool) -> Tensor | None:
+        if t is None:
+            return None
+        if dim is None:
+            if stat:
+                raise RuntimeError(
+                    f"modelbatch::batch_norm_routed under vmap needs per-model (batched) "
+                    f"{what}; got one shared across the {n} models"
+                )
+            return t.unsqueeze(0).expand(n, *t.shape)
+        return t.movedim(dim, 0)
+
+    rm = per_model(running_mean, m_dim, "running_mean", True)
+    rv = per_model(running_var, v_dim, "running_var", True)
+    nbt = per_model(num_batches_tracked, t_dim, "num_batches_tracked", True)
+    if x.dim() == 3 and not torch.compiler.is_compiling():
+        routing = _ROUTING.get()
+        totals = (
+            routing.totals()
+            if routing is not None and routing.weights is sample_weight
+            else [float(v) for v in sw.double().sum(dim=1).tolist()]
+        )
+        few = [i for i, t in enumerate(totals) if 0 < t <= 1]
+        if few:
+            raise ValueError(
+                f"routed BatchNorm on [B, C] inputs: model(s) at position(s) {few} have one "
+                "sample in this batch, and training BatchNorm needs more than 1 value per "
+                "channel (as nn.BatchNorm alone raises). Use larger batches or drop_last=True"
+            )
+    return (
+        _routed_all(
+            x,
+            sw,
+            per_model(weight, w_dim, "weight", False),
+            per_model(bias, b_dim, "bias", False),
+            rm,
+            rv,
+            nbt,
+            per_model(momentum, mo_dim, "momentum", False),  # type: ignore[arg-type]
+            per_model(eps, e_dim, "eps", False),  # type: ignore[arg-type]
+        ),
+        0,
+    )
+
+
+torch.library.register_vmap(batch_norm_routed, _routed_vmap)
+
+
 def _under_vmap(*tensors: Tensor | None) -> bool:
     is_batched = torch._C._functorch.is_batchedtensor
     return any(t is not None and is_batched(t) for t in tensors)
@@ -380,6 +626,9 @@ class VmapBatchNormMixin:
         if "_mb_epss" not in self.__dict__:  # built outside a ModelBatch: one model
             self._init_per_model([bn.momentum], [bn.eps], input.device)
         bn._check_input_dim(input)
+        routing = _ROUTING.get() if bn.training else None
+        if routing is not None and _under_vmap(input, bn.weight, bn.running_mean, self.mb_slot):
+            return self._routed(input, routing)
         track = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
         if track:
             assert bn.num_batches_tracked is not None
@@ -420,6 +669,23 @@ class VmapBatchNormMixin:
         out = batch_norm(input, bn.weight, bn.bias, None, None, True, 0.0, epss[0])
         self._update_running(input, running_mean, running_var)
         return out
+
+    def _routed(self, input: Tensor, routing: RoutedWeights) -> Tensor:
+        """Training under data routing: statistics over each model's routed samples only."""
+        bn: nn.modules.batchnorm._BatchNorm = self  # type: ignore[assignment]
+        like = _param_like(bn, input)
+        stats = bn.track_running_stats and bn.running_mean is not None
+        return batch_norm_routed(
+            input,
+            bn.weight,
+            bn.bias,
+            bn.running_mean if stats else None,
+            bn.running_var if stats else None,
+            bn.num_batches_tracked if stats else None,
+            routing.weights,
+            self._table("momentum", self._mb_momenta, like)[self.mb_slot],
+            self._table("eps", self._mb_epss, like)[self.mb_slot],
+        )
 
     def _factor(self, like: Tensor) -> Tensor:
         """This model's running-average factor (0-dim): its momentum, or

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from modelbatch.optim.base import BatchOptimizer, _coef_dtype, check_range
+from modelbatch.optim.base import BatchOptimizer, _capturing, _Slot, check_range
 
 if TYPE_CHECKING:
     from modelbatch.core import ModelBatch
@@ -65,6 +66,9 @@ class Adam(BatchOptimizer):
         )
 
     _small_width = 3  # [bias correction 1, bias correction 2, step]
+    # The host path's coefficients reach the kernel through a copied [1, 2] device tensor
+    # (always off the CPU; True on the CPU too only to test that variant there).
+    _host_ke_copy = False
 
     def _validate(self, group: Mapping[str, Any], i: int) -> None:
         for name in ("lr", "eps", "weight_decay"):
@@ -108,6 +112,11 @@ class Adam(BatchOptimizer):
             "m2": torch.where(active, b2, 1.0),
             "active": active,
             "inactive": ~active,
+            # Output of the per-step coefficients [k, e] in the coefficient dtype (the last
+            # float64 op writes it: no separate cast kernel; kept at one address).
+            "ke": torch.zeros(active.shape[0], 2, dtype=torch.float64, device=b1.device),
+            # Their denominators [sqrt(bc2) * lr (written every step), lr / eps].
+            "f64_den": torch.cat([zero, lr / eps], 1),
         }
         amsgrad = host["amsgrad"]
         maximize = host["maximize"]
@@ -126,9 +135,104 @@ class Adam(BatchOptimizer):
             c["decay"] = torch.where(active, 1 - lr * hp["weight_decay"], one)
         if flags["amsgrad"] == 2:
             c["ams"] = hp["amsgrad"] != 0
-        del zero
         c["flags"] = flags
+        # The host path needs one lr, betas and eps for all models (the bias corrections
+        # and coefficients are then one pair of numbers); the rest stays per model.
+        names = ("lr", "betas[0]", "betas[1]", "eps")
+        uniform = all(len(set(host[k])) == 1 for k in names) and flags["amsgrad"] != 2
+        nonzero = host["lr"][0] != 0 and host["eps"][0] != 0  # (Python would divide by 0)
+        self._uniform = {k: host[k][0] for k in names} if uniform and nonzero else None
         return c
+
+    # ---------------------------------------------------------------- host path
+    def _fast_step(
+        self, slot: _Slot, p: Tensor, grads: list[Tensor], c: dict[str, Any], flags: dict[str, Any]
+    ) -> bool:
+        """The step when every model has the same lr, betas and eps and the same step count
+        (known on the host), and every model is active: the step state and the coefficients
+        are Python numbers, computed exactly as the device path computes them (the same IEEE
+        operations in float64), so a model's numbers never depend on which path ran. The
+        element-wise kernels are the device path's: 7 for float32 Adam (gather, two moments,
+        g², sqrt, denominator, update). The step state is written lazily
+        (:meth:`_write_pending`)."""
+        u = self.__dict__.get("_uniform")
+        if (
+            u is None
+            or slot.host_t is None
+            or flags["masked"]
+            or flags["lowp"]
+            or slot.small.dtype != torch.float64  # (MPS: the device path is float32)
+            or not self._fresh(slot)
+            or (p.device.type == "cuda" and _capturing())
+        ):
+            return False
+        b1, b2, lr, eps = u["betas[0]"], u["betas[1]"], u["lr"], u["eps"]
+        bc1, bc2 = slot.host_bc
+        # As small.mul_(M).add_(A), sqrt, mul and div on the device.
+        bc1 = bc1 * b1 + (1.0 - b1)
+        bc2 = bc2 * b2 + (1.0 - b2)
+        k = bc1 / (math.sqrt(bc2) * lr)
+        e = bc1 / (lr / eps)
+        g = torch.cat(grads, 1, out=slot.scratch)
+        if flags["maximize"]:
+            g.mul_(c["sign"])
+        if flags["wd"]:
+            for a, b in flags["decay_runs"]:
+                if flags["wd"] == 1:
+                    g[:, a:b].addcmul_(p[:, a:b], c["wd"])
+                else:
+                    p[:, a:b].mul_(c["decay"])
+        state = slot.state
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(g, c["w1"])
+        g.mul_(g)
+        exp_avg_sq.lerp_(g, c["w2"])
+        second = exp_avg_sq
+        if flags["amsgrad"]:
+            second = state["max_exp_avg_sq"]
+            torch.maximum(second, exp_avg_sq, out=second)
+        torch.sqrt(second, out=g)
+        ke = c["ke"]
+        if p.device.type == "cpu" and not self._host_ke_copy:
+            # Zero-dimensional tensors (no kernel, no copy), cast to the parameters' dtype
+            # inside the kernel as the device path's [N, 2] write casts its float64 results.
+            e_t = torch.tensor(e, dtype=torch.float64)
+            k_t = torch.tensor(k, dtype=torch.float64)
+        else:
+            # Elsewhere one non-blocking copy from pinned memory into a [1, 2] device
+            # tensor (same dtype and cast as the device path's; then the same kernel).
+            cuda = p.device.type == "cuda"
+            host = torch.tensor([[k, e]], dtype=ke.dtype, pin_memory=cuda)
+            dev = slot.host_ke
+            if dev is None or dev.device != p.device or dev.dtype != ke.dtype:
+                dev = slot.host_ke = torch.empty(1, 2, dtype=ke.dtype, device=p.device)
+            dev.copy_(host, non_blocking=cuda)
+            e_t, k_t = dev[:, 1:2], dev[:, 0:1]
+        torch.addcmul(e_t, g, k_t, out=g)
+        p.addcdiv_(exp_avg, g, value=-1)
+        slot.host_t += 1
+        slot.host_bc = (bc1, bc2)
+        slot.pending += 1
+        return True
+
+    def _write_pending(self, slot: _Slot) -> None:
+        assert slot.host_t is not None
+        row = torch.tensor([[*slot.host_bc, float(slot.host_t)]], dtype=slot.small.dtype)
+        slot.small.copy_(row.expand_as(slot.small))
+
+    def _host_steps(self, slot: _Slot) -> int | None:
+        """After loading: every model at the same step state (read once; loading is not a
+        hot path) continues on the host path from it."""
+        if slot.split is not None:
+            return None
+        small = slot.small.cpu()
+        if not torch.equal(small, small[0:1].expand_as(small)):
+            return None
+        bc1, bc2, t = small[0].tolist()
+        if not (t.is_integer() and t >= 0):
+            return None
+        slot.host_bc = (bc1, bc2)
+        return int(t)
 
     def _small_keys(self) -> tuple[str, ...]:
         return ("step", "bias_correction1", "bias_correction2")
@@ -158,6 +262,7 @@ class Adam(BatchOptimizer):
         # OneCycleLR cycles): recompute them from the step counts.
         if old.get("betas[0]") == new["betas[0]"] and old.get("betas[1]") == new["betas[1]"]:
             return
+        # (Recomputed on the device; the host path hands over to the device path.)
         self._recompute_small()
 
     @staticmethod
@@ -186,9 +291,11 @@ class Adam(BatchOptimizer):
                     p[:, a:b].mul_(c["decay"])
         if masked:  # quarantined models: no gradient reaches their state
             g.masked_fill_(c["inactive"], 0.0)
-        # Per-model step state, once per step: [bc1, bc2, t], then [bc1, sqrt(bc2), 1].
-        torch.addcmul(c["f64_A"], small, c["f64_M"], out=small)
-        z = torch.pow(small, c["f64_E"])
+        # Per-model step state, once per step: [bc1, bc2, t] <- [bc1, bc2, t] * M + A, and
+        # the coefficients, one IEEE operation per kernel (no fused multiply-add, no pow):
+        # the host path computes the same numbers in Python (Adam._host_coefficients).
+        small.mul_(c["f64_M"]).add_(c["f64_A"])
+        root = torch.sqrt(small[:, 1:2])
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         if flags["lowp"]:
             exp_avg.mul_(c["m1"]).addcmul_(g, c["w1"])
@@ -206,11 +313,15 @@ class Adam(BatchOptimizer):
         torch.sqrt(second, out=g)
         # p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps), written as p -= m / d with
         # d = (bc1 / lr) * (sqrt(v) / sqrt(bc2) + eps) = sqrt(v) * k + e.
+        ke = c["ke"]  # [N, 2] in the coefficient dtype: the float64 results cast on write
+        den = c["f64_den"]
+        torch.mul(root, c["f64_lr"], out=den[:, 0:1])
         if flags["safe"]:  # some lr == 0: d = (sqrt(v) + eps * sqrt(bc2)) * k, k may be inf
-            k = torch.div(z[:, 0:1], z[:, 1:2] * c["f64_lr"]).to(_coef_dtype(p.dtype))
-            g.add_((z[:, 1:2] * c["f64_eps"]).to(_coef_dtype(p.dtype))).mul_(k)
-        else:
-            ke = torch.div(z[:, 0:1], z[:, 1:3] * c["f64_L"]).to(_coef_dtype(p.dtype))
+            torch.div(small[:, 0:1], den[:, 0:1], out=ke[:, 0:1])
+            torch.mul(root, c["f64_eps"], out=ke[:, 1:2])
+            g.add_(ke[:, 1:2]).mul_(ke[:, 0:1])
+        else:  # k = bc1 / (sqrt(bc2) * lr), e = bc1 / (lr / eps)
+            torch.div(small[:, 0:1], den, out=ke)
             torch.addcmul(ke[:, 1:2], g, ke[:, 0:1], out=g)
         if masked:
             torch.addcdiv(p, exp_avg, g, value=-1, out=g)

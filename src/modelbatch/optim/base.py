@@ -202,6 +202,15 @@ class _Slot:
     split: list[Tensor] | None = None
     started: list[bool] = field(default_factory=list)
     scratch: Tensor | None = None
+    # Host-side step bookkeeping (see ``BatchOptimizer._fast_step``): ``host_t``, the step
+    # count every model shares, when known on the host; ``pending``, steps taken by the host
+    # fast path and not yet written into ``small``; ``version``, ``small``'s version counter
+    # after the optimizer's own last write (a different one: written from outside).
+    host_t: int | None = 0
+    pending: int = 0
+    version: int = -1
+    host_bc: tuple[float, float] = (0.0, 0.0)  # Adam's bias corrections on the host path
+    host_ke: Tensor | None = None  # Adam's host-path coefficients off the CPU ([1, 2])
 
     def column(self, t: Tensor, k: int) -> Tensor:
         return t[:, self.group.starts[k] : self.group.ends[k]]
@@ -444,15 +453,18 @@ class BatchOptimizer(torch.optim.Optimizer):
     def _on_hparams_changed(self, old: dict[str, list[Any]], new: dict[str, list[Any]]) -> None:
         """Hook: hyper-parameter values changed from ``old`` to ``new`` (host lists)."""
 
-    def _recompute_small(self) -> None:
-        """Rebuild every step state from its step counts (after a change of the values it
-        depends on, such as Adam's betas)."""
-        for slot in self._slots or []:
+    def _recompute_small(self, slots: Sequence[_Slot] | None = None) -> None:
+        """Rebuild every step state (of ``slots``, default all) from its step counts (after
+        a change of the values it depends on, such as Adam's betas)."""
+        for slot in self._slots or [] if slots is None else slots:
+            self._flush(slot)
             g = slot.group
             hp = self._refresh(g.device, g.dtype)
             ctx = {**hp["raw"], **hp["c"]}
             for small in [slot.small, *(slot.split or [])]:
                 small.copy_(self._small_from_steps(small[:, -1].clone(), ctx))
+            slot.host_t = None
+            slot.version = _version(slot.small)
 
     def _slot_flags(self, slot: _Slot, masked: bool, k: int | None = None) -> dict[str, Any]:
         """The host-side choices of one update: the optimizer's flags, ``masked`` and
@@ -490,7 +502,9 @@ class BatchOptimizer(torch.optim.Optimizer):
                 old["raw_all"].copy_(raw_all)  # keep addresses (compiled steps, CUDA graphs)
                 raw_all = old["raw_all"]
         raw = {k: raw_all[:, j : j + 1] for j, k in enumerate(names)}
-        active = self.batch.active.to(device).view(n, 1)
+        # A copy: the constants are refreshed in place (``copy_``), and a write into the
+        # batch's own mask would bump its version and make every later step rebuild them.
+        active = self.batch.active.to(device).view(n, 1).clone()
         consts = self._constants({**raw, "active": active}, host)
         flags = consts.pop("flags")
         self._flags = flags
@@ -554,6 +568,7 @@ class BatchOptimizer(torch.optim.Optimizer):
         """Every tensor of the optimizer's state (the flat ones, not views): for snapshots."""
         out: list[Tensor] = []
         for slot in self._slots_now():
+            self._flush(slot)
             out += list(slot.state.values())
             out += [slot.small, *(slot.split or [])]
         return out
@@ -579,9 +594,9 @@ class BatchOptimizer(torch.optim.Optimizer):
             n = g.flat.shape[0]
             small = torch.zeros(n, self._small_width, dtype=_hp_dtype(g.device), device=g.device)
             started = [False] * len(g.params)
-            slots.append(
-                _Slot(group=g, width=width, count=count, state={}, small=small, started=started)
-            )
+            slot = _Slot(group=g, width=width, count=count, state={}, small=small, started=started)
+            slot.version = _version(small)  # zeros: every model at step 0 (host_t = 0)
+            slots.append(slot)
         self._slots = slots
         self._flat_version = flat.version
 
@@ -649,6 +664,17 @@ class BatchOptimizer(torch.optim.Optimizer):
                 slot.scratch = torch.empty(n, slot.width, dtype=g.dtype, device=g.device)
             p2d = g.flat[:, : slot.width]
             compiled = self._compiled
+            if (
+                compiled is None
+                and not self._static
+                and self._fast_step(slot, p2d, flat_grads, hp["c"], flags)
+            ):
+                for k in range(trainable):
+                    slot.started[k] = True
+                self._after_step(masked)
+                return
+            self._flush(slot)
+            slot.host_t = None  # the device arithmetic below advances the step state
             if compiled is not None:
                 # Two compiled functions: the per-model coefficients ([N, k], once), then the
                 # element-wise update (one pass; it must not recompute them per element).
@@ -656,6 +682,7 @@ class BatchOptimizer(torch.optim.Optimizer):
                 compiled[1](p2d, flat_grads, slot.state, coef, hp["c"], flags)
             else:
                 self._update(p2d, flat_grads, slot.state, slot.small, hp["c"], flags, slot.scratch)
+            slot.version = _version(slot.small)
             for k in range(trainable):
                 slot.started[k] = True
             self._after_step(masked)
@@ -665,11 +692,44 @@ class BatchOptimizer(torch.optim.Optimizer):
     def _after_step(self, masked: bool) -> None:
         """Hook run after a storage stepped (SGD records that momentum buffers exist)."""
 
+    def _fast_step(
+        self, slot: _Slot, p: Tensor, grads: list[Tensor], c: dict[str, Any], flags: dict[str, Any]
+    ) -> bool:
+        """Hook: step the storage with host-side step bookkeeping (fewer kernels) and return
+        True, or return False to take the device path. Only called in eager, non-static
+        mode on the flat path. A subclass that steps here without writing ``slot.small``
+        counts the step in ``slot.pending`` and writes it in :meth:`_write_pending`."""
+        return False
+
+    def _fresh(self, slot: _Slot) -> bool:
+        """Whether ``slot.small`` is as the optimizer last wrote it (nothing wrote into it
+        through a view of the state since)."""
+        return _version(slot.small) == slot.version
+
+    def _flush(self, slot: _Slot) -> None:
+        """Bring ``slot.small`` up to date with the steps the host path took. A write into
+        it from outside since (e.g. ``run_and_undo`` restoring a snapshot, a sweep resetting
+        a model's step) wins: the pending steps are dropped and the host count forgotten."""
+        if not self._fresh(slot):
+            slot.pending = 0
+            slot.host_t = None
+        elif slot.pending:
+            self._write_pending(slot)
+            slot.pending = 0
+        slot.version = _version(slot.small)
+
+    def _write_pending(self, slot: _Slot) -> None:
+        """Write ``slot.pending`` host-path steps into ``slot.small`` (subclasses that step
+        on the host implement it)."""
+        raise NotImplementedError
+
     def _step_tensors(self, slot: _Slot, grads: list[Tensor | None], masked: bool) -> None:
         """The general path: one update per parameter tensor that has a gradient, each with
         its own step state (parameters without a gradient are skipped, as in torch.optim)."""
         g = slot.group
         n = g.flat.shape[0]
+        self._flush(slot)
+        slot.host_t = None
         if slot.split is None:
             slot.split = [slot.small.clone() for _ in g.params]
         hp = self._refresh(g.device, g.dtype)
@@ -727,6 +787,8 @@ class BatchOptimizer(torch.optim.Optimizer):
             self._import_state(saved)
 
     def __getstate__(self) -> dict[str, Any]:
+        for slot in self._slots or []:
+            self._flush(slot)
         state = _optimizer_getstate(self)
         state["_hp"] = {}
         state["_seen"] = None
@@ -735,6 +797,8 @@ class BatchOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        for slot in self._slots or []:  # new tensors, new version counters; flushed
+            slot.version = _version(slot.small)
         self._patch_step_function()
         self.batch._register_optimizer(self)
 
@@ -749,6 +813,7 @@ class BatchOptimizer(torch.optim.Optimizer):
             # through them (e.g. a sweep resetting a slot) is read again at the next step.
             self._settled = None
         for slot in self._slots:
+            self._flush(slot)
             g = slot.group
             n = g.flat.shape[0]
             for k, name in enumerate(g.names):
@@ -772,6 +837,7 @@ class BatchOptimizer(torch.optim.Optimizer):
         """Load ``{name: {key: [N, ...]}}`` (validated by the caller) into the flat state."""
         slots = self._slots_now() if self._slots is None else self._slots
         for slot in slots:
+            self._flush(slot)
             g = slot.group
             names = [nm for k, nm in enumerate(g.names) if k < slot.count and nm in saved]
             if not names:
@@ -800,9 +866,16 @@ class BatchOptimizer(torch.optim.Optimizer):
                 slot.split = [slot.small.clone() for _ in g.params]
                 for k, sm in steps:
                     slot.split[k] = sm.clone()
+            slot.host_t = self._host_steps(slot)
+            slot.version = _version(slot.small)
 
     def _small_keys(self) -> tuple[str, ...]:
         return ("step",)
+
+    def _host_steps(self, slot: _Slot) -> int | None:
+        """After loading: the step count every model of ``slot`` shares, if the host path
+        can continue from the loaded step state exactly (None: the device path continues)."""
+        return None
 
     def _small_from_saved(self, s: Mapping[str, Any], device: torch.device) -> Tensor:
         step = s.get("step")

@@ -130,8 +130,10 @@ class SGD(BatchOptimizer):
         # coefficients are then constant and need no per-step work.
         nz = self.__dict__.get("_nz")
         if nz is None or self.__dict__.get("_nz_of") is not self._hp_host:
-            nz = tuple(m != 0 for m in self._hp_host["momentum"])  # O(N), on a change only
-            self._nz, self._nz_of = nz, self._hp_host
+            host = self._hp_host
+            nz = tuple(m != 0 for m in host["momentum"])  # O(N), on a change only
+            self._plain = all(nz) and not any(host["dampening"])
+            self._nz, self._nz_of = nz, host
         settled = self._settled is nz or (
             self._settled is not None
             and all(s or not z for s, z in zip(self._settled, nz, strict=True))
@@ -139,7 +141,38 @@ class SGD(BatchOptimizer):
         if settled:
             self._settled = nz
         flags["settled"] = settled and not masked and k is None and self._compiled is None
+        # Every model with momentum and no dampening: the buffer update is one kernel,
+        # buf = g + buf * c0, on every path (the same arithmetic whichever path runs, so a
+        # model's numbers do not depend on the others'). Not in static mode, where
+        # `masked=False` is the caller's promise, not a fact.
+        flags["plain_hp"] = not self._static and self.__dict__.get("_plain", False)
+        flags["plain"] = flags["settled"] and flags["plain_hp"]
         return flags
+
+    def _fast_step(
+        self, slot: Any, p: Tensor, grads: list[Tensor], c: dict[str, Any], flags: dict[str, Any]
+    ) -> bool:
+        """A settled step with every model active, with momentum and without dampening:
+        the step counts are kept on the host (written into the step state when it is read),
+        the step is 3 kernels (gather, buffer, parameters) plus one for Nesterov."""
+        if not flags["plain"] or not self._fresh(slot):
+            return False
+        g = torch.cat(grads, 1, out=slot.scratch)
+        if flags["maximize"]:
+            g.mul_(c["sign"])
+        if flags["wd"]:
+            for a, b in flags["decay_runs"]:
+                g[:, a:b].addcmul_(p[:, a:b], c["wd"])
+        buf = slot.state["momentum_buffer"]
+        torch.addcmul(g, buf, c["later"][:, 0:1], out=buf)
+        if flags["raw_grad"]:
+            p.addcmul_(g, c["k1"])
+        p.addcmul_(buf, c["k2"])
+        slot.pending += 1
+        return True
+
+    def _write_pending(self, slot: Any) -> None:
+        slot.small[:, 1].add_(float(slot.pending))
 
     def _after_step(self, masked: bool) -> None:
         if not masked and self._slots is not None and all(s.split is None for s in self._slots):
@@ -223,7 +256,10 @@ class SGD(BatchOptimizer):
             coef = torch.where(hb > 0, c["later"], c["first"])
             torch.maximum(hb, c["f64_moving"], out=hb)  # started |= moving
             small[:, 1:2].add_(c["f64_active"])
-        buf.mul_(coef[:, 0:1]).addcmul_(g, coef[:, 1:2])
+        if flags["plain_hp"]:  # coef[:, 1] is 1 (or 0 where g is 0: quarantined models)
+            torch.addcmul(g, buf, coef[:, 0:1], out=buf)
+        else:
+            buf.mul_(coef[:, 0:1]).addcmul_(g, coef[:, 1:2])
         if masked:  # the same arithmetic as below, then kept for active models only
             new = torch.addcmul(p, g, c["k1"], out=g) if flags["raw_grad"] else g.copy_(p)
             new.addcmul_(buf, c["k2"])
