@@ -115,12 +115,12 @@ def main() -> None:
     # imports (seconds), which would otherwise land on whichever method runs first.
     sweep(configs[:2], make_model, train_loader=train, loss_fn=F.cross_entropy, epochs=1,
           progress=False)
-    one_by_one(configs[:1], CountingLoader(train), val, 1, SuccessiveHalving(rungs))
+    one_by_one(configs[:1], CountingLoader(train), val, 1, SuccessiveHalving(rungs, mode="min"))
     rows = []
     for method in ("refill", "drop", "one-by-one"):
         walls = []
         for _ in range(args.repeats):
-            pruner = SuccessiveHalving(rungs, reduction_factor=3)
+            pruner = SuccessiveHalving(rungs, reduction_factor=3, mode="min")
             counted = CountingLoader(train)
             t0 = time.perf_counter()
             if method == "one-by-one":

@@ -259,3 +259,30 @@ def test_restore_best_weights_puts_a_stopped_models_best_back() -> None:
     assert not bool(batch.active[1])
     for k, v in batch.extract(1).state_dict().items():
         assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize("directory", [False, True])
+def test_a_replaced_slot_does_not_inherit_the_previous_models_best_weights(
+    tmp_path, directory: bool
+) -> None:
+    """A slot refilled with a new model (``on_models_replaced``, as sweeps do) starts with no
+    best record: until the new model has a finite metric, ``best_state`` of that id refuses,
+    and ``restore_best_weights`` never writes the previous occupant's weights into it."""
+    batch = make_batch(bn=False)
+    es = EarlyStopping("val", patience=1, restore_best_weights=True,
+                       directory=tmp_path / "best" if directory else None)
+    pack = CallbackPack(batch, [es])
+    pack.on_validation_end({"val": torch.tensor([1.0, 0.5, 1.0, 1.0])})
+    torch.manual_seed(5)
+    fresh = nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 2))
+    batch.insert(1, fresh)
+    for cb in pack.callbacks:
+        cb.on_models_replaced(pack, [1])
+    assert 1 not in es.best_values
+    with pytest.raises(KeyError, match="no best weights for model 1"):
+        es.best_state(1)
+    nan = float("nan")
+    pack.on_validation_end({"val": torch.tensor([0.9, nan, 0.9, 0.9])})  # slot 1 stops
+    assert not bool(batch.active[1])
+    for k, v in batch.extract(1).state_dict().items():
+        assert torch.equal(v, fresh.state_dict()[k]), k

@@ -105,6 +105,15 @@ class Callback:
         """Fresh models now sit at ``positions`` (a sweep refilled freed slots): reset any
         per-model state kept for those positions."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """The callback's own state (tensors, numbers, strings, lists and dicts of them),
+        for a resumable run such as a sweep folder. A callback that keeps state between
+        hooks overrides this and :meth:`load_state_dict`; the default has none."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (called after :meth:`on_attach`)."""
+
 
 class CallbackPack:
     """Runs callbacks at the hook points of a training loop and applies their verdicts.
@@ -215,6 +224,30 @@ class CallbackPack:
         self.batch.drop(ids, schedulers=self.schedulers)
         for mid in ids:
             self._record(mid, reason, "drop")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The pack's counters and events and each callback's :meth:`Callback.state_dict`,
+        in callback order."""
+        return {
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "events": [dict(e) for e in self.events],
+            "callbacks": [cb.state_dict() for cb in self.callbacks],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` into a pack built with the same callbacks."""
+        saved = list(state["callbacks"])
+        if len(saved) != len(self.callbacks):
+            raise ValueError(
+                f"the saved callback state is for {len(saved)} callbacks, this pack has "
+                f"{len(self.callbacks)}: build it with the same callbacks"
+            )
+        self.global_step = int(state["global_step"])
+        self.epoch = int(state["epoch"])
+        self.events = [dict(e) for e in state["events"]]
+        for cb, cb_state in zip(self.callbacks, saved, strict=True):
+            cb.load_state_dict(cb_state)
 
     @property
     def should_stop(self) -> bool:
@@ -385,6 +418,13 @@ class DivergenceGuard(Callback):
         if self._count is not None:
             for pos in positions:
                 self._count[pos] = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": None if self._count is None else self._count.clone()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state["count"] is not None and self._count is not None:
+            self._count.copy_(state["count"])
 
 
 class EarlyStopping(Callback):
@@ -565,10 +605,43 @@ class EarlyStopping(Callback):
         self._wait = _select(self._wait, keep)
 
     def on_models_replaced(self, pack: CallbackPack, positions: Sequence[int]) -> None:
+        """The models at ``positions`` are new: their patience, best value and best weights
+        start over. The previous occupant's record under that id is forgotten (take it with
+        :meth:`best_state` before replacing), so it can never be restored into, or returned
+        for, the new model."""
         assert self.best is not None and self._wait is not None
+        ids = pack.batch.model_ids
         for pos in positions:
             self.best[pos] = torch.inf if self.mode == "min" else -torch.inf
             self._wait[pos] = 0
+            model_id = ids[pos]
+            self.best_values.pop(model_id, None)
+            self._weights.pop(model_id, None)
+            if self.directory is not None:
+                self._path(model_id).unlink(missing_ok=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Per-model best values and patience counters, and the best weights kept in memory
+        (those under ``directory`` stay there)."""
+        assert self.best is not None and self._wait is not None
+        return {
+            "best": self.best.clone(),
+            "wait": self._wait.clone(),
+            "best_values": dict(self.best_values),
+            "weights": {k: dict(v) for k, v in self._weights.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        assert self.best is not None and self._wait is not None
+        if tuple(state["best"].shape) != tuple(self.best.shape):
+            raise ValueError(
+                f"the saved EarlyStopping state is for {state['best'].shape[0]} models, this "
+                f"batch has {self.best.shape[0]}"
+            )
+        self.best = state["best"].clone()
+        self._wait = state["wait"].clone()
+        self.best_values = dict(state["best_values"])
+        self._weights = {k: dict(v) for k, v in state["weights"].items()}
 
 
 class GradClipping(Callback):

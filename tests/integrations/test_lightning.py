@@ -409,3 +409,26 @@ def test_load_from_checkpoint_without_an_optimizer(tmp_path: Path) -> None:
         loaded, DataLoader(TensorDataset(x), batch_size=len(x))
     )
     assert torch.equal(preds[0], module(x).detach())
+
+
+def test_per_model_early_stopping_state_survives_a_checkpoint_resume(tmp_path: Path) -> None:
+    """Patience counters and best values are part of the Lightning checkpoint: a fit resumed
+    after 2 epochs stops every model at the same validation as an uninterrupted fit."""
+
+    def run(max_epochs: int, ckpt: Path | None = None) -> tuple[Any, Any]:
+        # "max" on a falling loss: each model improves once, then counts to its patience.
+        stopper = PerModelEarlyStopping("val/loss", mode="max", patience=3)
+        trainer = _trainer(max_epochs, default_root_dir=tmp_path, callbacks=[stopper],
+                           num_sanity_val_steps=0)
+        trainer.fit(_module(_models()), _loader(), _loader(), ckpt_path=ckpt)
+        return trainer, stopper
+
+    whole, whole_stopper = run(8)
+    assert whole.current_epoch == 4 and sorted(whole_stopper.stopped) == [0, 1, 2]
+    first, _ = run(2)
+    ckpt = tmp_path / "two.ckpt"
+    first.save_checkpoint(ckpt)
+    resumed, stopper = run(8, ckpt)
+    assert resumed.current_epoch == 4
+    assert stopper.stopped == whole_stopper.stopped
+    assert stopper.best_values == pytest.approx(whole_stopper.best_values)

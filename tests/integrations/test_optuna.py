@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from optuna.trial import TrialState
 
+import modelbatch
 from modelbatch.integrations.optuna import create_sqlite_study, optimize_batched
 from modelbatch.integrations.sweeping import sweep
 from tests.integrations._toy import make_loader, make_mlp64
@@ -259,3 +260,36 @@ def test_trials_record_their_checkpoint_and_return_models(tmp_path):
         for a, b in zip(models[t.number].state_dict().values(),
                         direct[0].model.state_dict().values(), strict=True):
             assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+class _PoisonFirstEpoch(modelbatch.Callback):
+    """Slot 0's weights turn NaN at the end of the first epoch (after its loss)."""
+
+    def on_epoch_end(self, pack):
+        if pack.epoch == 0:
+            with torch.no_grad():
+                for _, p in pack.batch.stacked_parameters():
+                    p[0] = float("nan")
+
+
+def test_a_trial_whose_weights_went_nan_fails_even_with_a_finite_accuracy():
+    """Accuracy of NaN outputs is finite (argmax picks a class): the trial still fails at
+    once instead of reporting that accuracy or completing with NaN weights."""
+    study = optuna.create_study(direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    trials = _run(study, n_trials=2, models_per_batch=2, metric="accuracy",
+                  train_callbacks=lambda: [_PoisonFirstEpoch()])
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[0].intermediate_values == {}
+
+
+def test_callbacks_that_act_on_validation_are_refused_before_any_trial():
+    """EarlyStopping in train_callbacks would never see a validation metric (the objective
+    goes to the study's pruner): refused up front, naming it and the way out."""
+    study = optuna.create_study()
+    with pytest.raises(ValueError, match=r"EarlyStopping acts on validation.*pruner"):
+        _run(study, n_trials=2,
+             train_callbacks=lambda: [modelbatch.EarlyStopping("loss", patience=1)])
+    assert study.trials == []
+    trials = _run(study, n_trials=1, train_callbacks=lambda: [modelbatch.NaNGuard()])
+    assert trials[0].state == TrialState.COMPLETE

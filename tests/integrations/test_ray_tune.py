@@ -119,3 +119,18 @@ def test_resources_use_tune_names_and_unknown_keys_are_refused():
                      epochs=1, resources_per_trial={"num_gpu": 1})  # fmt: skip
     with pytest.raises(ValueError, match="sets 'gpu' twice"):
         trial_resources({"gpu": 1, "num_gpus": 1})
+
+
+def test_a_successive_halving_pruner_in_sweep_kwargs_takes_the_bundles_mode():
+    """``sweep_kwargs={"pruner": SuccessiveHalving(...)}`` without a mode follows the
+    metric's mode (it must not prune the best accuracies); an opposite mode is refused."""
+    from modelbatch.integrations.ray_tune import _sweep_opts
+    from modelbatch.integrations.sweeping import SuccessiveHalving
+
+    common = dict(make_model=None, train_loader=None, loss_fn=None, epochs=2, val_loader=None,
+                  metric="accuracy", mode="max", eval_fn=None, optimizer_cls=torch.optim.SGD,
+                  device=None, folder=None, n=2)
+    opts = _sweep_opts(**common, extra={"pruner": SuccessiveHalving((1,))})
+    assert opts["pruner"].mode == "max"
+    with pytest.raises(ValueError, match="the sweep's mode is 'max'"):
+        _sweep_opts(**common, extra={"pruner": SuccessiveHalving((1,), mode="min")})

@@ -657,3 +657,216 @@ def test_digits_sweep_example_runs(tmp_path, monkeypatch, capsys):
     assert (folder / "sweep.png").stat().st_size > 0
     assert isinstance(ns["best"], nn.Sequential)
     assert capsys.readouterr().out.count("best_val_accuracy") == 5
+
+
+def test_resuming_with_different_arguments_is_refused_naming_the_difference(tmp_path):
+    """A sweep folder resumed with another config list (or epochs, metric, ...) is refused,
+    and the error names what differs: which config, which entry, both values."""
+    loader = make_loader(n=32)
+    configs = [{"lr": 0.1}, {"lr": 0.2}, {"lr": 0.3}]
+    kwargs = dict(train_loader=loader, loss_fn=F.cross_entropy, epochs=1, progress=False,
+                  folder=tmp_path / "s")
+    sweep(configs, make_mlp, **kwargs)
+    changed = [{"lr": 0.1}, {"lr": 0.25}, {"lr": 0.3}]
+    with pytest.raises(ValueError, match=r"config 1: 'lr' was 0\.2, now 0\.25"):
+        sweep(changed, make_mlp, **kwargs)
+    with pytest.raises(ValueError, match=r"3 configs before, 2 now"):
+        sweep(configs[:2], make_mlp, **kwargs)
+    with pytest.raises(ValueError, match=r"epochs was 1, now 2"):
+        sweep(configs, make_mlp, **{**kwargs, "epochs": 2})
+    with pytest.raises(ValueError, match=r"grad_clip was None, now 1\.0"):
+        sweep(configs, make_mlp, **{**kwargs, "grad_clip": 1.0})
+    with pytest.raises(ValueError, match=r"objective was 'loss', now 'val_loss'"):
+        sweep(configs, make_mlp, **{**kwargs, "val_loader": loader})
+    again = sweep(configs, make_mlp, **kwargs)  # the same arguments still resume
+    assert [r.status for r in again.values()] == ["completed"] * 3
+
+
+def test_a_sweep_with_early_stopping_callbacks_resumes_their_patience(tmp_path):
+    """User callbacks keep state across epochs (EarlyStopping's patience counters and best
+    values, the pack's step count): a sweep folder saves it, so a sweep interrupted at any
+    step and called again stops the same models at the same epochs."""
+    loader = make_loader(n=64)
+    configs = [{"lr": lr, "seed": s} for lr, s in [(3.0, 0), (1.0, 1), (5.0, 2), (0.5, 3)]]
+    calls = [0]
+    stop_at = [0]
+
+    def loss_fn(out, target):
+        calls[0] += 1
+        if calls[0] == stop_at[0]:
+            raise KeyboardInterrupt
+        return F.cross_entropy(out, target)
+
+    kwargs = dict(train_loader=loader, loss_fn=loss_fn, epochs=8, models_per_batch=2,
+                  optimizer_cls=torch.optim.SGD, progress=False,
+                  # "max" on a falling loss: improves once, then counts to its patience
+                  callbacks=lambda: [modelbatch.EarlyStopping("loss", mode="max", patience=3)])
+    expected = sweep(configs, make_mlp, **kwargs)
+    want = [(r.status, r.history) for r in expected.values()]
+    assert [len(h) for _, h in want] == [4, 4, 6, 4]
+    total = calls[0]
+    for k in range(3, total, 4):
+        calls[0], stop_at[0] = 0, k
+        with pytest.raises(KeyboardInterrupt):
+            sweep(configs, make_mlp, folder=tmp_path / str(k), **kwargs)
+        stop_at[0] = 0
+        resumed = sweep(configs, make_mlp, folder=tmp_path / str(k), **kwargs)
+        assert [(r.status, r.history) for r in resumed.values()] == want, k
+
+
+def test_make_model_gets_a_real_dict_whose_reads_count():
+    """``make_model`` receives a dict (``isinstance(config, dict)``, ``.copy()``,
+    ``.setdefault``, ``|`` all work, as with the config the user wrote); keys read through
+    a copy or a merge count as used, and a typo is still caught."""
+    kwargs = {"train_loader": make_loader(n=32), "loss_fn": F.cross_entropy, "epochs": 1,
+              "progress": False}
+
+    def copying(config):
+        assert isinstance(config, dict), type(config)
+        c = config.copy()
+        c.setdefault("hidden", 8)
+        merged = {"act": "tanh"} | c
+        return make_mlp({"seed": merged.get("seed", 0), "hidden": merged["hidden"]})
+
+    res = sweep([{"lr": 0.1, "hidden": 4, "seed": 1}, {"lr": 0.1}], copying, **kwargs)
+    assert [r.status for r in res.values()] == ["completed", "completed"]
+    with pytest.raises(ValueError, match=r"\['hiden'\].*did you mean 'hidden'"):
+        sweep([{"lr": 0.1, "hidden": 4, "hiden": 5}],
+              lambda c: make_mlp({"hidden": c.copy()["hidden"]}), **kwargs)
+    rows = sweep([{"lr": 0.1, "hidden": 4}],
+                 lambda c: make_mlp({k: v for k, v in c.items()}), **kwargs)
+    assert rows[0].status == "completed"
+    configs = [{"lr": 0.1, "hidden": 4}]
+    sweep(configs, copying, **kwargs)
+    assert configs == [{"lr": 0.1, "hidden": 4}]  # make_model's edits stay its own
+
+
+def test_successive_halving_follows_the_sweeps_mode_and_refuses_the_opposite():
+    """``SuccessiveHalving`` without ``mode`` takes the sweep's (``"max"`` for accuracy), so
+    it keeps the best configs; an explicit opposite mode is refused, naming both."""
+    loader = make_loader()
+    configs = [{"seed": s, "lr": lr} for s in range(2) for lr in (1e-4, 1e-1)]
+    kwargs = dict(train_loader=loader, loss_fn=F.cross_entropy, epochs=2, metric="accuracy",
+                  models_per_batch=2, progress=False)
+    res = sweep(configs, make_mlp, pruner=SuccessiveHalving((1,)), **kwargs)
+    first = {k: r.history[0] for k, r in res.items()}
+    for k, r in res.items():  # the pruned ones are never better than a kept one at rung 1
+        if r.status == "pruned":
+            kept = [first[j] for j, q in res.items() if q.status == "completed"]
+            assert first[k] <= min(kept), (first, [q.status for q in res.values()])
+    with pytest.raises(ValueError, match=r"pruner's mode 'min'.*sweep's mode is 'max'"):
+        sweep(configs, make_mlp, pruner=SuccessiveHalving((1,), mode="min"), **kwargs)
+    with pytest.raises(ValueError, match="SuccessiveHalving needs mode="):
+        SuccessiveHalving((1,))(0, 0, res)
+
+
+class _PoisonAtEpochEnd(modelbatch.Callback):
+    """Turns slot 0's weights NaN at the end of the first epoch (an update that blew up on
+    the epoch's last step, after its loss was computed)."""
+
+    def on_epoch_end(self, pack):
+        if pack.epoch == 0:
+            with torch.no_grad():
+                for _, p in pack.batch.stacked_parameters():
+                    p[0] = float("nan")
+
+
+def test_non_finite_weights_under_a_finite_accuracy_count_as_diverged():
+    """Accuracy stays finite for NaN outputs (argmax picks a class): a model whose weights
+    went NaN is still diverged at once, and its NaN weights are never its best."""
+    kwargs = dict(train_loader=make_loader(), loss_fn=F.cross_entropy, epochs=2,
+                  metric="accuracy", progress=False, callbacks=lambda: [_PoisonAtEpochEnd()])
+    res = sweep([{"lr": 0.01, "seed": 0}, {"lr": 0.01, "seed": 1}], make_mlp, **kwargs)
+    assert res[0].status == "diverged" and res[0].epochs == 1
+    assert math.isnan(res[0].best_value) and res.ranked() == [1]
+    with pytest.raises(KeyError, match="never reached a finite"):
+        res.best_weights(0)
+    assert res[1].status == "completed"
+
+
+def test_train_bundle_marks_a_model_with_non_finite_weights_diverged():
+    """An objective can be finite for a model whose weights are NaN (accuracy, or a custom
+    eval_fn): train_bundle still marks it diverged and drops it."""
+
+    def eval_fn(batch):
+        if "a" in batch.model_ids:
+            with torch.no_grad():
+                for _, p in batch.stacked_parameters():
+                    p[batch.model_ids.index("a")] = float("nan")
+        return torch.zeros(len(batch))
+
+    results = train_bundle(
+        [make_mlp({"seed": s}) for s in range(2)], [{"lr": 0.1}] * 2, model_ids=["a", "b"],
+        train_loader=make_loader(), loss_fn=F.cross_entropy, epochs=2, metric="zero",
+        eval_fn=eval_fn,
+    )
+    assert results["a"].status == "diverged" and results["a"].epochs == 1
+    assert results["b"].status == "completed" and results["b"].epochs == 2
+
+
+def _shuffled_loader():
+    """A loader that reshuffles every epoch from its own generator (not torch's global RNG),
+    built afresh as a restarted script would."""
+    base = make_loader()
+    return torch.utils.data.DataLoader(base.dataset, batch_size=32, shuffle=True,
+                                       generator=torch.Generator().manual_seed(0))
+
+
+def test_a_resumed_sweep_continues_a_seeded_loaders_shuffling(tmp_path):
+    """The order a loader with its own generator shuffles in is part of the sweep state: a
+    sweep interrupted after some epochs and restarted with a freshly built loader sees the
+    epochs the uninterrupted sweep saw, and ends with the same models."""
+    calls = [0]
+    stop_at = [0]
+
+    def loss_fn(out, target):
+        calls[0] += 1
+        if calls[0] == stop_at[0]:
+            raise KeyboardInterrupt
+        return F.cross_entropy(out, target)
+
+    configs = [{"lr": 0.05, "seed": s} for s in range(3)]
+    kwargs = dict(loss_fn=loss_fn, epochs=3, models_per_batch=2, keep_models=True,
+                  progress=False)
+    expected = sweep(configs, make_mlp, train_loader=_shuffled_loader(), **kwargs)
+    total, calls[0] = calls[0], 0
+    stop_at[0] = total // 2 + 1
+    with pytest.raises(KeyboardInterrupt):
+        sweep(configs, make_mlp, train_loader=_shuffled_loader(), folder=tmp_path / "s",
+              **kwargs)
+    stop_at[0] = 0
+    resumed = sweep(configs, make_mlp, train_loader=_shuffled_loader(), folder=tmp_path / "s",
+                    **kwargs)
+    for k in range(3):
+        a, b = expected[k].model.state_dict(), resumed[k].model.state_dict()
+        assert all(torch.equal(a[n], b[n]) for n in a), k
+        assert expected[k].history == resumed[k].history
+
+
+def test_result_keys_map_to_distinct_checkpoint_ids(tmp_path):
+    """``key=`` values become checkpoint model ids: booleans work, and two keys that would
+    share a folder (``0.5`` and ``"0.5"``) are refused before training, naming them."""
+    kwargs = dict(train_loader=make_loader(n=32), loss_fn=F.cross_entropy, epochs=1,
+                  progress=False)
+    res = sweep([{"lr": 0.1, "flag": True}, {"lr": 0.2, "flag": False}], make_mlp,
+                key="flag", folder=tmp_path / "b", **kwargs)
+    assert set(res) == {True, False}
+    assert all(torch.equal(res.best_weights(k)["0.weight"], res.best_model(k)[0].weight)
+               for k in res)
+    with pytest.raises(ValueError, match=r"keys 0\.5 and '0\.5' would share"):
+        sweep([{"lr": 0.1, "name": 0.5}, {"lr": 0.2, "name": "0.5"}], make_mlp, key="name",
+              folder=tmp_path / "c", **kwargs)
+
+
+def test_a_config_entry_named_like_a_result_column_keeps_its_own_column(tmp_path):
+    """A hyper-parameter called ``epochs`` (read by ``scheduler_fn``) or ``status`` is not
+    overwritten by the result columns of the same name: it appears as ``config.epochs``."""
+    res = sweep(
+        [{"lr": 0.1, "epochs": 10}], make_mlp, train_loader=make_loader(n=32),
+        loss_fn=F.cross_entropy, epochs=1, progress=False, folder=tmp_path / "s",
+        scheduler_fn=lambda opt, c: torch.optim.lr_scheduler.CosineAnnealingLR(opt, c["epochs"]),
+    )
+    row = res.records()[0]
+    assert row["config.epochs"] == 10 and row["epochs"] == 1 and row["lr"] == 0.1
+    with (tmp_path / "s" / "results.csv").open() as f:
+        assert next(csv.DictReader(f))["config.epochs"] == "10"

@@ -458,6 +458,20 @@ class PerModelEarlyStopping(pl.Callback):  # type: ignore[misc,name-defined]
         )
         self.pack: Any = None
         self.stopped: list[int | str] = []
+        self._restored: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Each model's best value, patience counter and (in memory) best weights, and the
+        stopped ids: saved in Lightning checkpoints, so a resumed fit stops the same models
+        at the same validations."""
+        if self.pack is None:
+            return dict(self._restored or {})
+        return {"early_stopping": self.early_stopping.state_dict(), "stopped": list(self.stopped)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (applied at the first validation of the resumed fit)."""
+        self._restored = dict(state_dict) if state_dict else None
+        self.pack = None
 
     @property
     def best_values(self) -> dict[int | str, float]:
@@ -477,6 +491,10 @@ class PerModelEarlyStopping(pl.Callback):  # type: ignore[misc,name-defined]
 
         if self.pack is None or self.pack.batch is not pl_module.model_batch:
             self.pack = CallbackPack(pl_module.model_batch, [self.early_stopping])
+            if self._restored is not None:
+                self.early_stopping.load_state_dict(self._restored["early_stopping"])
+                self.stopped = list(self._restored["stopped"])
+                self._restored = None
         self.pack.schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
         return self.pack
 

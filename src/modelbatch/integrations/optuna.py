@@ -31,6 +31,7 @@ from modelbatch.integrations.sweeping import (
     EvalFn,
     LossFn,
     _call_scheduler_fn,
+    _finite_weights,
     _objective,
     _per_model_hparams,
     _save_model,
@@ -176,6 +177,8 @@ def optimize_batched(
                 f"the study's direction is {study.direction.name.lower()!r}, but metric "
                 f"{metric!r} needs direction={expected!r}"
             )
+    if train_callbacks is not None:
+        _check_train_callbacks(train_callbacks())
     run = _OptunaRun(
         study, optuna, make_model, make_hparams, models_per_batch, epochs, n_trials, timeout,
         list(callbacks or []), tuple(catch) if isinstance(catch, Iterable) else (catch,),
@@ -371,6 +374,7 @@ class _OptunaRun:
         values: Tensor = _objective(batch, o["train_loader"], o["val_loader"], o["loss_fn"],
                                     o["metric"], o["eval_fn"])
         active = batch.active.tolist()
+        weights_ok = _finite_weights(batch)  # accuracy of NaN outputs is finite
         free: list[int] = []
         for pos, slot in enumerate(batch.model_ids):
             run = self.running[slot]  # type: ignore[index]
@@ -381,7 +385,7 @@ class _OptunaRun:
                 o["logger"].log([{"model_id": run.trial.number, "train_loss": tl,
                                   o["metric"]: v, "lr": optimizer.param_groups[pos].get("lr")}],
                                 epoch)
-            if not (math.isfinite(tl) and math.isfinite(v) and active[pos]):
+            if not (math.isfinite(tl) and math.isfinite(v) and active[pos] and weights_ok[pos]):
                 self.finish(run, "fail", position=pos, error="non-finite loss or objective")
             else:
                 run.trial.report(v, epoch)
@@ -422,6 +426,25 @@ class _OptunaRun:
             self._attach(slot, run)  # type: ignore[arg-type]
         if not release_slots(batch, self.pack, self.scheds, empty):
             self.batch = self.optimizer = self.scheds = self.pack = None
+
+
+def _check_train_callbacks(callbacks: Iterable[Any]) -> None:
+    """Refuse callbacks that act on validation: optimize_batched reports each epoch's
+    objective to the study (its pruner decides), not to the callbacks, so such a callback
+    would silently never act."""
+    from modelbatch.callbacks import Callback, LogMetrics
+
+    for cb in callbacks:
+        if not isinstance(cb, LogMetrics) and (  # LogMetrics also logs per step
+            type(cb).on_validation_end is not Callback.on_validation_end
+        ):
+            raise ValueError(
+                f"train_callbacks: {type(cb).__name__} acts on validation metrics, which "
+                "optimize_batched reports to the study, not to callbacks, so it would never "
+                "act; stop trials early with the study's pruner (e.g. "
+                "optuna.pruners.MedianPruner), or use modelbatch.integrations.sweep(..., "
+                "callbacks=...) or patience=, which do run it"
+            )
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:

@@ -33,6 +33,7 @@ from modelbatch.integrations.sweeping import (
     EvalFn,
     LossFn,
     SweepResults,
+    _resolve_pruner,
     _SweepRun,
     structure_signature,
 )
@@ -206,6 +207,7 @@ def _sweep_opts(*, make_model: Any, train_loader: Any, loss_fn: Any, epochs: int
     if unknown:
         raise TypeError(f"sweep_kwargs has unknown keys {sorted(unknown)}")
     opts.update(extra)
+    opts["pruner"] = _resolve_pruner(opts["pruner"], mode, metric)
     return opts
 
 

@@ -313,8 +313,11 @@ def train_bundle(
         current = batch.model_ids
         objective: dict[ModelId, float] = {}
         diverged: list[ModelId] = []
+        weights_ok = _finite_weights(batch)
         for i, mid in enumerate(current):
             tl, v = float(train_losses[i]), float(values[i])
+            if not weights_ok[i]:  # e.g. accuracy of NaN outputs is finite: not a value
+                v = math.nan
             res = results[mid]
             res.train_loss.append(tl)
             res.history.append(v)
@@ -350,32 +353,63 @@ def train_bundle(
 
 
 # ====================================================================== the one-call sweep
-class _ReadTracker(Mapping[str, Any]):
-    """A read-only view of a config that records which keys were read (``[]``, ``get``,
-    ``in``, ``dict(...)``, ``**``): keys nothing reads are reported as unknown."""
+class _ReadTracker(dict[str, Any]):
+    """A copy of a config (a real ``dict``: ``isinstance``, ``.copy()``, ``|`` work) that
+    records which keys were read (``[]``, ``get``, ``in``, ``pop``, ``setdefault``,
+    ``dict(...)``, ``**``, also through its copies): keys nothing reads are reported as
+    unknown. Edits stay in the copy."""
 
     def __init__(self, data: Mapping[str, Any], read: set[str]) -> None:
-        self._data = data
+        super().__init__(data)
         self._read = read
 
     def __getitem__(self, k: str) -> Any:
         self._read.add(k)
-        return self._data[k]
+        return super().__getitem__(k)
 
     def __contains__(self, k: object) -> bool:
         if isinstance(k, str):
             self._read.add(k)
-        return k in self._data
+        return super().__contains__(k)
 
-    def get(self, k: str, default: Any = None) -> Any:
+    def get(self, k: str, default: Any = None) -> Any:  # type: ignore[override]
         self._read.add(k)
-        return self._data.get(k, default)
+        return super().get(k, default)
 
-    def __iter__(self) -> Any:
-        return iter(self._data)
+    def pop(self, k: str, *default: Any) -> Any:  # type: ignore[override]
+        self._read.add(k)
+        return super().pop(k, *default)
 
-    def __len__(self) -> int:
-        return len(self._data)
+    def setdefault(self, k: str, default: Any = None) -> Any:
+        self._read.add(k)
+        return super().setdefault(k, default)
+
+    def __iter__(self) -> Any:  # overriding it makes dict(...) and ** go through [] above
+        return super().__iter__()
+
+    def items(self) -> Any:  # reading every value reads every key
+        self._read.update(dict.keys(self))
+        return super().items()
+
+    def values(self) -> Any:
+        self._read.update(dict.keys(self))
+        return super().values()
+
+    def _raw(self) -> dict[str, Any]:
+        return dict(dict.items(self))
+
+    def copy(self) -> _ReadTracker:  # type: ignore[override]
+        return _ReadTracker(self._raw(), self._read)
+
+    def __or__(self, other: Any) -> _ReadTracker:  # type: ignore[override]
+        out = self.copy()
+        dict.update(out, other)
+        return out
+
+    def __ror__(self, other: Any) -> _ReadTracker:  # type: ignore[override]
+        out = _ReadTracker(dict(other), self._read)
+        dict.update(out, self._raw())
+        return out
 
 
 def _check_config_keys(
@@ -622,13 +656,14 @@ class SuccessiveHalving:
     Args:
         rungs: epoch counts at which configs are compared, e.g. ``(1, 3, 9)``.
         reduction_factor: keep about one in ``reduction_factor`` at each rung.
-        mode: ``"min"`` or ``"max"`` (the sweep's objective).
+        mode: ``"min"`` or ``"max"``; default: the mode of the :func:`sweep` it is given to
+            (``"max"`` for accuracy). Needed when called outside a sweep.
     """
 
     def __init__(
-        self, rungs: Sequence[int], reduction_factor: float = 3, mode: str = "min"
+        self, rungs: Sequence[int], reduction_factor: float = 3, mode: str | None = None
     ) -> None:
-        if mode not in ("min", "max"):
+        if mode not in ("min", "max", None):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         if reduction_factor <= 1:
             raise ValueError(f"reduction_factor must be > 1, got {reduction_factor}")
@@ -638,6 +673,11 @@ class SuccessiveHalving:
 
     def __call__(self, key: Any, epoch: int, results: Mapping[Any, ConfigResult]) -> bool:
         """Whether config ``key``, which just finished epoch ``epoch`` (0-based), stops."""
+        if self.mode is None:
+            raise ValueError(
+                "SuccessiveHalving needs mode='min' or 'max' when it is not given to sweep "
+                "(which passes its own)"
+            )
         r = epoch + 1
         if r not in self.rungs:
             return False
@@ -649,6 +689,33 @@ class SuccessiveHalving:
         )
         keep = max(1, int(len(values) // self.reduction_factor))
         return not (values and _better_or_equal(mine, values[keep - 1], self.mode))
+
+
+@torch.no_grad()
+def _finite_weights(batch: ModelBatch) -> list[bool]:
+    """Per model, whether all its parameters and floating buffers are finite (one sync)."""
+    n = len(batch)
+    ok = torch.ones(n, dtype=torch.bool, device=batch.active.device)
+    for _, t in [*batch.stacked_parameters(), *batch.stacked_buffers()]:
+        if (t.is_floating_point() or t.is_complex()) and t.dim() > 0 and t.shape[0] == n:
+            ok &= t.detach().reshape(n, -1).isfinite().all(dim=1).to(ok.device)
+    return ok.tolist()
+
+
+def _resolve_pruner(pruner: Any, mode: str, metric: str) -> Any:
+    """A :class:`SuccessiveHalving` without a mode takes the sweep's; an opposite mode is
+    refused (it would prune the best configs). Other pruners pass through."""
+    if not isinstance(pruner, SuccessiveHalving):
+        return pruner
+    if pruner.mode is None:
+        return SuccessiveHalving(pruner.rungs, pruner.reduction_factor, mode)
+    if pruner.mode != mode:
+        raise ValueError(
+            f"the pruner's mode {pruner.mode!r} does not match: the sweep's mode is {mode!r} "
+            f"(metric {metric!r}): it would prune the best configs; build "
+            f"SuccessiveHalving(..., mode={mode!r}) or leave mode out"
+        )
+    return pruner
 
 
 def _better_or_equal(a: float, b: float, mode: str) -> bool:
@@ -761,12 +828,14 @@ class SweepResults(dict[Any, ConfigResult]):
     def records(self) -> list[dict[str, Any]]:
         """One row per config: ``key``, its hyper-parameters, the final and best objective,
         ``best_epoch``, ``status``, ``epochs``, final ``train_loss``, ``checkpoint``,
-        ``error``."""
+        ``error``. A config entry named like one of these columns is ``config.<name>``."""
+        reserved = {"key", self.metric, f"best_{self.metric}", "best_epoch", "status",
+                    "epochs", "train_loss", "checkpoint", "error"}
         rows = []
         for k, r in self.items():
             row: dict[str, Any] = {"key": k}
-            for name, v in r.config.items():
-                row[name] = v
+            for name, v in r.config.items():  # a config entry named like a result column
+                row[f"config.{name}" if name in reserved else name] = v
             row[self.metric] = r.value
             row[f"best_{self.metric}"] = r.best_value
             row["best_epoch"] = r.best_epoch
@@ -854,7 +923,9 @@ class SweepResults(dict[Any, ConfigResult]):
 
 def _model_id_of(key: Any) -> int | str:
     """The model id a config's key is saved under (a checkpoint id is an int or a str)."""
-    return key if isinstance(key, (int, str)) else str(key)
+    if isinstance(key, (int, str)) and not isinstance(key, bool):
+        return key
+    return repr(key)
 
 
 def _folder_of(key: Any) -> str:
@@ -888,6 +959,20 @@ def _rng_set(state: Mapping[str, Any]) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     npst = state["numpy"]
     np.random.set_state((npst[0], npst[1].numpy(), *npst[2:]))
+
+
+def _loader_generators(loaders: Sequence[Any]) -> list[torch.Generator]:
+    """The torch generators the loaders shuffle or sample from (a DataLoader's
+    ``generator``, its sampler's and batch sampler's), each once, in a fixed order."""
+    out: list[torch.Generator] = []
+    for loader in loaders:
+        sampler = getattr(loader, "sampler", None)
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        for owner in (loader, sampler, batch_sampler, getattr(batch_sampler, "sampler", None)):
+            g = getattr(owner, "generator", None)
+            if isinstance(g, torch.Generator) and not any(g is h for h in out):
+                out.append(g)
+    return out
 
 
 _STATE_FILE = "sweep_state.pt"
@@ -1105,11 +1190,14 @@ class _SweepRun:
         batch = self.batch
         assert batch is not None
         finite: dict[int, bool] = {}
+        weights_ok = _finite_weights(batch)
         for pos, slot in enumerate(batch.model_ids):
             i = self.slot_cfg[slot]  # type: ignore[index]
             res = self.results[i]
             tl, v = float(losses[pos]), float(values[pos])
             res.train_loss.append(tl)
+            if not weights_ok[pos]:  # e.g. accuracy of NaN outputs is finite: not a value
+                v = math.nan
             res.history.append(v)
             res.value = v
             finite[slot] = math.isfinite(tl) and math.isfinite(v)  # type: ignore[index]
@@ -1257,16 +1345,59 @@ class _SweepRun:
                      o["metric"], self.mode, o["patience"], o["optimizer_cls"].__qualname__))
         if o.get("seeds") is not None:
             text += repr(o.get("seeds"))
+        text += repr((o["grad_clip"], o["scheduler_interval"], o["metric_name"]))
         return hashlib.sha256(text.encode()).hexdigest()
+
+    def spec(self) -> dict[str, Any]:
+        """What the fingerprint covers, in readable form (reprs), to name a difference."""
+        o = self.o
+        return {
+            "config_dicts": [{str(k): repr(v) for k, v in c.items()} for c in self.configs],
+            "keys": repr(self.keys), "epochs": repr(self.epochs),
+            "models_per_batch": repr(o["models_per_batch"]), "refill": repr(o["refill"]),
+            "metric": repr(o["metric"]), "mode": repr(self.mode),
+            "patience": repr(o["patience"]), "optimizer_cls": o["optimizer_cls"].__qualname__,
+            "seeds": repr(o.get("seeds")), "grad_clip": repr(o["grad_clip"]),
+            "scheduler_interval": repr(o["scheduler_interval"]),
+            "objective": repr(o["metric_name"]),
+        }
+
+    def _difference(self, old: Mapping[str, Any] | None) -> str:
+        """The first difference between the saved sweep's spec ``old`` and this one."""
+        if old is None:
+            return "(saved by an older version, which did not record its arguments)"
+        new = self.spec()
+        before, now = old["config_dicts"], new["config_dicts"]
+        if len(before) != len(now):
+            return f"{len(before)} configs before, {len(now)} now"
+        for i, (a, b) in enumerate(zip(before, now, strict=True)):
+            for name in [*a, *(k for k in b if k not in a)]:
+                if a.get(name) != b.get(name):
+                    was = a.get(name, "absent")
+                    return f"config {i}: {name!r} was {was}, now {b.get(name, 'absent')}"
+        for name in ("keys", "epochs", "models_per_batch", "refill", "metric", "mode",
+                     "patience", "optimizer_cls", "seeds", "grad_clip", "scheduler_interval",
+                     "objective"):
+            if old.get(name) != new[name]:
+                return f"{name} was {old.get(name)}, now {new[name]}"
+        return "(a difference in the configs' order or types)"
+
+    def _generators(self) -> list[torch.Generator]:
+        loaders = [self.o["train_loader"]]
+        if self.o["val_loader"] is not None:
+            loaders.append(self.o["val_loader"])
+        return _loader_generators(loaders)
 
     def save_state(self, done: bool = False) -> None:
         assert self.folder is not None
         state: dict[str, Any] = {
             "version": _STATE_VERSION,
             "fingerprint": self.fingerprint(),
+            "spec": self.spec(),
             "done": done,
             "init_rng": self.init_rng,
             "rng": _rng_get(),
+            "loader_rng": [g.get_state() for g in self._generators()],
             "results": [
                 {k: v for k, v in r.to_dict().items() if k != "config"}
                 for r in self.results.values()
@@ -1286,6 +1417,7 @@ class _SweepRun:
                 "optimizer": self.optimizer.state_dict(),
                 "schedulers": {s: self.scheds.state(s) for s in self.scheds.slots}
                 if self.scheds is not None else {},
+                "callbacks": self.pack.state_dict() if self.pack is not None else None,
             }
         state["final_models"] = {
             i: r.model.state_dict() for i, r in self.results.items() if r.model is not None
@@ -1295,9 +1427,10 @@ class _SweepRun:
     def load_state(self, state: Mapping[str, Any]) -> None:
         if state.get("version") != _STATE_VERSION or state["fingerprint"] != self.fingerprint():
             raise ValueError(
-                f"{self.folder} holds the state of a different sweep (other configs, epochs, "
-                "models_per_batch, metric or optimizer); use a new folder or delete "
-                f"{_STATE_FILE} to start over"
+                f"{self.folder} holds the state of a different sweep: "
+                f"{self._difference(state.get('spec'))}; call sweep with the same configs "
+                f"and arguments to resume, or use a new folder (or delete {_STATE_FILE}) to "
+                "start over"
             )
         for i, data in enumerate(state["results"]):
             r = ConfigResult.from_dict({**data, "config": self.configs[i]})
@@ -1329,6 +1462,8 @@ class _SweepRun:
             if self.scheds is not None:
                 for slot, st in b["schedulers"].items():
                     self.scheds.load(slot, st)
+            if self.pack is not None and b.get("callbacks") is not None:
+                self.pack.load_state_dict(b["callbacks"])
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> SweepResults:
@@ -1352,6 +1487,17 @@ class _SweepRun:
                 self.queue = list(self.groups[0]) if self.groups else []
             else:
                 _rng_set(state["rng"])
+                gens, saved = self._generators(), state.get("loader_rng")
+                if saved is None:  # written before loader generators were saved
+                    saved = [g.get_state() for g in gens]
+                if len(saved) != len(gens):
+                    raise ValueError(
+                        f"{self.folder} was saved with loaders drawing from {len(saved)} "
+                        f"torch generator(s), these draw from {len(gens)}: build the loaders "
+                        "as the first run did to resume"
+                    )
+                for g, st in zip(gens, saved, strict=True):
+                    g.set_state(st)
             finished = state is not None and state["done"]
             saved = False
             while not finished:
@@ -1463,6 +1609,9 @@ def sweep(
         scheduler_interval: ``"step"`` (after every optimizer step) or ``"epoch"``.
         callbacks: ``callbacks() -> [modelbatch.Callback, ...]``, built for every batch
             (e.g. ``lambda: [modelbatch.NaNGuard()]``); a quarantined model counts as diverged.
+            A sweep folder saves each callback's ``state_dict()`` (EarlyStopping's patience
+            and best values, DivergenceGuard's counters): a callback of your own that keeps
+            state between epochs implements ``state_dict``/``load_state_dict`` to resume.
         grad_clip: clip each model's gradient to this total norm.
         patience: early stopping: a config stops after ``patience`` epochs without beating
             its best objective. Its best weights are kept in any case.
@@ -1526,6 +1675,14 @@ def sweep(
         keys = [c[key] for c in config_list]
         if len(set(keys)) != len(keys):
             raise ValueError(f"config[{key!r}] values must be unique, got {keys}")
+        ids: dict[Any, Any] = {}
+        for k in keys:
+            other = ids.setdefault(_model_id_of(k), k)
+            if other is not k:
+                raise ValueError(
+                    f"keys {other!r} and {k!r} would share the checkpoint id "
+                    f"{_model_id_of(k)!r}: make config[{key!r}] values of one type"
+                )
     seed_list: list[int] | None = None
     if seeds is not None:
         from modelbatch.seeding import check_seeds, derive_seeds
@@ -1539,6 +1696,7 @@ def sweep(
                 f"seeds must be an int (a base seed) or a list of one int per config, got "
                 f"{type(seeds).__name__}"
             )
+    pruner = _resolve_pruner(pruner, mode, metric)
     prefix = "val_" if val_loader is not None and eval_fn is None else ""
     metric_name = prefix + metric
     opts = {
