@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from modelbatch.optim.base import BatchOptimizer, _capturing, _Slot, check_range
+from modelbatch.optim.base import BatchOptimizer, _capturing, _Slot, check_range, gathered_grad
 
 if TYPE_CHECKING:
     from modelbatch.core import ModelBatch
@@ -173,15 +173,7 @@ class Adam(BatchOptimizer):
         bc2 = bc2 * b2 + (1.0 - b2)
         k = bc1 / (math.sqrt(bc2) * lr)
         e = bc1 / (lr / eps)
-        g = torch.cat(grads, 1, out=slot.scratch)
-        if flags["maximize"]:
-            g.mul_(c["sign"])
-        if flags["wd"]:
-            for a, b in flags["decay_runs"]:
-                if flags["wd"] == 1:
-                    g[:, a:b].addcmul_(p[:, a:b], c["wd"])
-                else:
-                    p[:, a:b].mul_(c["decay"])
+        g = gathered_grad(p, grads, c, flags, slot.scratch)
         state = slot.state
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         exp_avg.lerp_(g, c["w1"])
@@ -280,17 +272,7 @@ class Adam(BatchOptimizer):
             Adam._apply_functional(p, grads, state, coef, c, flags)
             return
         masked = flags["masked"]
-        g = torch.cat(grads, 1, out=scratch)
-        if flags["maximize"]:
-            g.mul_(c["sign"])
-        if flags["wd"]:
-            for a, b in flags["decay_runs"]:
-                if flags["wd"] == 1:
-                    g[:, a:b].addcmul_(p[:, a:b], c["wd"])
-                else:
-                    p[:, a:b].mul_(c["decay"])
-        if masked:  # quarantined models: no gradient reaches their state
-            g.masked_fill_(c["inactive"], 0.0)
+        g = gathered_grad(p, grads, c, flags, scratch, masked)
         # Per-model step state, once per step: [bc1, bc2, t] <- [bc1, bc2, t] * M + A, and
         # the coefficients, one IEEE operation per kernel (no fused multiply-add, no pow):
         # the host path computes the same numbers in Python (Adam._host_coefficients).

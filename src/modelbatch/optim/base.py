@@ -1121,6 +1121,33 @@ def _optimizer_getstate(opt: torch.optim.Optimizer) -> dict[str, Any]:
     return state
 
 
+def gathered_grad(
+    p: Tensor,
+    grads: list[Tensor],
+    c: Mapping[str, Any],
+    flags: Mapping[str, Any],
+    out: Tensor | None,
+    masked: bool = False,
+) -> Tensor:
+    """The ``[N, w]`` gradient of one flat storage ``p``, ready for the update: the T
+    gradients ``[N, w_k]`` gathered into ``out`` (one kernel), negated for ``maximize``
+    models, with L2 weight decay added (``flags["wd"] == 1``) or the decoupled decay applied
+    to ``p`` (``== 2``) on the parameters that take it, and zeroed for quarantined models
+    when ``masked``."""
+    g = torch.cat(grads, 1, out=out) if out is not None else torch.cat(grads, 1)
+    if flags["maximize"]:
+        g.mul_(c["sign"])
+    if flags["wd"]:
+        for a, b in flags["decay_runs"]:
+            if flags["wd"] == 1:
+                g[:, a:b].addcmul_(p[:, a:b], c["wd"])
+            else:
+                p[:, a:b].mul_(c["decay"])
+    if masked:  # quarantined models: no gradient reaches their state
+        g.masked_fill_(c["inactive"], 0.0)
+    return g
+
+
 def zero_stacked_grads(batch: ModelBatch, set_to_none: bool = True) -> None:
     """Reset the ``.grad`` of every stacked parameter of ``batch`` (``zero_grad``)."""
     grads = []

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from modelbatch.optim.base import BatchOptimizer, check_range
+from modelbatch.optim.base import BatchOptimizer, check_range, gathered_grad
 
 if TYPE_CHECKING:
     from modelbatch.core import ModelBatch
@@ -235,14 +235,7 @@ class SGD(BatchOptimizer):
             SGD._apply_functional(p, grads, state, coef, c, flags)
             return
         masked = flags["masked"]
-        g = torch.cat(grads, 1, out=scratch)
-        if flags["maximize"]:
-            g.mul_(c["sign"])
-        if flags["wd"]:
-            for a, b in flags["decay_runs"]:
-                g[:, a:b].addcmul_(p[:, a:b], c["wd"])
-        if masked:  # quarantined models: no gradient reaches their state
-            g.masked_fill_(c["inactive"], 0.0)
+        g = gathered_grad(p, grads, c, flags, scratch, masked)
         if not flags["momentum"]:
             small[:, 1:2].add_(c["f64_active"])
             p.addcmul_(g, c["raw_lr"])
