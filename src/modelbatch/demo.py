@@ -227,7 +227,7 @@ def run_demo(
     # ------------------------------------------------ report
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    order = torch.argsort(val_acc, descending=True).tolist()
+    order = torch.argsort(val_acc, descending=True, stable=True).tolist()  # ties: as argmax
     print(f"\nLeaderboard: {n} MLPs on digits, {epochs} epochs, AdamW (validation accuracy)")
     print(
         f"{'rank':>4}  {'model':>5}  {'lr':>9}  {'weight_decay':>12}  {'seed':>4}  "
