@@ -464,3 +464,40 @@ def test_bfloat16_parameters_train_like_torch_optim_in_bfloat16() -> None:
             assert a.dtype == torch.bfloat16
             err = (a.float() - b.float()).abs().max() / b.float().abs().max()
             assert err < 2e-2
+
+
+# --------------------------------------------------------------------------- held state dicts
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda b: Adam(b, lr=0.01),
+        lambda b: AdamW(b, lr=0.01),
+        lambda b: SGD(b, lr=0.1, momentum=0.9),
+    ],
+    ids=["adam", "adamw", "sgd"],
+)
+def test_held_state_dict_shows_later_host_path_steps(make: Any) -> None:
+    """``state_dict()`` returns references (as torch.optim's does): a state dict taken at
+    step 3 and loaded after step 5 holds step 5's moments AND step 5's step counts. The host
+    path used to leave the step counts at 3 (written lazily), so the resumed run drifted."""
+    steps = data(8, torch.float64)
+    ms = [m.double() for m in models()]
+    batch = ModelBatch(copy.deepcopy(ms))
+    opt = make(batch)
+    train(batch, opt, steps[:3])
+    held = opt.state_dict()
+    train(batch, opt, steps[3:5])
+    for s in held["state"].values():
+        assert s["step"].tolist() == [5.0] * N
+    again = ModelBatch(copy.deepcopy(ms))
+    again.load_state_dict(copy.deepcopy(batch.state_dict()))
+    opt2 = make(again)
+    opt2.load_state_dict(held)
+    train(batch, opt, steps[5:])
+    train(again, opt2, steps[5:])
+    for a, b in zip(batch.parameters(), again.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # A step read through ``opt.state`` and kept is current too.
+    kept = opt.state["0.weight"]["step"]
+    train(batch, opt, steps[:1])
+    assert kept.tolist() == [9.0] * N

@@ -25,6 +25,7 @@ How a step runs (see ``docs/performance.md``):
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -211,6 +212,22 @@ class _Slot:
     version: int = -1
     host_bc: tuple[float, float] = (0.0, 0.0)  # Adam's bias corrections on the host path
     host_ke: Tensor | None = None  # Adam's host-path coefficients off the CPU ([1, 2])
+    # Weak references to views of ``small`` handed out by ``state`` / ``state_dict()``:
+    # while one is alive, the host path writes its step at once (a held state dict shows
+    # the current step, as torch.optim's references do; never a stale one).
+    views: list[weakref.ref[Tensor]] = field(default_factory=list)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["views"] = []  # (a copy's views are not this slot's)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def views_alive(self) -> bool:
+        self.views = [r for r in self.views if r() is not None]
+        return bool(self.views)
 
     def column(self, t: Tensor, k: int) -> Tensor:
         return t[:, self.group.starts[k] : self.group.ends[k]]
@@ -671,6 +688,8 @@ class BatchOptimizer(torch.optim.Optimizer):
             ):
                 for k in range(trainable):
                     slot.started[k] = True
+                if slot.views_alive():  # a held state dict shows the step now
+                    self._flush(slot)
                 self._after_step(masked)
                 return
             self._flush(slot)
@@ -826,6 +845,8 @@ class BatchOptimizer(torch.optim.Optimizer):
                 small = slot.small_of(k)
                 for key, v in self._small_entries(small).items():
                     entry[key] = v.clone() if copy else v
+                    if not copy:
+                        slot.views.append(weakref.ref(v))
                 out[name] = entry
         return out
 
