@@ -501,3 +501,37 @@ def test_held_state_dict_shows_later_host_path_steps(make: Any) -> None:
     kept = opt.state["0.weight"]["step"]
     train(batch, opt, steps[:1])
     assert kept.tolist() == [9.0] * N
+
+
+# --------------------------------------------------------------------------- tensor-valued lr
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+@pytest.mark.parametrize("copied", [False, True], ids=["same", "pickled"])
+def test_tensor_lr_updated_in_place_by_a_scheduler(kind: str, copied: bool) -> None:
+    """``group["lr"] = torch.tensor(...)``: torch's LR schedulers then update it in place
+    (``fill_``), with no assignment into the group. The optimizer kept stepping with the
+    first lr (silently: StepLR's halving never reached the update)."""
+    steps = data(6, torch.float64)
+    ms = [m.double() for m in models()]
+    cls, ref_cls, kw = (
+        (Adam, torch.optim.Adam, {}) if kind == "adam" else (SGD, torch.optim.SGD, {"momentum": 0.9})
+    )
+    batch = ModelBatch(copy.deepcopy(ms))
+    opt = cls(batch, lr=0.01, **kw)
+    for g in opt.param_groups:
+        g["lr"] = torch.tensor(0.01, dtype=torch.float64)
+    if copied:
+        batch, opt = pickle.loads(pickle.dumps((batch, opt)))
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    for x, y in steps:
+        train(batch, opt, [(x, y)])
+        sched.step()
+    alone = []
+    for m in ms:
+        m = copy.deepcopy(m)
+        ref = ref_cls(m.parameters(), lr=torch.tensor(0.01, dtype=torch.float64), **kw)
+        ref_sched = torch.optim.lr_scheduler.StepLR(ref, 1, gamma=0.5)
+        for x, y in steps:
+            train_plain(m, ref, [(x, y)])
+            ref_sched.step()
+        alone.append(m)
+    assert_close_models(batch.extract_all(), alone, torch.float64)

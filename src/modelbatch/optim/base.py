@@ -89,12 +89,41 @@ def expand_hyperparameter(name: str, value: Any, n: int) -> list[Any]:
 
 # ----------------------------------------------------------------------------- param groups
 class _Counter:
-    """A shared change counter: every assignment into a param group bumps it."""
+    """A shared change counter: every assignment into a param group bumps it.
 
-    __slots__ = ("value",)
+    ``watch``: the tensors held as hyper-parameter values (e.g. ``group["lr"] =
+    torch.tensor(0.01)``) with their version counters. torch's LR schedulers update a
+    tensor-valued lr in place (``fill_``), which no assignment reveals: :meth:`poll` sees it
+    from the version counter (empty, and free, when every value is a Python number)."""
+
+    __slots__ = ("value", "watch")
 
     def __init__(self) -> None:
         self.value = 0
+        self.watch: list[list[Any]] = []  # [tensor, version at the last poll]
+
+    def note(self, value: Any) -> None:
+        """Watch the tensors in a hyper-parameter value (a tensor, or a pair of them)."""
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        for t in items:
+            if isinstance(t, Tensor) and not any(w[0] is t for w in self.watch):
+                self.watch.append([t, _version(t)])
+
+    def poll(self) -> None:
+        """Count a change when a watched tensor was written in place since the last poll."""
+        for w in self.watch:
+            v = _version(w[0])
+            if v != w[1]:
+                w[1] = v
+                self.value += 1
+
+    def __getstate__(self) -> tuple[int, list[list[Any]]]:
+        return (self.value, self.watch)
+
+    def __setstate__(self, state: tuple[int, list[list[Any]]]) -> None:
+        self.value, self.watch = state
+        for w in self.watch:  # new tensors, new version counters
+            w[1] = _version(w[0])
 
 
 class _ParamGroup(dict):  # type: ignore[type-arg]
@@ -106,12 +135,17 @@ class _ParamGroup(dict):  # type: ignore[type-arg]
     def __init__(self, data: Mapping[str, Any], counter: _Counter) -> None:
         super().__init__(data)
         self._counter = counter
+        for key, value in self.items():
+            if key != "params":
+                counter.note(value)
 
     def _bump(self) -> None:
         self._counter.value += 1
 
     def __setitem__(self, key: str, value: Any) -> None:
         super().__setitem__(key, value)
+        if key != "params":
+            self._counter.note(value)
         self._bump()
 
     def __delitem__(self, key: str) -> None:
@@ -120,11 +154,17 @@ class _ParamGroup(dict):  # type: ignore[type-arg]
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         super().update(*args, **kwargs)
+        for key, value in self.items():
+            if key != "params":
+                self._counter.note(value)
         self._bump()
 
     def setdefault(self, key: str, default: Any = None) -> Any:
         self._bump()
-        return super().setdefault(key, default)
+        value = super().setdefault(key, default)
+        if key != "params":
+            self._counter.note(value)
+        return value
 
     def pop(self, *args: Any) -> Any:
         self._bump()
@@ -159,6 +199,9 @@ class _ParamGroupList(list):  # type: ignore[type-arg]
             return _ParamGroup(g, self._counter)
         if isinstance(g, _ParamGroup):
             g._counter = self._counter
+            for key, value in g.items():
+                if key != "params":
+                    self._counter.note(value)
         return g
 
     def __setitem__(self, index: Any, value: Any) -> None:
@@ -443,6 +486,8 @@ class BatchOptimizer(torch.optim.Optimizer):
         """The ``[N, 1]`` hyper-parameter columns for ``device`` (cached; rebuilt in place
         when a param group was assigned to, or the quarantine mask changed)."""
         active = self.batch.active
+        if self._counter.watch:
+            self._counter.poll()
         seen = (self._counter.value, _version(active), id(active))
         changed_host: dict[str, list[Any]] | None = None
         if seen != self._seen:
