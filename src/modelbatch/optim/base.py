@@ -717,6 +717,8 @@ class BatchOptimizer(torch.optim.Optimizer):
             return
         n = g.flat.shape[0]
         head = grads[:trainable]
+        if not self._fresh(slot):  # written from outside: before the flags are chosen
+            self._flush(slot)
         if all(gr is not None for gr in head) and slot.split is None:
             flat_grads = [_grad_2d(gr, n, g.names[k]) for k, gr in enumerate(head)]  # type: ignore[arg-type]
             hp = self._refresh(g.device, g.dtype)
@@ -777,6 +779,9 @@ class BatchOptimizer(torch.optim.Optimizer):
         if not self._fresh(slot):
             slot.pending = 0
             slot.host_t = None
+            # What the optimizer knew of the step state (e.g. SGD: every buffer started) no
+            # longer holds.
+            self._settled = None
         elif slot.pending:
             self._write_pending(slot)
             slot.pending = 0
