@@ -110,12 +110,13 @@ class FlatParams:
             flat = g.flat
             if p.device != flat.device or p.dtype != flat.dtype or p.shape[0] != flat.shape[0]:
                 return False
-            if g.addresses is None:
+            addresses = [q.data_ptr() for q in g.params]
+            if addresses != g.addresses:
+                # First check, or something moved (an empty parameter's address may change
+                # without it leaving the storage: the full check decides).
                 if not g.intact():
                     return False
-                g.addresses = [q.data_ptr() for q in g.params]
-            elif [q.data_ptr() for q in g.params] != g.addresses:
-                return False
+                g.addresses = addresses
         return True
 
     def intact(self, module: nn.Module) -> bool:
