@@ -512,9 +512,9 @@ def test_tensor_lr_updated_in_place_by_a_scheduler(kind: str, copied: bool) -> N
     first lr (silently: StepLR's halving never reached the update)."""
     steps = data(6, torch.float64)
     ms = [m.double() for m in models()]
-    cls, ref_cls, kw = (
-        (Adam, torch.optim.Adam, {}) if kind == "adam" else (SGD, torch.optim.SGD, {"momentum": 0.9})
-    )
+    cls: Any = Adam if kind == "adam" else SGD
+    ref_cls: Any = torch.optim.Adam if kind == "adam" else torch.optim.SGD
+    kw: dict[str, Any] = {} if kind == "adam" else {"momentum": 0.9}
     batch = ModelBatch(copy.deepcopy(ms))
     opt = cls(batch, lr=0.01, **kw)
     for g in opt.param_groups:
