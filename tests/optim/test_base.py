@@ -535,3 +535,15 @@ def test_tensor_lr_updated_in_place_by_a_scheduler(kind: str, copied: bool) -> N
             ref_sched.step()
         alone.append(m)
     assert_close_models(batch.extract_all(), alone, torch.float64)
+
+
+def test_change_counter_unpickles_from_before_it_watched_tensors() -> None:
+    """A param-group change counter pickled by an earlier version (state ``(None,
+    {"value": v})``) loads with its count and nothing watched."""
+    from modelbatch.optim.base import _Counter
+
+    c = _Counter.__new__(_Counter)
+    c.__setstate__((None, {"value": 5}))
+    assert c.value == 5 and c.watch == []
+    again = pickle.loads(pickle.dumps(c))
+    assert again.value == 5 and again.watch == []

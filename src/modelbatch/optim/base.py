@@ -120,8 +120,12 @@ class _Counter:
     def __getstate__(self) -> tuple[int, list[list[Any]]]:
         return (self.value, self.watch)
 
-    def __setstate__(self, state: tuple[int, list[list[Any]]]) -> None:
-        self.value, self.watch = state
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
+            # Pickled before ``watch`` existed: (None, {"value": v}).
+            self.value, self.watch = int(state[1].get("value", 0)), []
+        else:
+            self.value, self.watch = state
         for w in self.watch:  # new tensors, new version counters
             w[1] = _version(w[0])
 
