@@ -157,3 +157,40 @@ def test_single_model_and_plain_batches(n: int) -> None:
     batch = ModelBatch([nn.Linear(3, 2) for _ in range(n)])
     assert_flat(batch)
     assert batch._flat.groups[0].flat.shape == (n, 8)
+
+
+@pytest.mark.parametrize("opt_name", ["Adam", "SGD"])
+def test_data_assignment_to_a_later_parameter_is_trained(opt_name: str) -> None:
+    """``p.data = ...`` on a parameter that is not the first of its storage moves it out of
+    the storage. The step checked only the first parameter's address, so it kept updating
+    the storage's columns, which the parameter no longer read: silently never trained."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+              for _ in range(3)]  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(6, 4, generator=g, dtype=torch.float64),
+             torch.randint(0, 3, (6,), generator=g)) for _ in range(4)]  # fmt: skip
+    cls = getattr(modelbatch.optim, opt_name)
+    ref_cls = getattr(torch.optim, opt_name)
+    batch = ModelBatch(copy.deepcopy(models))
+    opt = cls(batch, lr=0.05)
+    for k, (x, y) in enumerate(data):
+        if k == 1:
+            w = batch.stacked[2].weight
+            w.data = w.data * 0.5
+        opt.zero_grad()
+        batch.compute_loss(batch(x), y, F.cross_entropy).backward()
+        opt.step()
+    assert_flat(batch)
+    alone = []
+    for m in models:
+        m = copy.deepcopy(m)
+        ref = ref_cls(m.parameters(), lr=0.05)
+        for k, (x, y) in enumerate(data):
+            if k == 1:
+                m[2].weight.data = m[2].weight.data * 0.5
+            ref.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            ref.step()
+        alone.append(m)
+    assert_close_models(batch.extract_all(), alone, torch.float64)

@@ -46,6 +46,8 @@ class FlatGroup:
     starts: list[int]
     ends: list[int]
     shapes: list[tuple[int, ...]]
+    # The parameters' addresses when last found intact (None: not checked yet).
+    addresses: list[int] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -97,7 +99,10 @@ class FlatParams:
         return iter(self.groups)
 
     def roughly_intact(self) -> bool:
-        """The first parameter of each storage still lives there (a cheap check)."""
+        """Every parameter of each storage still starts at its address, and the first one has
+        the storage's dtype, device and N (a cheap check: one ``data_ptr`` per tensor; an
+        assignment to any parameter's ``.data`` moves it out, and the optimizer would
+        otherwise update memory the parameter no longer reads)."""
         for g in self.groups:
             if not g.params:
                 continue
@@ -105,8 +110,13 @@ class FlatParams:
             flat = g.flat
             if p.device != flat.device or p.dtype != flat.dtype or p.shape[0] != flat.shape[0]:
                 return False
-            if p.numel() and p.data_ptr() != g.flat.data_ptr():
-                return False
+            addresses = [q.data_ptr() for q in g.params]
+            if addresses != g.addresses:
+                # First check, or something moved (an empty parameter's address may change
+                # without it leaving the storage: the full check decides).
+                if not g.intact():
+                    return False
+                g.addresses = addresses
         return True
 
     def intact(self, module: nn.Module) -> bool:

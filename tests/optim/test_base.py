@@ -464,3 +464,86 @@ def test_bfloat16_parameters_train_like_torch_optim_in_bfloat16() -> None:
             assert a.dtype == torch.bfloat16
             err = (a.float() - b.float()).abs().max() / b.float().abs().max()
             assert err < 2e-2
+
+
+# --------------------------------------------------------------------------- held state dicts
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda b: Adam(b, lr=0.01),
+        lambda b: AdamW(b, lr=0.01),
+        lambda b: SGD(b, lr=0.1, momentum=0.9),
+    ],
+    ids=["adam", "adamw", "sgd"],
+)
+def test_held_state_dict_shows_later_host_path_steps(make: Any) -> None:
+    """``state_dict()`` returns references (as torch.optim's does): a state dict taken at
+    step 3 and loaded after step 5 holds step 5's moments AND step 5's step counts. The host
+    path used to leave the step counts at 3 (written lazily), so the resumed run drifted."""
+    steps = data(8, torch.float64)
+    ms = [m.double() for m in models()]
+    batch = ModelBatch(copy.deepcopy(ms))
+    opt = make(batch)
+    train(batch, opt, steps[:3])
+    held = opt.state_dict()
+    train(batch, opt, steps[3:5])
+    for s in held["state"].values():
+        assert s["step"].tolist() == [5.0] * N
+    again = ModelBatch(copy.deepcopy(ms))
+    again.load_state_dict(copy.deepcopy(batch.state_dict()))
+    opt2 = make(again)
+    opt2.load_state_dict(held)
+    train(batch, opt, steps[5:])
+    train(again, opt2, steps[5:])
+    for a, b in zip(batch.parameters(), again.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # A step read through ``opt.state`` and kept is current too.
+    kept = opt.state["0.weight"]["step"]
+    train(batch, opt, steps[:1])
+    assert kept.tolist() == [9.0] * N
+
+
+# --------------------------------------------------------------------------- tensor-valued lr
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+@pytest.mark.parametrize("copied", [False, True], ids=["same", "pickled"])
+def test_tensor_lr_updated_in_place_by_a_scheduler(kind: str, copied: bool) -> None:
+    """``group["lr"] = torch.tensor(...)``: torch's LR schedulers then update it in place
+    (``fill_``), with no assignment into the group. The optimizer kept stepping with the
+    first lr (silently: StepLR's halving never reached the update)."""
+    steps = data(6, torch.float64)
+    ms = [m.double() for m in models()]
+    cls: Any = Adam if kind == "adam" else SGD
+    ref_cls: Any = torch.optim.Adam if kind == "adam" else torch.optim.SGD
+    kw: dict[str, Any] = {} if kind == "adam" else {"momentum": 0.9}
+    batch = ModelBatch(copy.deepcopy(ms))
+    opt = cls(batch, lr=0.01, **kw)
+    for g in opt.param_groups:
+        g["lr"] = torch.tensor(0.01, dtype=torch.float64)
+    if copied:
+        batch, opt = pickle.loads(pickle.dumps((batch, opt)))
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    for x, y in steps:
+        train(batch, opt, [(x, y)])
+        sched.step()
+    alone = []
+    for m in ms:
+        m = copy.deepcopy(m)
+        ref = ref_cls(m.parameters(), lr=torch.tensor(0.01, dtype=torch.float64), **kw)
+        ref_sched = torch.optim.lr_scheduler.StepLR(ref, 1, gamma=0.5)
+        for x, y in steps:
+            train_plain(m, ref, [(x, y)])
+            ref_sched.step()
+        alone.append(m)
+    assert_close_models(batch.extract_all(), alone, torch.float64)
+
+
+def test_change_counter_unpickles_from_before_it_watched_tensors() -> None:
+    """A param-group change counter pickled by an earlier version (state ``(None,
+    {"value": v})``) loads with its count and nothing watched."""
+    from modelbatch.optim.base import _Counter
+
+    c = _Counter.__new__(_Counter)
+    c.__setstate__((None, {"value": 5}))
+    assert c.value == 5 and c.watch == []
+    again = pickle.loads(pickle.dumps(c))
+    assert again.value == 5 and again.watch == []

@@ -161,3 +161,62 @@ def test_host_and_device_paths_are_bit_identical() -> None:
         assert torch.equal(value, dev_params[key][:3]), key
     buf = opts[1].state["0.weight"]["momentum_buffer"][:3]
     assert torch.equal(opts[0].state["0.weight"]["momentum_buffer"], buf)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"momentum": 0.9},
+        {"momentum": 0.9, "dampening": 0.5},
+        {"momentum": 0.9, "nesterov": True},
+    ],
+    ids=["plain", "dampening", "nesterov"],
+)
+def test_momentum_restarts_after_run_and_undo_and_stays_recorded(kw: dict[str, float]) -> None:
+    """``run_and_undo`` (CUDA graph warm-up) puts every momentum buffer back to "not
+    started"; SGD still believed them all started (settled), so it skipped recording them:
+    with dampening the first real step used ``(1 - dampening) * g`` for the new buffer, and
+    otherwise ``momentum_started`` stayed 0, so the next read of the state (a checkpoint)
+    restarted every model's momentum. A checkpoint resumed from it must continue exactly."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+              for _ in range(3)]  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(6, 4, generator=g, dtype=torch.float64),
+             torch.randint(0, 3, (6,), generator=g)) for _ in range(6)]  # fmt: skip
+    batch = modelbatch.ModelBatch(copy.deepcopy(models))
+    opt = modelbatch.optim.SGD(batch, lr=0.1, **kw)
+    x0, y0 = data[0]
+
+    def body() -> None:
+        batch.compute_loss(batch(x0), y0, F.cross_entropy).backward()
+        opt.step()
+
+    def step(b: modelbatch.ModelBatch, o: modelbatch.optim.SGD, x: torch.Tensor,
+             y: torch.Tensor) -> None:  # fmt: skip
+        o.zero_grad()
+        b.compute_loss(b(x), y, F.cross_entropy).backward()
+        o.step()
+
+    run_and_undo(batch, opt, body, 2)
+    for x, y in data[:3]:
+        step(batch, opt, x, y)
+    saved = copy.deepcopy(opt.state_dict())
+    assert saved["state"]["0.weight"]["momentum_started"].tolist() == [1.0] * 3
+    resumed = modelbatch.ModelBatch(batch.extract_all())
+    opt2 = modelbatch.optim.SGD(resumed, lr=0.1, **kw)
+    opt2.load_state_dict(saved)
+    for x, y in data[3:]:
+        step(batch, opt, x, y)
+        step(resumed, opt2, x, y)
+    alone = []
+    for m in models:
+        m = copy.deepcopy(m)
+        ref = torch.optim.SGD(m.parameters(), lr=0.1, **kw)
+        for x, y in data:
+            ref.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            ref.step()
+        alone.append(m)
+    assert_close_models(batch.extract_all(), alone, torch.float64)
+    assert_close_models(resumed.extract_all(), alone, torch.float64)

@@ -25,6 +25,7 @@ How a step runs (see ``docs/performance.md``):
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -88,12 +89,45 @@ def expand_hyperparameter(name: str, value: Any, n: int) -> list[Any]:
 
 # ----------------------------------------------------------------------------- param groups
 class _Counter:
-    """A shared change counter: every assignment into a param group bumps it."""
+    """A shared change counter: every assignment into a param group bumps it.
 
-    __slots__ = ("value",)
+    ``watch``: the tensors held as hyper-parameter values (e.g. ``group["lr"] =
+    torch.tensor(0.01)``) with their version counters. torch's LR schedulers update a
+    tensor-valued lr in place (``fill_``), which no assignment reveals: :meth:`poll` sees it
+    from the version counter (empty, and free, when every value is a Python number)."""
+
+    __slots__ = ("value", "watch")
 
     def __init__(self) -> None:
         self.value = 0
+        self.watch: list[list[Any]] = []  # [tensor, version at the last poll]
+
+    def note(self, value: Any) -> None:
+        """Watch the tensors in a hyper-parameter value (a tensor, or a pair of them)."""
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        for t in items:
+            if isinstance(t, Tensor) and not any(w[0] is t for w in self.watch):
+                self.watch.append([t, _version(t)])
+
+    def poll(self) -> None:
+        """Count a change when a watched tensor was written in place since the last poll."""
+        for w in self.watch:
+            v = _version(w[0])
+            if v != w[1]:
+                w[1] = v
+                self.value += 1
+
+    def __getstate__(self) -> tuple[int, list[list[Any]]]:
+        return (self.value, self.watch)
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
+            # Pickled before ``watch`` existed: (None, {"value": v}).
+            self.value, self.watch = int(state[1].get("value", 0)), []
+        else:
+            self.value, self.watch = state
+        for w in self.watch:  # new tensors, new version counters
+            w[1] = _version(w[0])
 
 
 class _ParamGroup(dict):  # type: ignore[type-arg]
@@ -105,12 +139,17 @@ class _ParamGroup(dict):  # type: ignore[type-arg]
     def __init__(self, data: Mapping[str, Any], counter: _Counter) -> None:
         super().__init__(data)
         self._counter = counter
+        for key, value in self.items():
+            if key != "params":
+                counter.note(value)
 
     def _bump(self) -> None:
         self._counter.value += 1
 
     def __setitem__(self, key: str, value: Any) -> None:
         super().__setitem__(key, value)
+        if key != "params":
+            self._counter.note(value)
         self._bump()
 
     def __delitem__(self, key: str) -> None:
@@ -119,11 +158,17 @@ class _ParamGroup(dict):  # type: ignore[type-arg]
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         super().update(*args, **kwargs)
+        for key, value in self.items():
+            if key != "params":
+                self._counter.note(value)
         self._bump()
 
     def setdefault(self, key: str, default: Any = None) -> Any:
         self._bump()
-        return super().setdefault(key, default)
+        value = super().setdefault(key, default)
+        if key != "params":
+            self._counter.note(value)
+        return value
 
     def pop(self, *args: Any) -> Any:
         self._bump()
@@ -158,6 +203,9 @@ class _ParamGroupList(list):  # type: ignore[type-arg]
             return _ParamGroup(g, self._counter)
         if isinstance(g, _ParamGroup):
             g._counter = self._counter
+            for key, value in g.items():
+                if key != "params":
+                    self._counter.note(value)
         return g
 
     def __setitem__(self, index: Any, value: Any) -> None:
@@ -211,6 +259,22 @@ class _Slot:
     version: int = -1
     host_bc: tuple[float, float] = (0.0, 0.0)  # Adam's bias corrections on the host path
     host_ke: Tensor | None = None  # Adam's host-path coefficients off the CPU ([1, 2])
+    # Weak references to views of ``small`` handed out by ``state`` / ``state_dict()``:
+    # while one is alive, the host path writes its step at once (a held state dict shows
+    # the current step, as torch.optim's references do; never a stale one).
+    views: list[weakref.ref[Tensor]] = field(default_factory=list)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["views"] = []  # (a copy's views are not this slot's)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def views_alive(self) -> bool:
+        self.views = [r for r in self.views if r() is not None]
+        return bool(self.views)
 
     def column(self, t: Tensor, k: int) -> Tensor:
         return t[:, self.group.starts[k] : self.group.ends[k]]
@@ -426,6 +490,8 @@ class BatchOptimizer(torch.optim.Optimizer):
         """The ``[N, 1]`` hyper-parameter columns for ``device`` (cached; rebuilt in place
         when a param group was assigned to, or the quarantine mask changed)."""
         active = self.batch.active
+        if self._counter.watch:
+            self._counter.poll()
         seen = (self._counter.value, _version(active), id(active))
         changed_host: dict[str, list[Any]] | None = None
         if seen != self._seen:
@@ -655,6 +721,8 @@ class BatchOptimizer(torch.optim.Optimizer):
             return
         n = g.flat.shape[0]
         head = grads[:trainable]
+        if not self._fresh(slot):  # written from outside: before the flags are chosen
+            self._flush(slot)
         if all(gr is not None for gr in head) and slot.split is None:
             flat_grads = [_grad_2d(gr, n, g.names[k]) for k, gr in enumerate(head)]  # type: ignore[arg-type]
             hp = self._refresh(g.device, g.dtype)
@@ -671,6 +739,8 @@ class BatchOptimizer(torch.optim.Optimizer):
             ):
                 for k in range(trainable):
                     slot.started[k] = True
+                if slot.views_alive():  # a held state dict shows the step now
+                    self._flush(slot)
                 self._after_step(masked)
                 return
             self._flush(slot)
@@ -713,6 +783,9 @@ class BatchOptimizer(torch.optim.Optimizer):
         if not self._fresh(slot):
             slot.pending = 0
             slot.host_t = None
+            # What the optimizer knew of the step state (e.g. SGD: every buffer started) no
+            # longer holds.
+            self._settled = None
         elif slot.pending:
             self._write_pending(slot)
             slot.pending = 0
@@ -826,6 +899,8 @@ class BatchOptimizer(torch.optim.Optimizer):
                 small = slot.small_of(k)
                 for key, v in self._small_entries(small).items():
                     entry[key] = v.clone() if copy else v
+                    if not copy:
+                        slot.views.append(weakref.ref(v))
                 out[name] = entry
         return out
 
