@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from modelbatch._structure import model_settings, structure_key
 from modelbatch.core import ModelBatch
@@ -32,15 +32,14 @@ from modelbatch.integrations.sweeping import (
     LossFn,
     _call_scheduler_fn,
     _finite_weights,
-    _objective,
     _per_model_hparams,
     _save_model,
     _SlotSchedulers,
     release_slots,
     reset_slot,
+    train_and_score,
 )
 from modelbatch.optim.factory import OptimizerFactory
-from modelbatch.train import train_one_epoch
 
 if TYPE_CHECKING:
     import optuna
@@ -366,13 +365,7 @@ class _OptunaRun:
         o = self.o
         batch, optimizer = self.batch, self.optimizer
         assert batch is not None and optimizer is not None
-        losses = train_one_epoch(
-            batch, o["train_loader"], optimizer, o["loss_fn"],
-            scheduler=self.scheds if o["scheduler_fn"] is not None else None,
-            callbacks=self.pack,
-        )
-        values: Tensor = _objective(batch, o["train_loader"], o["val_loader"], o["loss_fn"],
-                                    o["metric"], o["eval_fn"])
+        losses, values = train_and_score(o, batch, optimizer, self.scheds, self.pack)
         active = batch.active.tolist()
         weights_ok = _finite_weights(batch)  # accuracy of NaN outputs is finite
         free: list[int] = []

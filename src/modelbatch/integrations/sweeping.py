@@ -550,6 +550,21 @@ def _hparam_value(optimizer: torch.optim.Optimizer, name: str, value: Any) -> An
     return float(value)
 
 
+def train_and_score(
+    o: Mapping[str, Any], batch: ModelBatch, optimizer: Any, scheds: Any, pack: Any
+) -> tuple[Tensor, Tensor]:
+    """One epoch of every model in flight, then the objective: ``([N] train losses,
+    [N] objective values)``, with the sweep options ``o`` (loaders, loss, metric, ...)."""
+    losses = train_one_epoch(
+        batch, o["train_loader"], optimizer, o["loss_fn"],
+        scheduler=scheds if o["scheduler_fn"] is not None else None,
+        callbacks=pack,
+    )
+    values = _objective(batch, o["train_loader"], o["val_loader"], o["loss_fn"],
+                        o["metric"], o["eval_fn"])
+    return losses, values
+
+
 def release_slots(
     batch: ModelBatch, pack: Any, scheds: _SlotSchedulers | None, empty: list[int]
 ) -> bool:
@@ -1171,17 +1186,9 @@ class _SweepRun:
 
     # ------------------------------------------------------------------ one round
     def train_round(self) -> None:
-        o = self.o
         batch, optimizer = self.batch, self.optimizer
         assert batch is not None and optimizer is not None
-        losses = train_one_epoch(
-            batch, o["train_loader"], optimizer, o["loss_fn"],
-            scheduler=self.scheds if o["scheduler_fn"] is not None else None,
-            callbacks=self.pack,
-        )
-        values = _objective(batch, o["train_loader"], o["val_loader"], o["loss_fn"],
-                            o["metric"], o["eval_fn"])
-        self.end_round(losses, values)
+        self.end_round(*train_and_score(self.o, batch, optimizer, self.scheds, self.pack))
 
     def end_round(self, losses: Tensor, values: Tensor) -> None:
         """Record the round of every model in flight, let the callbacks see the objective,
