@@ -33,12 +33,20 @@ def test_reference_counts_match_the_issue_table() -> None:
     assert recipe.opt_bytes_per_element == pytest.approx(76.0, abs=0.5)
 
 
-def test_modelbatch_phases_loss_flat_and_forward_like_the_recipe() -> None:
+def test_modelbatch_mlp_runs_one_model_s_forward_and_fewer_kernels_than_the_recipe() -> None:
+    """Each nn.Linear is one baddbmm forward (what one model alone runs: one addmm) and two
+    bmm and a sum backward, with the weights' gradients contiguous (no copy into the
+    parameters' layout); the loss is one flat loss call plus the per-model reduction."""
     mb = profile("mlp", "modelbatch", 2, count_batch=2, time_steps=2)
     recipe = profile("mlp", "recipe", 2, count_batch=2, time_steps=0)
+    alone = profile("mlp", "alone", 1, count_batch=2, time_steps=0)
     assert set(mb.kernels) == set(PHASES)
-    assert mb.kernels["forward"] == recipe.kernels["forward"]
+    assert mb.kernels["forward"] == alone.kernels["forward"] == 5
+    # The loss's [N] reduction adds a div and the expand of the per-model sum a copy.
+    assert mb.kernels["backward"] <= alone.kernels["backward"] + 2
+    assert mb.top_ops["backward"].get("clone", 0) <= 1
     assert mb.kernels["loss"] <= recipe.kernels["loss"] + 4  # one loss call + [N] reduction
+    assert mb.total_kernels < recipe.total_kernels
     assert mb.host_ms > 0
 
 

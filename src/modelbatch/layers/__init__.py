@@ -36,6 +36,7 @@ def _load_builtin_substitutions() -> None:
         conv,
         dropout,
         embedding,
+        linear,
         parametrize,
         recurrent,
         settings,
