@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modelbatch.layers import register_substitution
+from modelbatch.layers._direct import call_rule, plain_level
 from modelbatch.layers.settings import PerModelAttribute, repr_per_model
 
 __all__ = [
@@ -655,7 +656,7 @@ class VmapBatchNormMixin:
             return out
         if one_momentum or not (bn_training and track):
             momentum = momenta[0] if momenta[0] is not None else 0.0
-            return batch_norm(
+            return self._native(
                 input,
                 bn.weight,
                 bn.bias,
@@ -666,9 +667,28 @@ class VmapBatchNormMixin:
                 epss[0],
             )
         # Per-model momenta or momentum=None: the running statistics are updated apart.
-        out = batch_norm(input, bn.weight, bn.bias, None, None, True, 0.0, epss[0])
+        out = self._native(input, bn.weight, bn.bias, None, None, True, 0.0, epss[0])
         self._update_running(input, running_mean, running_var)
         return out
+
+    def _native(
+        self,
+        input: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+    ) -> Tensor:
+        """``modelbatch::batch_norm``; in the plain case its batching rule directly, without
+        the operator's per-call Python cost (:mod:`modelbatch.layers._direct`)."""
+        args = (input, weight, bias, running_mean, running_var, training, momentum, eps)
+        level = plain_level(self.mb_slot)
+        if level is None:
+            return batch_norm(*args)
+        return call_rule(_batch_norm_vmap, level, *args)
 
     def _routed(self, input: Tensor, routing: RoutedWeights) -> Tensor:
         """Training under data routing: statistics over each model's routed samples only."""

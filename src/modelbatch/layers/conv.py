@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from modelbatch.layers import register_substitution
+from modelbatch.layers._direct import call_rule, plain_level
 
 __all__ = ["CONV_LAYOUTS", "ChannelsLastViews", "VmapConv2d", "conv2d"]
 
@@ -195,16 +196,21 @@ class VmapConv2d(nn.Conv2d):
         else:
             padding = [int(p) for p in self.padding]
         device_type = input.device.type
-        out = conv2d(
-            _autocast(input, device_type),  # type: ignore[arg-type]
-            _autocast(weight, device_type),  # type: ignore[arg-type]
+        args = (
+            _autocast(input, device_type),
+            _autocast(weight, device_type),
             _autocast(bias, device_type),
             list(self.stride),
             padding,
             list(self.dilation),
             self.groups,
         )
-        return out
+        # In the plain case the batching rule directly, without the operator's per-call
+        # Python cost (modelbatch.layers._direct).
+        level = plain_level(weight)
+        if level is None:
+            return conv2d(*args)  # type: ignore[arg-type]
+        return call_rule(_conv2d_vmap, level, *args)
 
 
 class ChannelsLastViews(TorchFunctionMode):

@@ -17,12 +17,10 @@ with stride 0, no copy. The operator :func:`batched_linear` carries its own back
 ``bmm`` and one ``sum``, the weight's gradient contiguous ``[N, out, in]`` (one model alone
 runs two ``mm`` and one ``sum``).
 
-The layer unwraps the batched tensors itself (what a ``torch.library.register_vmap`` rule
-gets, without that machinery's per-call Python cost, which at tiny sizes is more than the
-kernels it saves). It does so only in the plain case: the batch's vmap is the only functorch
-transform, no forward-mode AD level is open and ``torch.compile`` is not tracing. Anything
-else (an outer ``vmap``, ``grad`` or ``jvp``, a shared weight, a compiled forward) runs vmap's
-own ``F.linear`` rule, as before.
+The layer runs its batching rule directly (:mod:`modelbatch.layers._direct`), only in the
+plain case: the batch's vmap is the only functorch transform, no forward-mode AD level is
+open and ``torch.compile`` is not involved. Anything else (an outer ``vmap``, ``grad`` or
+``jvp``, a shared weight, a compiled forward) runs vmap's own ``F.linear`` rule, as before.
 
 The result equals ``F.linear`` per model up to floating-point summation order (``bmm``
 against ``addmm`` kernels), as vmap's own rule does; outside vmap the layer is ``nn.Linear``.
@@ -35,9 +33,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch._C import _functorch
 
 from modelbatch.layers import register_substitution
+from modelbatch.layers._direct import call_rule, plain_level
 from modelbatch.layers.conv import _autocast
 
 __all__ = ["VmapLinear", "batched_linear"]
@@ -80,38 +78,22 @@ def batched_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return out
 
 
-def _compile_callback() -> object:
-    """torch.compile's frame callback while a compiled function runs (None outside)."""
-    get = getattr(torch._C._dynamo.eval_frame, "get_eval_frame_callback", None)
-    return None if get is None else get()
-
-
-def _batch_level(weight: Tensor) -> int | None:
-    """The vmap level to compute at, in the plain case only (see the module docstring): one
-    functorch transform, a vmap, with the weight batched at it; no forward-mode AD."""
-    # Traced by torch.compile (and so fused by it), or run eagerly inside a compiled
-    # function after a graph break, where torch.compile would try to trace the plain-tensor
-    # code below as a frame of its own: vmap's own rule.
-    if torch.compiler.is_compiling() or _compile_callback() is not None:
-        return None
-    stack = _functorch.get_interpreter_stack()
-    if stack is None or len(stack) != 1:
-        return None
-    interpreter = stack[0]
-    if interpreter.key() != _functorch.TransformType.Vmap:
-        return None
-    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
-        return None
-    level = int(interpreter.level())
-    if _functorch.maybe_get_level(weight) != level:
-        return None
-    return level
-
-
-def _unwrap(t: Tensor, level: int, n: int) -> Tensor:
-    """``t`` at ``level`` as a plain tensor with the model dimension first (shared: expanded)."""
-    value, dim = _functorch._unwrap_batched(t, level)
-    return value.movedim(dim, 0) if dim is not None else value.expand(n, *value.shape)
+def _linear_rule(
+    info: Any, in_dims: tuple[int | None, ...], input: Tensor, weight: Tensor, bias: Tensor | None
+) -> tuple[Tensor, int]:
+    """Batching rule: per model ``input [..., in]``, ``weight [out, in]``, ``bias [out]``,
+    each batched at its ``in_dims`` entry or shared. Returns ``[N, ..., out]`` (model dim 0).
+    """
+    n = int(info.batch_size)
+    x, w, b = (
+        None if t is None else t.movedim(d, 0) if d is not None else t.expand(n, *t.shape)
+        for t, d in zip((input, weight, bias), in_dims, strict=True)
+    )
+    assert x is not None and w is not None
+    lead = x.shape[1:-1]
+    x3 = x.reshape(n, -1, x.shape[-1])  # [N, M, in]; a view unless x is not contiguous
+    out = batched_linear(x3, w, b)
+    return out.view(n, *lead, out.shape[-1]), 0
 
 
 class VmapLinear(nn.Linear):
@@ -119,36 +101,24 @@ class VmapLinear(nn.Linear):
     vmap (see the module docstring)."""
 
     def forward(self, input: Tensor) -> Tensor:
-        level = _batch_level(self.weight)
-        if level is None:
-            return F.linear(input, self.weight, self.bias)
-        device_type = input.device.type
-        x_b = _autocast(input, device_type)
-        w_b = _autocast(self.weight, device_type)
-        b_b = _autocast(self.bias, device_type)
-        assert x_b is not None and w_b is not None
-        w, b_dim = _functorch._unwrap_batched(w_b, level)
-        assert b_dim is not None
-        w = w.movedim(b_dim, 0)
-        n = w.shape[0]
-        x = _unwrap(x_b, level, n)
-        b = None if b_b is None else _unwrap(b_b, level, n)
+        level = plain_level(self.weight)
+        weight, bias = self.weight, self.bias
         if (
-            x.dim() < 2
-            or w.dim() != 3
-            or x.shape[-1] != w.shape[-1]
-            or x.dtype != w.dtype
-            or (b is not None and b.dtype != w.dtype)
+            level is None
+            or input.dim() == 0
+            or input.shape[-1] != weight.shape[-1]
+            or input.dtype != weight.dtype
+            or (bias is not None and bias.dtype != weight.dtype)
         ):
-            return F.linear(input, self.weight, self.bias)  # F.linear's own error
-        lead = x.shape[1:-1]
-        x3 = x.reshape(n, -1, x.shape[-1])  # [N, M, in]; a view unless x is not contiguous
-        saved = _functorch.pop_dynamic_layer_stack()
-        try:
-            out = batched_linear(x3, w, b)
-        finally:
-            _functorch.push_dynamic_layer_stack(saved)
-        return _functorch._add_batch_dim(out.view(n, *lead, out.shape[-1]), 0, level)
+            return F.linear(input, weight, bias)  # (and F.linear's own errors)
+        device_type = input.device.type
+        return call_rule(
+            _linear_rule,
+            level,
+            _autocast(input, device_type),
+            _autocast(weight, device_type),
+            _autocast(bias, device_type),
+        )
 
 
 def _substitute(module: nn.Module, context: dict[str, object]) -> nn.Module:
