@@ -161,14 +161,14 @@ class Adam(BatchOptimizer):
             or slot.host_t is None
             or flags["masked"]
             or flags["lowp"]
-            or slot.small.dtype != torch.float64  # (MPS: the device path is float32)
+            or slot.rows.dtype != torch.float64  # (MPS: the device path is float32)
             or not self._fresh(slot)
             or (p.device.type == "cuda" and _capturing())
         ):
             return False
         b1, b2, lr, eps = u["betas[0]"], u["betas[1]"], u["lr"], u["eps"]
         bc1, bc2 = slot.host_bc
-        # As small.mul_(M).add_(A), sqrt, mul and div on the device.
+        # As rows.mul_(M).add_(A), sqrt, mul and div on the device.
         bc1 = bc1 * b1 + (1.0 - b1)
         bc2 = bc2 * b2 + (1.0 - b2)
         k = bc1 / (math.sqrt(bc2) * lr)
@@ -211,15 +211,15 @@ class Adam(BatchOptimizer):
 
     def _write_pending(self, slot: _Slot) -> None:
         assert slot.host_t is not None
-        row = torch.tensor([[*slot.host_bc, float(slot.host_t)]], dtype=slot.small.dtype)
-        slot.small.copy_(row.expand_as(slot.small))
+        row = torch.tensor([[*slot.host_bc, float(slot.host_t)]], dtype=slot.rows.dtype)
+        slot.rows.copy_(row.expand_as(slot.rows))  # every tensor's row, one copy
 
     def _host_steps(self, slot: _Slot) -> int | None:
         """After loading: every model at the same step state (read once; loading is not a
         hot path) continues on the host path from it."""
-        if slot.split is not None:
+        if slot.split or slot.rows.shape[0] == 0:
             return None
-        small = slot.small.cpu()
+        small = slot.rows[0].cpu()  # (the rows are equal)
         if not torch.equal(small, small[0:1].expand_as(small)):
             return None
         bc1, bc2, t = small[0].tolist()
@@ -278,8 +278,10 @@ class Adam(BatchOptimizer):
         # Per-model step state, once per step: [bc1, bc2, t] <- [bc1, bc2, t] * M + A, and
         # the coefficients, one IEEE operation per kernel (no fused multiply-add, no pow):
         # the host path computes the same numbers in Python (Adam._host_coefficients).
+        # Every row of ``small`` [R, N, 3] at once (broadcast); the coefficients from row 0.
         small.mul_(c["f64_M"]).add_(c["f64_A"])
-        root = torch.sqrt(small[:, 1:2])
+        head = small[0]
+        root = torch.sqrt(head[:, 1:2])
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         if flags["lowp"]:
             exp_avg.mul_(c["m1"]).addcmul_(g, c["w1"])
@@ -301,11 +303,11 @@ class Adam(BatchOptimizer):
         den = c["f64_den"]
         torch.mul(root, c["f64_lr"], out=den[:, 0:1])
         if flags["safe"]:  # some lr == 0: d = (sqrt(v) + eps * sqrt(bc2)) * k, k may be inf
-            torch.div(small[:, 0:1], den[:, 0:1], out=ke[:, 0:1])
+            torch.div(head[:, 0:1], den[:, 0:1], out=ke[:, 0:1])
             torch.mul(root, c["f64_eps"], out=ke[:, 1:2])
             g.add_(ke[:, 1:2]).mul_(ke[:, 0:1])
         else:  # k = bc1 / (sqrt(bc2) * lr), e = bc1 / (lr / eps)
-            torch.div(small[:, 0:1], den, out=ke)
+            torch.div(head[:, 0:1], den, out=ke)
             torch.addcmul(ke[:, 1:2], g, ke[:, 0:1], out=g)
         if masked:
             torch.addcdiv(p, exp_avg, g, value=-1, out=g)
@@ -316,10 +318,11 @@ class Adam(BatchOptimizer):
     @staticmethod
     def _coefficients(small: Tensor, c: dict[str, Any], flags: dict[str, Any]) -> Tensor:
         """The per-step per-model coefficients ``[N, 2]`` (compiled path), updating the step
-        state ``small`` in place: ``[k, e]`` with the denominator ``sqrt(v) * k + e``, or
-        ``[k, eps * sqrt(bc2)]`` when some lr is 0 (then ``(sqrt(v) + e) * k``)."""
-        new_small = c["f64_A"] + small * c["f64_M"]
-        small.copy_(new_small)
+        state ``small`` ``[R, N, 3]`` (R equal rows) in place: ``[k, e]`` with the denominator
+        ``sqrt(v) * k + e``, or ``[k, eps * sqrt(bc2)]`` when some lr is 0 (then
+        ``(sqrt(v) + e) * k``)."""
+        new_small = c["f64_A"] + small[0] * c["f64_M"]
+        small.copy_(new_small.expand_as(small))
         z = torch.pow(new_small, c["f64_E"])
         if flags["safe"]:
             k = torch.div(z[:, 0:1], z[:, 1:2] * c["f64_lr"])

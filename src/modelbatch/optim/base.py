@@ -8,7 +8,8 @@ How a step runs (see ``docs/performance.md``):
 
 * The batch keeps all its parameters in one ``[N, P]`` tensor per dtype and device
   (:mod:`modelbatch._flat`); the optimizer keeps its state (moments, momentum buffers) in
-  ``[N, P]`` tensors laid out alike, and its per-model step counters in one small tensor.
+  ``[N, P]`` tensors laid out alike, and its per-model step counters in one small tensor
+  ``[T, N, c]`` (row k: parameter tensor k's step state).
 * Hyper-parameters live on the device as ``[N, 1]`` columns. They are rebuilt only when a
   ``param_groups`` entry is assigned (each group counts its assignments, so detecting a
   change costs O(1), not O(N)); the copy to the device is non-blocking from pinned memory.
@@ -236,30 +237,34 @@ class _Slot:
     """The optimizer's side of one flat storage (one dtype/device).
 
     ``width``: the trainable columns ``[0, width)`` (frozen parameters come after them);
-    ``state``: full-size ``[N, width]`` state tensors by key; ``small``: the per-model step
-    state ``[N, c]`` of the whole storage (``split`` None), or one per parameter tensor
-    (``split``, after a step in which some parameters had no gradient); ``started[k]``:
-    whether tensor k has optimizer state (it has stepped, as in torch.optim).
+    ``state``: full-size ``[N, width]`` state tensors by key; ``rows``: the per-model step
+    state ``[T, N, c]`` of the ``T = count`` trainable tensors, row k tensor k's (the views
+    handed out for tensor k are views of ``rows[k]`` only, so they never alias another
+    tensor's step state); ``split``: whether the rows may differ (after a step in which some
+    parameters had no gradient, or a write into one tensor's step state from outside): then
+    each tensor steps alone, with its own row; otherwise every row is equal and the flat path
+    steps all of them at once (the same broadcast operations as on one ``[N, c]`` row);
+    ``started[k]``: whether tensor k has optimizer state (it has stepped, as in torch.optim).
     """
 
     group: FlatGroup
     width: int
     count: int  # trainable tensors (the first ``count`` of the group)
     state: dict[str, Tensor]
-    small: Tensor
-    split: list[Tensor] | None = None
+    rows: Tensor
+    split: bool = False
     started: list[bool] = field(default_factory=list)
     scratch: Tensor | None = None
     # Host-side step bookkeeping (see ``BatchOptimizer._fast_step``): ``host_t``, the step
     # count every model shares, when known on the host; ``pending``, steps taken by the host
-    # fast path and not yet written into ``small``; ``version``, ``small``'s version counter
+    # fast path and not yet written into ``rows``; ``version``, ``rows``'s version counter
     # after the optimizer's own last write (a different one: written from outside).
     host_t: int | None = 0
     pending: int = 0
     version: int = -1
     host_bc: tuple[float, float] = (0.0, 0.0)  # Adam's bias corrections on the host path
     host_ke: Tensor | None = None  # Adam's host-path coefficients off the CPU ([1, 2])
-    # Weak references to views of ``small`` handed out by ``state`` / ``state_dict()``:
+    # Weak references to views of ``rows`` handed out by ``state`` / ``state_dict()``:
     # while one is alive, the host path writes its step at once (a held state dict shows
     # the current step, as torch.optim's references do; never a stale one).
     views: list[weakref.ref[Tensor]] = field(default_factory=list)
@@ -280,7 +285,13 @@ class _Slot:
         return t[:, self.group.starts[k] : self.group.ends[k]]
 
     def small_of(self, k: int) -> Tensor:
-        return self.small if self.split is None else self.split[k]
+        """Tensor k's step state ``[N, c]`` (a view of ``rows``)."""
+        return self.rows[k]
+
+    def rows_equal(self) -> bool:
+        """Whether every tensor's step state is the same (reads the rows: a device sync)."""
+        rows = self.rows
+        return rows.shape[0] <= 1 or torch.equal(rows, rows[:1].expand_as(rows))
 
 
 class _StateView(Mapping[str, dict[str, Any]]):
@@ -450,8 +461,10 @@ class BatchOptimizer(torch.optim.Optimizer):
         scratch: Tensor | None,
     ) -> None:
         """One step over ``p`` ``[N, w]`` with the gradients ``grads`` (each ``[N, w_k]``,
-        concatenated along dim 1), state ``[N, w]`` and step state ``small`` ``[N, c]``, all
-        updated in place."""
+        concatenated along dim 1), state ``[N, w]`` and step state ``small`` ``[R, N, c]``,
+        all updated in place. The R rows of ``small`` are equal (the step states of the R
+        tensors ``p`` holds): the update reads ``small[0]`` and writes every row with the
+        same broadcast operations (no more kernels than for one row)."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- hyper-parameters
@@ -527,10 +540,16 @@ class BatchOptimizer(torch.optim.Optimizer):
             g = slot.group
             hp = self._refresh(g.device, g.dtype)
             ctx = {**hp["raw"], **hp["c"]}
-            for small in [slot.small, *(slot.split or [])]:
-                small.copy_(self._small_from_steps(small[:, -1].clone(), ctx))
+            rows = slot.rows
+            if rows.shape[0] == 0:
+                continue
+            if slot.split:
+                for small in rows:
+                    small.copy_(self._small_from_steps(small[:, -1].clone(), ctx))
+            else:  # every row equal: computed once
+                rows.copy_(self._small_from_steps(rows[0, :, -1].clone(), ctx).expand_as(rows))
             slot.host_t = None
-            slot.version = _version(slot.small)
+            slot.version = _version(rows)
 
     def _slot_flags(self, slot: _Slot, masked: bool, k: int | None = None) -> dict[str, Any]:
         """The host-side choices of one update: the optimizer's flags, ``masked`` and
@@ -636,7 +655,7 @@ class BatchOptimizer(torch.optim.Optimizer):
         for slot in self._slots_now():
             self._flush(slot)
             out += list(slot.state.values())
-            out += [slot.small, *(slot.split or [])]
+            out.append(slot.rows)
         return out
 
     # ---------------------------------------------------------------- flat slots
@@ -658,10 +677,12 @@ class BatchOptimizer(torch.optim.Optimizer):
             # Trainable parameters come first in each storage (see modelbatch._flat).
             width = g.ends[count - 1] if count else 0
             n = g.flat.shape[0]
-            small = torch.zeros(n, self._small_width, dtype=_hp_dtype(g.device), device=g.device)
+            rows = torch.zeros(
+                count, n, self._small_width, dtype=_hp_dtype(g.device), device=g.device
+            )
             started = [False] * len(g.params)
-            slot = _Slot(group=g, width=width, count=count, state={}, small=small, started=started)
-            slot.version = _version(small)  # zeros: every model at step 0 (host_t = 0)
+            slot = _Slot(group=g, width=width, count=count, state={}, rows=rows, started=started)
+            slot.version = _version(rows)  # zeros: every model at step 0 (host_t = 0)
             slots.append(slot)
         self._slots = slots
         self._flat_version = flat.version
@@ -723,7 +744,7 @@ class BatchOptimizer(torch.optim.Optimizer):
         head = grads[:trainable]
         if not self._fresh(slot):  # written from outside: before the flags are chosen
             self._flush(slot)
-        if all(gr is not None for gr in head) and slot.split is None:
+        if all(gr is not None for gr in head) and not slot.split:
             flat_grads = [_grad_2d(gr, n, g.names[k]) for k, gr in enumerate(head)]  # type: ignore[arg-type]
             hp = self._refresh(g.device, g.dtype)
             flags = self._slot_flags(slot, masked)
@@ -748,11 +769,11 @@ class BatchOptimizer(torch.optim.Optimizer):
             if compiled is not None:
                 # Two compiled functions: the per-model coefficients ([N, k], once), then the
                 # element-wise update (one pass; it must not recompute them per element).
-                coef = compiled[0](slot.small, hp["c"], flags)
+                coef = compiled[0](slot.rows, hp["c"], flags)
                 compiled[1](p2d, flat_grads, slot.state, coef, hp["c"], flags)
             else:
-                self._update(p2d, flat_grads, slot.state, slot.small, hp["c"], flags, slot.scratch)
-            slot.version = _version(slot.small)
+                self._update(p2d, flat_grads, slot.state, slot.rows, hp["c"], flags, slot.scratch)
+            slot.version = _version(slot.rows)
             for k in range(trainable):
                 slot.started[k] = True
             self._after_step(masked)
@@ -767,44 +788,49 @@ class BatchOptimizer(torch.optim.Optimizer):
     ) -> bool:
         """Hook: step the storage with host-side step bookkeeping (fewer kernels) and return
         True, or return False to take the device path. Only called in eager, non-static
-        mode on the flat path. A subclass that steps here without writing ``slot.small``
+        mode on the flat path. A subclass that steps here without writing ``slot.rows``
         counts the step in ``slot.pending`` and writes it in :meth:`_write_pending`."""
         return False
 
     def _fresh(self, slot: _Slot) -> bool:
-        """Whether ``slot.small`` is as the optimizer last wrote it (nothing wrote into it
+        """Whether ``slot.rows`` is as the optimizer last wrote it (nothing wrote into it
         through a view of the state since)."""
-        return _version(slot.small) == slot.version
+        return _version(slot.rows) == slot.version
 
     def _flush(self, slot: _Slot) -> None:
-        """Bring ``slot.small`` up to date with the steps the host path took. A write into
+        """Bring ``slot.rows`` up to date with the steps the host path took. A write into
         it from outside since (e.g. ``run_and_undo`` restoring a snapshot, a sweep resetting
-        a model's step) wins: the pending steps are dropped and the host count forgotten."""
+        a model's step) wins: the pending steps are dropped and the host count forgotten,
+        and the rows are read again (one device sync): the tensors step alone if the write
+        made their step states differ (e.g. one parameter's step written), and together
+        again if it made them equal."""
         if not self._fresh(slot):
             slot.pending = 0
             slot.host_t = None
             # What the optimizer knew of the step state (e.g. SGD: every buffer started) no
             # longer holds.
             self._settled = None
+            slot.split = not slot.rows_equal()
         elif slot.pending:
             self._write_pending(slot)
             slot.pending = 0
-        slot.version = _version(slot.small)
+        slot.version = _version(slot.rows)
 
     def _write_pending(self, slot: _Slot) -> None:
-        """Write ``slot.pending`` host-path steps into ``slot.small`` (subclasses that step
+        """Write ``slot.pending`` host-path steps into every row of ``slot.rows`` (one
+        operation for all of them; subclasses that step
         on the host implement it)."""
         raise NotImplementedError
 
     def _step_tensors(self, slot: _Slot, grads: list[Tensor | None], masked: bool) -> None:
         """The general path: one update per parameter tensor that has a gradient, each with
-        its own step state (parameters without a gradient are skipped, as in torch.optim)."""
+        its own step state, its row of ``slot.rows`` (parameters without a gradient are
+        skipped, as in torch.optim; from then on the rows may differ)."""
         g = slot.group
         n = g.flat.shape[0]
         self._flush(slot)
         slot.host_t = None
-        if slot.split is None:
-            slot.split = [slot.small.clone() for _ in g.params]
+        slot.split = True
         hp = self._refresh(g.device, g.dtype)
         keys = self._state_keys()
         for k, gr in enumerate(grads):
@@ -821,9 +847,10 @@ class BatchOptimizer(torch.optim.Optimizer):
             p2d = slot.column(g.flat, k)
             scratch = torch.empty_like(p2d)
             flags = self._slot_flags(slot, masked, k)
-            self._update(p2d, [_grad_2d(gr, n, g.names[k])], state, slot.split[k], hp["c"], flags,
-                         scratch)  # fmt: skip
+            self._update(p2d, [_grad_2d(gr, n, g.names[k])], state, slot.rows[k : k + 1], hp["c"],
+                         flags, scratch)  # fmt: skip
             slot.started[k] = True
+        slot.version = _version(slot.rows)
         self._after_step(masked)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -871,7 +898,7 @@ class BatchOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         for slot in self._slots or []:  # new tensors, new version counters; flushed
-            slot.version = _version(slot.small)
+            slot.version = _version(slot.rows)
         self._patch_step_function()
         self.batch._register_optimizer(self)
 
@@ -934,15 +961,16 @@ class BatchOptimizer(torch.optim.Optimizer):
                 continue
             first = steps[0][1]
             uniform = all(torch.equal(sm, first) for _, sm in steps) and len(steps) == slot.count
-            if uniform:
-                slot.small = first.clone()
-                slot.split = None
-            else:
-                slot.split = [slot.small.clone() for _ in g.params]
+            # In place: a state dict held from before shows what was loaded.
+            if uniform:  # every row equal: the flat path steps them together again
+                slot.rows.copy_(first.expand_as(slot.rows))
+                slot.split = False
+            else:  # (a tensor not in ``saved`` keeps its row)
                 for k, sm in steps:
-                    slot.split[k] = sm.clone()
+                    slot.rows[k].copy_(sm)
+                slot.split = True
             slot.host_t = self._host_steps(slot)
-            slot.version = _version(slot.small)
+            slot.version = _version(slot.rows)
 
     def _small_keys(self) -> tuple[str, ...]:
         return ("step",)

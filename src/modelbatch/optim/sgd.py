@@ -172,10 +172,10 @@ class SGD(BatchOptimizer):
         return True
 
     def _write_pending(self, slot: Any) -> None:
-        slot.small[:, 1].add_(float(slot.pending))
+        slot.rows[..., 1].add_(float(slot.pending))  # every tensor's row, one kernel
 
     def _after_step(self, masked: bool) -> None:
-        if not masked and self._slots is not None and all(s.split is None for s in self._slots):
+        if not masked and self._slots is not None and not any(s.split for s in self._slots):
             self._settled = self.__dict__.get("_nz")
 
     def _small_from_steps(self, steps: Tensor, c: dict[str, Any]) -> Tensor:
@@ -236,19 +236,20 @@ class SGD(BatchOptimizer):
             return
         masked = flags["masked"]
         g = gathered_grad(p, grads, c, flags, scratch, masked)
+        # ``small`` [R, N, 2]: R equal rows, all written by each (broadcast) operation.
         if not flags["momentum"]:
-            small[:, 1:2].add_(c["f64_active"])
+            small[..., 1:2].add_(c["f64_active"])
             p.addcmul_(g, c["raw_lr"])
             return
         buf = state["momentum_buffer"]
         if flags["settled"]:
             coef = c["later"]
-            small[:, 1:2].add_(1.0)
+            small[..., 1:2].add_(1.0)
         else:
-            hb = small[:, 0:1]
-            coef = torch.where(hb > 0, c["later"], c["first"])
+            hb = small[..., 0:1]
+            coef = torch.where(small[0, :, 0:1] > 0, c["later"], c["first"])
             torch.maximum(hb, c["f64_moving"], out=hb)  # started |= moving
-            small[:, 1:2].add_(c["f64_active"])
+            small[..., 1:2].add_(c["f64_active"])
         if flags["plain_hp"]:  # coef[:, 1] is 1 (or 0 where g is 0: quarantined models)
             torch.addcmul(g, buf, coef[:, 0:1], out=buf)
         else:
@@ -265,11 +266,12 @@ class SGD(BatchOptimizer):
     @staticmethod
     def _coefficients(small: Tensor, c: dict[str, Any], flags: dict[str, Any]) -> Tensor:
         """The buffer coefficients ``[N, 2]`` of this step (compiled path), updating the
-        step state ``small`` (started, step) in place."""
-        hb = small[:, 0:1]
+        step state ``small`` ``[R, N, 2]`` (R equal rows: started, step) in place."""
+        head = small[0]
+        hb = head[:, 0:1]
         coef = torch.where(hb > 0, c["later"], c["first"])
-        small.copy_(torch.cat([torch.maximum(hb, c["f64_moving"]),
-                               small[:, 1:2] + c["f64_active"]], 1))  # fmt: skip
+        new = torch.cat([torch.maximum(hb, c["f64_moving"]), head[:, 1:2] + c["f64_active"]], 1)
+        small.copy_(new.expand_as(small))
         return coef
 
     @staticmethod
