@@ -132,6 +132,8 @@ def run_and_undo(
         for t, old in saved:
             t.copy_(old)
         known = {id(t) for t, _ in saved}
+        # (Listing them flushes a vectorised optimizer: it reads the restored step state
+        # now, outside any CUDA graph capture that follows.)
         for t in _optimizer_tensors(optimizer):
             if id(t) not in known:
                 t.zero_()

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import modelbatch
 from modelbatch import ModelBatch
 from modelbatch.optim import SGD, Adam, AdamW, PerModelOptimizer, SlowOptimizerWarning
-from tests.helpers import assert_close_models
+from tests.helpers import TOL, assert_close_models, rel_err
 
 N = 3
 
@@ -501,6 +501,120 @@ def test_held_state_dict_shows_later_host_path_steps(make: Any) -> None:
     kept = opt.state["0.weight"]["step"]
     train(batch, opt, steps[:1])
     assert kept.tolist() == [9.0] * N
+
+
+_SPLIT_CASES = {
+    "adam": (lambda b: Adam(b, lr=0.01), lambda ps: torch.optim.Adam(ps, lr=0.01)),
+    "adamw": (lambda b: AdamW(b, lr=0.01), lambda ps: torch.optim.AdamW(ps, lr=0.01)),
+    "sgd": (
+        lambda b: SGD(b, lr=0.1, momentum=0.9),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    ),
+    "generic": (
+        lambda b: PerModelOptimizer(b, torch.optim.Adam, lr=0.01),
+        lambda ps: torch.optim.Adam(ps, lr=0.01),
+    ),
+}
+
+
+def _train_skipping(step: Any, model: nn.Module, steps: list[Any], skip: set[int]) -> None:
+    """``step(x, y)`` computes the loss of ``model``; at the steps in ``skip`` the first
+    parameter gets no gradient (``.grad = None``), as torch.optim skips such a parameter."""
+    for k, (x, y) in enumerate(steps):
+        step(x, y, k in skip)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kind", list(_SPLIT_CASES))
+def test_held_state_dict_follows_each_parameter_after_a_skipped_gradient(
+    kind: str, dtype: torch.dtype
+) -> None:
+    """A step in which one parameter has no gradient makes the parameters' step counts
+    differ (it is skipped, as in torch.optim). A state dict (and an ``optimizer.state``
+    entry) held from before used to keep showing the old step state afterwards: every
+    parameter's step state was one tensor, replaced by per-parameter copies at that step.
+    Held, it must show what a fresh ``state_dict()`` shows and what torch.optim's held state
+    dict shows for each model trained alone with the same skipped gradient."""
+    make, make_ref = _SPLIT_CASES[kind]
+    steps = data(6, dtype)
+    skip = {3}  # "0.weight" has no gradient at step 3: one step fewer than the others
+    ms = [m.to(dtype) for m in models()]
+    batch = ModelBatch(copy.deepcopy(ms))
+    opt = make(batch)
+    first = next(iter(batch.parameters()))
+
+    def step(x: torch.Tensor, y: torch.Tensor, drop: bool) -> None:
+        opt.zero_grad()
+        batch.compute_loss(batch(x), y, F.cross_entropy).backward()
+        if drop:
+            first.grad = None
+        opt.step()
+
+    _train_skipping(step, batch, steps[:3], set())
+    held = opt.state_dict()
+    held_entries = {k: opt.state[k] for k in opt.state} if kind != "generic" else {}
+    _train_skipping(step, batch, steps[3:], {k - 3 for k in skip})
+    fresh = opt.state_dict()
+
+    refs, ref_held = [], []
+    for m in copy.deepcopy(ms):
+        ref_opt = make_ref(m.parameters())
+
+        def ref_step(x: torch.Tensor, y: torch.Tensor, drop: bool, m: Any = m, o: Any = ref_opt):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            if drop:
+                next(iter(m.parameters())).grad = None
+            o.step()
+
+        _train_skipping(ref_step, m, steps[:3], set())
+        ref_held.append(ref_opt.state_dict())
+        _train_skipping(ref_step, m, steps[3:], {k - 3 for k in skip})
+        refs.append(m)
+
+    # Held equals fresh, key by key, exactly.
+    assert held["state"].keys() == fresh["state"].keys()
+    for name, s in fresh["state"].items():
+        for key, v in s.items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(held["state"][name][key], v), (name, key)
+                if held_entries:
+                    assert torch.equal(held_entries[name][key], v), (name, key)
+    if kind != "generic":
+        steps_now = {name: s["step"].tolist() for name, s in held["state"].items()}
+        assert steps_now == {name: [5.0 if name == "0.weight" else 6.0] * N
+                             for name in steps_now}  # fmt: skip
+        # ... and what torch.optim's held state dict shows, model by model.
+        names = [name for name, _ in batch.stacked_parameters()]
+        for i, rs in enumerate(ref_held):
+            for j, name in enumerate(names):
+                for key, v in rs["state"][j].items():
+                    ours = held["state"][name][key][i]
+                    assert rel_err(ours, v) <= TOL[dtype], (i, name, key)
+    assert_close_models(batch.extract_all(), refs, dtype)
+
+
+def test_a_write_into_one_parameters_step_state_changes_that_parameter_only() -> None:
+    """Each parameter has its own step state (as in torch.optim): restarting one
+    parameter's momentum through ``optimizer.state`` (momentum_started = 0, torch's
+    ``momentum_buffer = None``) restarts that parameter's only. With one step state shared
+    by every parameter of the storage, it restarted all of them."""
+    steps = data(5, torch.float64)
+    ms = [m.double() for m in models()]
+    batch = ModelBatch(copy.deepcopy(ms))
+    opt = SGD(batch, lr=0.1, momentum=0.9)
+    train(batch, opt, steps[:2])
+    opt.state["2.bias"]["momentum_started"].zero_()
+    train(batch, opt, steps[2:])
+    assert opt.state["2.bias"]["step"].tolist() == [5.0] * N
+    refs = []
+    for m in copy.deepcopy(ms):
+        ref_opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        train_plain(m, ref_opt, steps[:2])
+        ref_opt.state[m[2].bias]["momentum_buffer"] = None
+        train_plain(m, ref_opt, steps[2:])
+        refs.append(m)
+    assert_close_models(batch.extract_all(), refs, torch.float64)
 
 
 # --------------------------------------------------------------------------- tensor-valued lr

@@ -810,7 +810,12 @@ class BatchOptimizer(torch.optim.Optimizer):
             # What the optimizer knew of the step state (e.g. SGD: every buffer started) no
             # longer holds.
             self._settled = None
-            slot.split = not slot.rows_equal()
+            if slot.rows.device.type == "cuda" and _capturing():
+                # The rows cannot be read inside a CUDA graph capture: each tensor steps
+                # alone (right whatever they hold). (``run_and_undo`` flushes before.)
+                slot.split = slot.split or slot.rows.shape[0] > 1
+            else:
+                slot.split = not slot.rows_equal()
         elif slot.pending:
             self._write_pending(slot)
             slot.pending = 0
