@@ -661,3 +661,24 @@ def test_change_counter_unpickles_from_before_it_watched_tensors() -> None:
     assert c.value == 5 and c.watch == []
     again = pickle.loads(pickle.dumps(c))
     assert again.value == 5 and again.watch == []
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["shared", "split"])
+def test_step_state_pickled_before_the_rows_loads(split: bool) -> None:
+    """A slot pickled with the earlier layout (one ``small`` [N, c] shared by the storage's
+    tensors, or after a split one per parameter in a ``split`` list) loads as rows."""
+    batch = ModelBatch(models())
+    opt = Adam(batch, lr=0.01)
+    train(batch, opt, data(2))
+    slot = opt._slots[0]
+    if split:
+        slot.rows[0, :, 2] += 1  # tensor 0 one step ahead
+        slot.split = True
+    old = slot.__getstate__()
+    rows = old.pop("rows")
+    old["small"] = rows[0].clone()
+    old["split"] = [r.clone() for r in rows] if split else None
+    loaded = object.__new__(type(slot))
+    loaded.__setstate__(old)
+    assert torch.equal(loaded.rows, rows) and loaded.split is split
+    assert loaded.rows.shape == (slot.count, N, rows.shape[2])

@@ -275,6 +275,15 @@ class _Slot:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "rows" not in state and "small" in state:
+            # Pickled before the [T, N, c] rows: one shared ``small`` [N, c], or after a
+            # split one per parameter tensor (``split`` a list).
+            small, split = state.pop("small"), state.pop("split", None)
+            if isinstance(split, list) and state["count"]:
+                state["rows"] = torch.stack(split[: state["count"]])
+            else:
+                state["rows"] = small.unsqueeze(0).repeat(state["count"], 1, 1)
+            state["split"] = isinstance(split, list)
         self.__dict__.update(state)
 
     def views_alive(self) -> bool:
