@@ -190,6 +190,45 @@ def test_autocast_gives_the_dtype_and_values_of_nn_linear_under_autocast() -> No
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
 
 
+def test_autocast_dtype_of_every_layer_equals_nn_linear_alone() -> None:
+    """A Linear whose input already is bfloat16 (an earlier Linear's output under autocast)
+    and whose weight is float32: nn.Linear alone casts the weight and bias and returns
+    bfloat16. The layer sent that case to vmap's F.linear rule, which adds the float32 bias
+    after a bfloat16 bmm: a float32 output (and different values) from the second layer
+    on. Checked on the plain path and under an outer vmap (vmap's own rule)."""
+    models = make_models(torch.float32)
+    batch = ModelBatch(copy.deepcopy(models))
+    x = torch.randn(4, 5)
+    seen: list[torch.dtype] = []
+    for m in batch.stacked.modules():
+        if isinstance(m, nn.Linear):
+            m.register_forward_hook(lambda mod, a, out: seen.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = batch(x)
+        ref = alone_outputs(models, [x] * N)
+        outer = vmap(batch)(x.unsqueeze(0).expand(2, 4, 5))
+    assert seen[:3] == [torch.bfloat16] * 3
+    assert out.dtype == ref.dtype == outer.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(outer[1].float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("per_model", [False, True], ids=["shared", "per-model"])
+def test_zero_input_features_equals_nn_linear(per_model: bool) -> None:
+    """nn.Linear(0, k) returns its bias for each sample; the rule's reshape to [N, -1, 0]
+    of an empty input raised "the unspecified dimension size -1 can be any value"."""
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="zero-element"):  # (torch's init of the weight)
+        models: list[nn.Module] = [nn.Linear(0, 3).double() for _ in range(N)]
+    batch = ModelBatch(copy.deepcopy(models))
+    x = torch.zeros(N, 4, 0, dtype=torch.float64) if per_model else torch.zeros(4, 0).double()
+    out = batch(x, per_model=per_model)
+    torch.testing.assert_close(out, alone_outputs(models, list(x) if per_model else [x] * N))
+    out.sum().backward()
+    assert batch.stacked.bias.grad is not None
+    torch.testing.assert_close(batch.stacked.bias.grad, torch.full((N, 3), 4.0).double())
+
+
 def test_wrong_dtype_or_width_raises_f_linear_s_own_error() -> None:
     batch = ModelBatch(make_models())
     with pytest.raises(RuntimeError, match=r"dtype|scalar type"):

@@ -28,6 +28,7 @@ against ``addmm`` kernels), as vmap's own rule does; outside vmap the layer is `
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -91,7 +92,9 @@ def _linear_rule(
     )
     assert x is not None and w is not None
     lead = x.shape[1:-1]
-    x3 = x.reshape(n, -1, x.shape[-1])  # [N, M, in]; a view unless x is not contiguous
+    # [N, M, in]; a view unless x is not contiguous. (M spelled out, not -1: with
+    # in_features 0 the input has no elements and -1 would be ambiguous.)
+    x3 = x.reshape(n, math.prod(lead), x.shape[-1])
     out = batched_linear(x3, w, b)
     return out.view(n, *lead, out.shape[-1]), 0
 
@@ -102,7 +105,15 @@ class VmapLinear(nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:
         level = plain_level(self.weight)
-        weight, bias = self.weight, self.bias
+        # Autocast's casts first, on every path: a layer whose input is already in the
+        # autocast dtype (the output of an earlier layer) must still run in that dtype, as
+        # nn.Linear alone does. (vmap's own F.linear rule, given a bfloat16 input and a
+        # float32 weight, adds the float32 bias after the bfloat16 bmm: a float32 output.)
+        device_type = input.device.type
+        input = _autocast(input, device_type)  # type: ignore[assignment]
+        weight = _autocast(self.weight, device_type)
+        bias = _autocast(self.bias, device_type)
+        assert weight is not None
         if (
             level is None
             or input.dim() == 0
@@ -111,14 +122,7 @@ class VmapLinear(nn.Linear):
             or (bias is not None and bias.dtype != weight.dtype)
         ):
             return F.linear(input, weight, bias)  # (and F.linear's own errors)
-        device_type = input.device.type
-        return call_rule(
-            _linear_rule,
-            level,
-            _autocast(input, device_type),
-            _autocast(weight, device_type),
-            _autocast(bias, device_type),
-        )
+        return call_rule(_linear_rule, level, input, weight, bias)
 
 
 def _substitute(module: nn.Module, context: dict[str, object]) -> nn.Module:
