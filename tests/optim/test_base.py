@@ -434,6 +434,43 @@ def test_parameters_without_gradient_are_skipped_like_torch_optim(kind: str) -> 
         assert opt.state["a.weight"]["step"].tolist() == [3.0] * N
 
 
+class _Mixed(nn.Module):
+    """Two flat storages: float64 parameters, then float32 ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 5).double()
+        self.b = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x.double())).float())
+
+
+@pytest.mark.parametrize("dampening", [0.5, 0.0])
+def test_sgd_first_step_of_every_storage_starts_its_momentum(dampening: float) -> None:
+    """SGD learned "every momentum buffer exists" after the first storage stepped, before
+    the second one had: the float32 storage then took its first step as a later one (with
+    dampening the buffer started as (1 - dampening) * grad, not grad: 25% off torch.optim),
+    and its ``momentum_started`` stayed 0 (exported as no buffer)."""
+    torch.manual_seed(0)
+    ms = [_Mixed() for _ in range(N)]
+    steps = data(4)
+    kw: dict[str, Any] = {"lr": 0.1, "momentum": 0.9, "dampening": dampening}
+    batch = ModelBatch(copy.deepcopy(ms))
+    opt = SGD(batch, **kw)
+    train(batch, opt, steps)
+    assert {k: s["momentum_started"].tolist() for k, s in opt.state.items()} == {
+        k: [1.0] * N for k in ("a.weight", "a.bias", "b.weight", "b.bias")
+    }
+    assert all(len(sd["state"]) == 4 for sd in opt.torch_state_dicts())
+    for i, m in enumerate(copy.deepcopy(ms)):
+        train_plain(m, torch.optim.SGD(m.parameters(), **kw), steps)
+        ours = batch.extract(i)
+        for name, p in m.named_parameters():
+            err = rel_err(ours.get_parameter(name), p)
+            assert err <= TOL[p.dtype], (i, name, err)
+
+
 def test_parameter_frozen_after_the_batch_was_built_is_left_alone() -> None:
     batch = ModelBatch(models())
     opt = Adam(batch, lr=0.1)

@@ -734,6 +734,11 @@ class BatchOptimizer(torch.optim.Optimizer):
             masked = not self.batch.all_active
         for slot in slots:
             self._step_slot(slot, masked)
+        # Once, after EVERY storage stepped: what a hook learns from a step (SGD: every
+        # momentum buffer exists) must hold for all of them. Run after each storage, it let
+        # a second storage (parameters of another dtype or device) take its first step as a
+        # later one (SGD with dampening: the buffer started as (1 - dampening) * grad).
+        self._after_step(masked)
         return loss
 
     def _step_slot(self, slot: _Slot, masked: bool) -> None:
@@ -771,7 +776,6 @@ class BatchOptimizer(torch.optim.Optimizer):
                     slot.started[k] = True
                 if slot.views_alive():  # a held state dict shows the step now
                     self._flush(slot)
-                self._after_step(masked)
                 return
             self._flush(slot)
             slot.host_t = None  # the device arithmetic below advances the step state
@@ -785,12 +789,12 @@ class BatchOptimizer(torch.optim.Optimizer):
             slot.version = _version(slot.rows)
             for k in range(trainable):
                 slot.started[k] = True
-            self._after_step(masked)
             return
         self._step_tensors(slot, grads, masked)
 
     def _after_step(self, masked: bool) -> None:
-        """Hook run after a storage stepped (SGD records that momentum buffers exist)."""
+        """Hook run once at the end of :meth:`step`, after every storage stepped (SGD
+        records that momentum buffers exist)."""
 
     def _fast_step(
         self, slot: _Slot, p: Tensor, grads: list[Tensor], c: dict[str, Any], flags: dict[str, Any]
@@ -865,7 +869,6 @@ class BatchOptimizer(torch.optim.Optimizer):
                          flags, scratch)  # fmt: skip
             slot.started[k] = True
         slot.version = _version(slot.rows)
-        self._after_step(masked)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients of the batch's parameters (``set_to_none=True``: ``.grad``
