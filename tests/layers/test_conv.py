@@ -277,6 +277,20 @@ def test_bf16_autocast_conv_output_is_bf16() -> None:
         assert rel_err(per_model[i], ref) <= 1e-2
 
 
+@pytest.mark.parametrize("layout", ["default", "channels_last"])
+def test_meta_device_forward_gives_the_shapes(layout: str) -> None:
+    """A batch on the ``meta`` device (shapes without data, as nn.Conv2d and nn.Linear
+    allow): the layers asked torch whether autocast was enabled on ``meta``, which raises
+    "unknown device type for autocast" (the batched Linear too, on every layout)."""
+    models = [
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 2)).to("meta")
+        for _ in range(3)
+    ]
+    batch = ModelBatch(models, conv_layout=layout)
+    out = batch(torch.empty(2, 3, 6, 6, device="meta"))
+    assert out.shape == (3, 2, 2) and out.device.type == "meta"
+
+
 def test_default_layout_keeps_nn_conv2d_and_bad_layout_is_refused() -> None:
     models = make_models()
     assert type(ModelBatch(models).stacked.stem) is nn.Conv2d

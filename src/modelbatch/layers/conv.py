@@ -160,8 +160,14 @@ torch.library.register_vmap(conv2d, _conv2d_vmap)
 
 
 def _autocast(t: Tensor | None, device_type: str) -> Tensor | None:
-    """Cast like autocast's lower-precision policy: floating, non-float64 tensors only."""
-    if t is None or not torch.is_autocast_enabled(device_type):
+    """Cast like autocast's lower-precision policy: floating, non-float64 tensors only.
+    (No autocast on a device type it does not know, such as ``meta``: asking whether it is
+    enabled there raises.)"""
+    if (
+        t is None
+        or not torch.amp.is_autocast_available(device_type)
+        or not torch.is_autocast_enabled(device_type)
+    ):
         return t
     dtype = torch.get_autocast_dtype(device_type)
     if t.is_floating_point() and t.dtype not in (torch.float64, dtype):
