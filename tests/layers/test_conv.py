@@ -5,6 +5,7 @@ batch trains exactly like the same models trained alone with ``torch.optim``."""
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -291,9 +292,15 @@ def test_meta_device_forward_gives_the_shapes(layout: str) -> None:
     assert out.shape == (3, 2, 2) and out.device.type == "meta"
 
 
-def test_default_layout_keeps_nn_conv2d_and_bad_layout_is_refused() -> None:
+def test_default_layout_keeps_vmap_s_convolution_and_bad_layout_is_refused() -> None:
+    """Default layout: vmap's own convolution (only autocast's casts added), and extract
+    still gives nn.Conv2d."""
+    from modelbatch.layers.conv import AutocastConv2d
+
     models = make_models()
-    assert type(ModelBatch(models).stacked.stem) is nn.Conv2d
+    batch = ModelBatch(models)
+    assert type(batch.stacked.stem) is AutocastConv2d
+    assert type(batch.extract(0).stem) is nn.Conv2d
     with pytest.raises(ValueError, match="conv_layout"):
         ModelBatch(models, conv_layout="nhwc")
 
@@ -375,3 +382,38 @@ def test_channels_last_views_fall_back_to_reshape_only_when_needed() -> None:
             x.view(7, -1)  # impossible shapes still fail
     with pytest.raises(RuntimeError, match="view size is not compatible"):
         x.view(2, -1)  # outside the batch's forward: torch's own behaviour
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [
+        (lambda: nn.Conv1d(3, 4, 3, padding=1), (2, 3, 7)),
+        (lambda: nn.Conv2d(3, 4, 3, padding=1), (2, 3, 6, 6)),
+        (lambda: nn.Conv3d(3, 4, 3, padding=1), (2, 3, 4, 4, 4)),
+        (lambda: nn.ConvTranspose1d(3, 4, 3, stride=2), (2, 3, 5)),
+        (lambda: nn.ConvTranspose2d(3, 4, 3, stride=2, output_padding=1), (2, 3, 5, 5)),
+        (lambda: nn.ConvTranspose3d(3, 4, 3), (2, 3, 3, 3, 3)),
+    ],
+    ids=["conv1d", "conv2d", "conv3d", "convT1d", "convT2d", "convT3d"],
+)
+@pytest.mark.parametrize("layout", ["default", "channels_last"])
+def test_cpu_autocast_convolutions_run_in_the_dtype_of_the_model_alone(
+    make: Any, shape: tuple[int, ...], layout: str
+) -> None:
+    """Under vmap a convolution reaches CPU autocast as ``aten::convolution``, which it does
+    not list: without the layers' own casts it ran in float32 where alone it runs in
+    bfloat16. Values within bfloat16 rounding of the models alone; without autocast, exact."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(make(), nn.ReLU()) for _ in range(N)]
+    batch = ModelBatch(copy.deepcopy(models), conv_layout=layout)
+    x = torch.randn(*shape)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = batch(x)
+        ref = torch.stack([m(x) for m in models])
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=3e-2)
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == p.dtype for p in batch.parameters())
+    plain = batch(x)
+    assert plain.dtype == torch.float32
+    torch.testing.assert_close(plain, torch.stack([m(x) for m in models]), rtol=1e-5, atol=1e-6)

@@ -1,4 +1,11 @@
-"""Opt-in channels_last grouped convolutions for ``nn.Conv2d`` under vmap.
+"""Convolutions in a batch: autocast's casts under vmap, and opt-in channels_last grouped
+convolutions for ``nn.Conv2d``.
+
+Every exact ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d`` of a batch's stacked mirror
+becomes the matching ``Autocast*`` class below (swapped in place, names unchanged), which
+applies autocast's lower-precision casts itself: under vmap a convolution reaches autocast as
+``aten::convolution``, which CPU autocast does not list, so it would run in float32 where the
+model alone runs in bfloat16.
 
 Under ``vmap``, a convolution whose input and weight are both batched becomes one grouped
 convolution (``groups = N``) on an NCHW tensor ``[B, N*C, H, W]``; a shared input with a
@@ -38,7 +45,18 @@ from torch.overrides import TorchFunctionMode
 from modelbatch.layers import register_substitution
 from modelbatch.layers._direct import call_rule, plain_level
 
-__all__ = ["CONV_LAYOUTS", "ChannelsLastViews", "VmapConv2d", "conv2d"]
+__all__ = [
+    "CONV_LAYOUTS",
+    "AutocastConv1d",
+    "AutocastConv2d",
+    "AutocastConv3d",
+    "AutocastConvTranspose1d",
+    "AutocastConvTranspose2d",
+    "AutocastConvTranspose3d",
+    "ChannelsLastViews",
+    "VmapConv2d",
+    "conv2d",
+]
 
 #: Accepted values of ``ModelBatch(..., conv_layout=...)``.
 CONV_LAYOUTS = ("default", "channels_last")
@@ -159,15 +177,17 @@ def _conv2d_vmap(
 torch.library.register_vmap(conv2d, _conv2d_vmap)
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is enabled for ``device_type`` (never on a device type it does not
+    know, such as ``meta``: asking whether it is enabled there raises)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(
+        device_type
+    )
+
+
 def _autocast(t: Tensor | None, device_type: str) -> Tensor | None:
-    """Cast like autocast's lower-precision policy: floating, non-float64 tensors only.
-    (No autocast on a device type it does not know, such as ``meta``: asking whether it is
-    enabled there raises.)"""
-    if (
-        t is None
-        or not torch.amp.is_autocast_available(device_type)
-        or not torch.is_autocast_enabled(device_type)
-    ):
+    """Cast like autocast's lower-precision policy: floating, non-float64 tensors only."""
+    if t is None or not _autocast_on(device_type):
         return t
     dtype = torch.get_autocast_dtype(device_type)
     if t.is_floating_point() and t.dtype not in (torch.float64, dtype):
@@ -247,14 +267,110 @@ class ChannelsLastViews(TorchFunctionMode):
             return args[0].reshape(*shape)
 
 
+class _AutocastConvMixin:
+    """The default-layout convolution with autocast's casts applied first.
+
+    Under vmap, a convolution reaches autocast as ``aten::convolution``, which CPU autocast
+    does not list (it lists ``conv1d/2d/3d``): in a batch the convolution would run in float32
+    where the model alone runs in bfloat16. Casting the operands as autocast's
+    lower-precision policy does gives the model alone's dtype on every device (on a GPU,
+    where autocast lists ``convolution``, the casts are the ones it would make)."""
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        device_type = input.device.type
+        out: Tensor = super()._conv_forward(  # type: ignore[misc]
+            _autocast(input, device_type),
+            _autocast(weight, device_type),
+            _autocast(bias, device_type),
+        )
+        return out
+
+
+class AutocastConv1d(_AutocastConvMixin, nn.Conv1d):
+    """``nn.Conv1d`` in a batch (default layout): see :class:`_AutocastConvMixin`."""
+
+
+class AutocastConv2d(_AutocastConvMixin, nn.Conv2d):
+    """``nn.Conv2d`` in a batch (default layout): see :class:`_AutocastConvMixin`."""
+
+
+class AutocastConv3d(_AutocastConvMixin, nn.Conv3d):
+    """``nn.Conv3d`` in a batch (default layout): see :class:`_AutocastConvMixin`."""
+
+
+class _AutocastConvTransposeMixin:
+    """The transposed convolution with autocast's casts applied first (the same reason as
+    :class:`_AutocastConvMixin`); without autocast, ``nn.ConvTranspose*d``'s own forward."""
+
+    _conv_transpose: Any
+    _spatial: int
+
+    def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
+        conv: Any = self
+        device_type = input.device.type
+        if conv.padding_mode != "zeros" or not _autocast_on(device_type):
+            out: Tensor = super().forward(input, output_size)  # type: ignore[misc]
+            return out
+        output_padding = conv._output_padding(
+            input,
+            output_size,
+            conv.stride,
+            conv.padding,
+            conv.kernel_size,
+            self._spatial,
+            conv.dilation,
+        )
+        return self._conv_transpose(  # type: ignore[no-any-return]
+            _autocast(input, device_type),
+            _autocast(conv.weight, device_type),
+            _autocast(conv.bias, device_type),
+            conv.stride,
+            conv.padding,
+            output_padding,
+            conv.groups,
+            conv.dilation,
+        )
+
+
+class AutocastConvTranspose1d(_AutocastConvTransposeMixin, nn.ConvTranspose1d):
+    """``nn.ConvTranspose1d`` in a batch: see :class:`_AutocastConvTransposeMixin`."""
+
+    _conv_transpose = staticmethod(F.conv_transpose1d)
+    _spatial = 1
+
+
+class AutocastConvTranspose2d(_AutocastConvTransposeMixin, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` in a batch: see :class:`_AutocastConvTransposeMixin`."""
+
+    _conv_transpose = staticmethod(F.conv_transpose2d)
+    _spatial = 2
+
+
+class AutocastConvTranspose3d(_AutocastConvTransposeMixin, nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` in a batch: see :class:`_AutocastConvTransposeMixin`."""
+
+    _conv_transpose = staticmethod(F.conv_transpose3d)
+    _spatial = 3
+
+
 def _substitute(module: nn.Module, context: dict[str, object]) -> nn.Module:
     layout = context.get("conv_layout", "default")
-    if layout == "default":
-        return module
-    if layout != "channels_last":
+    if layout not in CONV_LAYOUTS:
         raise ValueError(f"conv_layout must be one of {CONV_LAYOUTS}, got {layout!r}")
-    module.__class__ = VmapConv2d
+    if layout == "channels_last" and type(module) is nn.Conv2d:
+        module.__class__ = VmapConv2d
+        return module
+    module.__class__ = _AUTOCAST_CLASSES[type(module)]
     return module
 
 
-register_substitution(nn.Conv2d, _substitute)
+_AUTOCAST_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv1d: AutocastConv1d,
+    nn.Conv2d: AutocastConv2d,
+    nn.Conv3d: AutocastConv3d,
+    nn.ConvTranspose1d: AutocastConvTranspose1d,
+    nn.ConvTranspose2d: AutocastConvTranspose2d,
+    nn.ConvTranspose3d: AutocastConvTranspose3d,
+}
+for _cls in _AUTOCAST_CLASSES:
+    register_substitution(_cls, _substitute)
