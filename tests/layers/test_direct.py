@@ -113,3 +113,15 @@ def test_outer_vmap_takes_the_operators_and_equals_the_models_alone() -> None:
     out = vmap(batch)(xs)
     expected = torch.stack([torch.stack([m(x) for m in alone]) for x in xs])
     torch.testing.assert_close(out, expected)
+
+
+def test_rule_with_only_the_anchor_batched_gets_the_batch_size() -> None:
+    """A BatchNorm without affine or running statistics on a shared input: nothing passed to
+    the rule is batched (only ``mb_slot``, the anchor), yet every model gets its output."""
+    torch.manual_seed(0)
+    ms = [nn.BatchNorm1d(3, affine=False, track_running_stats=False) for _ in range(N)]
+    batch = ModelBatch(copy.deepcopy(ms))
+    x = torch.randn(4, 3)
+    out = batch(x)
+    assert out.shape == (N, 4, 3)
+    torch.testing.assert_close(out, torch.stack([m(x) for m in ms]))

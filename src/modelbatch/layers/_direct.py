@@ -65,19 +65,24 @@ def plain_level(anchor: Tensor) -> int | None:
 def call_rule(rule: Callable[..., tuple[Tensor, int]], level: int, *args: Any) -> Tensor:
     """``rule(info, in_dims, *unwrapped args)`` at ``level`` (from :func:`plain_level`), its
     output wrapped back as a batched tensor of that level."""
-    stack = _functorch.get_interpreter_stack()
-    assert stack is not None
-    info = RuleInfo(int(_functorch.CVmapInterpreterPtr(stack[0]).batchSize()))
     values: list[Any] = []
     in_dims: list[int | None] = []
+    batch_size = 0  # N: the size of a batched argument's model dimension (no stack query)
     for a in args:
         if isinstance(a, Tensor):
             value, dim = _functorch._unwrap_batched(a, level)
+            if dim is not None:
+                batch_size = int(value.shape[dim])
             values.append(value)
             in_dims.append(dim)
         else:
             values.append(a)
             in_dims.append(None)
+    if not any(d is not None for d in in_dims):  # only the anchor was batched: ask vmap
+        stack = _functorch.get_interpreter_stack()
+        assert stack is not None
+        batch_size = int(_functorch.CVmapInterpreterPtr(stack[0]).batchSize())
+    info = RuleInfo(batch_size)
     saved = _functorch.pop_dynamic_layer_stack()
     try:
         out, out_dim = rule(info, tuple(in_dims), *values)
